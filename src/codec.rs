@@ -1,0 +1,244 @@
+//! The envelope every stored value travels in, whatever the store.
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     magic "DF"
+//! 2       1     envelope version (1)
+//! 3       1     flags (0; reserved)
+//! 4       2     type-name length N (u16, little endian)
+//! 6       N     type name (UTF-8, `std::any::type_name` of the value; empty = untyped)
+//! 6+N     4     payload length P (u32, little endian)
+//! 10+N    P     payload: the value in MessagePack, named (map) form, via rmp-serde
+//! 10+N+P  4     CRC-32 of every byte before it (u32, little endian)
+//! ```
+//!
+//! The named form keeps old values readable when a struct gains a `#[serde(default)]` field
+//! or loses one. The checksum makes a flipped or truncated byte a [`DuraflowError::Corrupt`]
+//! instead of a wrong value.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::DuraflowError;
+
+const MAGIC: &[u8; 2] = b"DF";
+const VERSION: u8 = 1;
+const HEADER: usize = 6;
+const TRAILER: usize = 4;
+
+/// How strictly [`decode`] compares the stored type name with the requested type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TypeCheck {
+    /// The stored type name must equal the requested one (untyped values excepted): what a
+    /// DAG uses, so a task never receives a value another type wrote.
+    Exact,
+    /// Any type that decodes the payload is accepted (e.g. `i64` reading an `i32`).
+    Structural,
+}
+
+/// Encodes `value` into an envelope.
+///
+/// # Errors
+/// [`DuraflowError::Encode`] when serde cannot serialise the value.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    key: &str,
+    value: &T,
+) -> Result<Vec<u8>, DuraflowError> {
+    let type_name = std::any::type_name::<T>();
+    encode_with_type_name(key, type_name, value)
+}
+
+pub(crate) fn encode_with_type_name<T: Serialize + ?Sized>(
+    key: &str,
+    type_name: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, DuraflowError> {
+    let payload = rmp_serde::to_vec_named(value).map_err(|source| DuraflowError::Encode {
+        key: key.to_owned(),
+        type_name,
+        source,
+    })?;
+    let name = type_name.as_bytes();
+    // Type names longer than u16::MAX are cut: the name is a label, not the type's identity.
+    let name = &name[..name.len().min(u16::MAX as usize)];
+    let payload_len = u32::try_from(payload.len()).map_err(|_| DuraflowError::Persist {
+        key: key.to_owned(),
+        source: format!(
+            "encoded value is {} bytes; the limit is 4 GiB",
+            payload.len()
+        )
+        .into(),
+    })?;
+    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + payload.len() + TRAILER);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(0);
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&payload_len.to_le_bytes());
+    out.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// A checked envelope: the type name it records and its payload.
+#[derive(Debug)]
+pub(crate) struct Envelope<'a> {
+    pub type_name: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// Checks framing and checksum of `bytes` and returns the envelope's parts.
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] naming `key` when anything does not add up.
+pub(crate) fn open<'a>(key: &str, bytes: &'a [u8]) -> Result<Envelope<'a>, DuraflowError> {
+    let corrupt = |reason: &str| DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: None,
+        reason: reason.to_owned(),
+    };
+    if bytes.len() < HEADER + 4 + TRAILER || &bytes[..2] != MAGIC {
+        return Err(corrupt("not a duraflow envelope (bad magic or too short)"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - TRAILER);
+    let stored_crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(body) != stored_crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    if body[2] != VERSION {
+        return Err(corrupt(&format!("unknown envelope version {}", body[2])));
+    }
+    let name_len = u16::from_le_bytes([body[4], body[5]]) as usize;
+    let rest = &body[HEADER..];
+    if rest.len() < name_len + 4 {
+        return Err(corrupt("truncated type name"));
+    }
+    let (name, rest) = rest.split_at(name_len);
+    let type_name = std::str::from_utf8(name).map_err(|_| corrupt("type name is not UTF-8"))?;
+    let (len, payload) = rest.split_at(4);
+    let payload_len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if payload.len() != payload_len {
+        return Err(corrupt("payload length does not match"));
+    }
+    Ok(Envelope { type_name, payload })
+}
+
+/// Decodes the value stored under `key` as a `T`.
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] for damaged bytes; [`DuraflowError::TypeMismatch`] when the
+/// payload does not decode as `T` (or, with [`TypeCheck::Exact`], was written by another type).
+pub(crate) fn decode<T: DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+    check: TypeCheck,
+) -> Result<T, DuraflowError> {
+    let env = open(key, bytes)?;
+    let requested = std::any::type_name::<T>();
+    let mismatch = |reason: String| DuraflowError::TypeMismatch {
+        key: key.to_owned(),
+        stored: env.type_name.to_owned(),
+        requested,
+        reason,
+    };
+    if check == TypeCheck::Exact && !env.type_name.is_empty() && env.type_name != requested {
+        return Err(mismatch("written by another type".to_owned()));
+    }
+    let mut cursor = std::io::Cursor::new(env.payload);
+    let value = {
+        let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
+    };
+    if cursor.position() as usize != env.payload.len() {
+        return Err(mismatch(
+            "the value does not use all stored bytes".to_owned(),
+        ));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct V1 {
+        a: u32,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct V2 {
+        a: u32,
+        #[serde(default)]
+        b: String,
+    }
+
+    #[test]
+    fn round_trip_and_type_name() {
+        let bytes = encode("k", &V1 { a: 7 }).unwrap();
+        assert_eq!(
+            open("k", &bytes).unwrap().type_name,
+            std::any::type_name::<V1>()
+        );
+        assert_eq!(
+            decode::<V1>("k", &bytes, TypeCheck::Exact).unwrap(),
+            V1 { a: 7 }
+        );
+    }
+
+    #[test]
+    fn named_form_reads_old_values_with_new_default_fields() {
+        let bytes = encode("k", &V1 { a: 7 }).unwrap();
+        let v: V2 = decode("k", &bytes, TypeCheck::Structural).unwrap();
+        assert_eq!(
+            v,
+            V2 {
+                a: 7,
+                b: String::new()
+            }
+        );
+        assert!(matches!(
+            decode::<V2>("k", &bytes, TypeCheck::Exact),
+            Err(DuraflowError::TypeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_type_is_a_mismatch_naming_both_types() {
+        let bytes = encode("k", &"text").unwrap();
+        match decode::<i32>("k", &bytes, TypeCheck::Structural) {
+            Err(DuraflowError::TypeMismatch {
+                key,
+                stored,
+                requested,
+                ..
+            }) => {
+                assert_eq!(key, "k");
+                assert_eq!(stored, "&str");
+                assert_eq!(requested, "i32");
+            }
+            other => panic!("expected TypeMismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_corrupt() {
+        let bytes = encode("k", &vec![1u64, 2, 3]).unwrap();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(
+                matches!(
+                    decode::<Vec<u64>>("k", &b, TypeCheck::Exact),
+                    Err(DuraflowError::Corrupt { .. })
+                ),
+                "flip at {i} not detected"
+            );
+        }
+        assert!(matches!(
+            decode::<Vec<u64>>("k", &bytes[..bytes.len() - 1], TypeCheck::Exact),
+            Err(DuraflowError::Corrupt { .. })
+        ));
+    }
+}

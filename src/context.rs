@@ -1,0 +1,122 @@
+//! [`Context`]: the store handle shared by every task of a pipeline.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::codec::{self, TypeCheck};
+use crate::offload::off_executor;
+use crate::{validate_key, DuraflowError, Storage};
+
+/// The store a pipeline persists into, plus a counter of completed tasks.
+///
+/// Build it with [`Context::new`] or the struct literal
+/// `Context { db, completed_count: Arc::new(AtomicUsize::new(0)) }`. Share it as an
+/// `Arc<Context>` between [`DurableDag`](crate::DurableDag)s: a second run over the same
+/// context short-circuits every task whose output is already stored.
+pub struct Context {
+    /// The store that holds every output, keyed by task id.
+    pub db: Arc<dyn Storage + Send + Sync>,
+    /// How many tasks (executed or cached) have completed over every run using this context.
+    /// Incremented once per task per run, after the output is persisted.
+    pub completed_count: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("store", &self.db.kind())
+            .field(
+                "completed_count",
+                &self.completed_count.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+impl Context {
+    /// A context over `store`, with a completed count of zero.
+    pub fn new<S: Storage + 'static>(store: S) -> Context {
+        Context {
+            db: Arc::new(store),
+            completed_count: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The value stored under `key` as a `T`, or `None` if there is none or it cannot be
+    /// read as a `T` (the reason is logged with `tracing::warn!`; use
+    /// [`try_get`](Context::try_get) to see it). Blocks on the store: from async code prefer
+    /// `spawn_blocking` for slow stores.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        match self.try_get(key) {
+            Ok(v) => v,
+            Err(error) => {
+                tracing::warn!(key, %error, "stored value not returned");
+                None
+            }
+        }
+    }
+
+    /// The value stored under `key` as a `T`, `Ok(None)` if the key holds nothing.
+    ///
+    /// Any `T` whose serde form matches the stored value is accepted (an `i64` can read a
+    /// stored `i32`; a struct with a new `#[serde(default)]` field can read the old struct).
+    ///
+    /// # Errors
+    /// [`DuraflowError::TypeMismatch`] naming the stored and requested types when the value
+    /// does not decode as `T`; [`DuraflowError::Corrupt`] when the bytes fail their checksum;
+    /// [`DuraflowError::InvalidKey`]; any error of the store.
+    pub fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DuraflowError> {
+        validate_key(key)?;
+        match self.db.read(key)? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(key, &bytes, TypeCheck::Structural).map(Some),
+        }
+    }
+
+    /// Stores `value` under `key`, replacing any previous value, with the store's durability
+    /// guarantee. A task with id `key` will return this value instead of running.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Persist`] naming the key, with the encoder's or store's error as its
+    /// source; the previous value is then unchanged.
+    pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DuraflowError> {
+        validate_key(key)
+            .and_then(|()| codec::encode(key, value))
+            .and_then(|bytes| self.db.write(key, &bytes))
+            .map_err(|e| e.into_persist(key))
+    }
+
+    /// The stored output of task `key` if it can be handed to the task's dependents: present,
+    /// intact and written by the same type. Anything else is logged and treated as absent,
+    /// so the task runs again and overwrites it. Runs the store read off the executor.
+    pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let owned = key.to_owned();
+        let read = off_executor(&self.db, key, move |db| db.read(&owned)).await;
+        let found = read.and_then(|bytes| match bytes {
+            None => Ok(None),
+            Some(bytes) => codec::decode(key, &bytes, TypeCheck::Exact).map(Some),
+        });
+        match found {
+            Ok(v) => v,
+            Err(error) => {
+                tracing::warn!(key, %error, "stored output unusable; running the task again");
+                None
+            }
+        }
+    }
+
+    /// Encodes and writes the output of task `key` off the executor.
+    pub(crate) async fn persist_output<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), DuraflowError> {
+        let bytes = codec::encode(key, value).map_err(|e| e.into_persist(key))?;
+        let owned = key.to_owned();
+        off_executor(&self.db, key, move |db| db.write(&owned, &bytes))
+            .await
+            .map_err(|e| e.into_persist(key))
+    }
+}

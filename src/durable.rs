@@ -1,0 +1,212 @@
+//! [`Durable`]: the dagx task wrapper, and `execute`, the one path every output takes.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use dagx::Task;
+use futures::FutureExt;
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::Instrument;
+
+use crate::run::{Ending, ProgressFn, RunState};
+use crate::{Context, DuraflowError};
+
+/// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
+/// already stored, returns it without running the inner task.
+///
+/// Usually made by [`DurableDag::add`](crate::DurableDag::add). Every entry point —
+/// dagx's `extract_and_run`, [`Task::run`] and [`Durable::run_result`] — takes the same
+/// path: look the id up in the store; on a hit return the stored value; otherwise run the
+/// inner task, persist its output, and only then count it and call the progress callback.
+///
+/// A task that panics persists nothing and the panic continues to dagx unchanged.
+pub struct Durable<Tk> {
+    id: String,
+    ctx: Arc<Context>,
+    inner: Tk,
+    run: Arc<RunState>,
+}
+
+impl<Tk> std::fmt::Debug for Durable<Tk> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("id", &self.id)
+            .field("task", &std::any::type_name::<Tk>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Tk> Durable<Tk> {
+    /// Wraps `inner` so its output is persisted in `ctx` under `id`. The task forms a run of
+    /// its own: `progress`, if given, is called with `(id, 1)` when it completes.
+    pub fn new(
+        id: impl Into<String>,
+        ctx: Arc<Context>,
+        inner: Tk,
+        progress: Option<ProgressFn>,
+    ) -> Self {
+        Self::in_run(id.into(), ctx, inner, Arc::new(RunState::new(progress)))
+    }
+
+    pub(crate) fn in_run(id: String, ctx: Arc<Context>, inner: Tk, run: Arc<RunState>) -> Self {
+        Durable {
+            id,
+            ctx,
+            inner,
+            run,
+        }
+    }
+
+    /// The key this task's output is stored under.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl<Tk> Durable<Tk>
+where
+    Tk: Task,
+    Tk::Output: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Runs the task like [`Task::run`], but reports a failed persist instead of only
+    /// logging it.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Persist`] naming the key when the output could not be stored (the
+    /// output is then lost to the caller; the store keeps its previous value).
+    pub async fn run_result(self, input: Tk::Input) -> Result<Tk::Output, DuraflowError> {
+        self.execute(Inputs::Given(input)).await.into_result()
+    }
+
+    /// The one path every output takes: cache check → run → persist → report.
+    async fn execute(self, inputs: Inputs<Tk::Input>) -> Outcome<Tk::Output> {
+        let Durable {
+            id,
+            ctx,
+            inner,
+            run,
+        } = self;
+        let span = tracing::info_span!(
+            "duraflow.task",
+            task.id = %id,
+            store = ctx.db.kind(),
+            outcome = tracing::field::Empty,
+        );
+        let body = async {
+            let finish = |ending: Ending| {
+                tracing::Span::current().record("outcome", ending.as_str());
+                run.finish(&ctx, &id, ending);
+            };
+
+            if let Some(value) = ctx.load_output::<Tk::Output>(&id).await {
+                finish(Ending::Cached);
+                return Outcome::Done(value);
+            }
+
+            let ran = AssertUnwindSafe(async move {
+                match inputs {
+                    Inputs::Given(input) => Ok(inner.run(input).await),
+                    Inputs::Channels(receivers) => inner.extract_and_run(receivers).await,
+                }
+            })
+            .catch_unwind()
+            .await;
+            let value = match ran {
+                Ok(Ok(value)) => value,
+                Ok(Err(message)) => {
+                    finish(Ending::Failed);
+                    tracing::error!(key = %id, %message, "task did not run: a dependency failed");
+                    return Outcome::Failed(DuraflowError::DependencyFailed {
+                        key: id.clone(),
+                        message,
+                    });
+                }
+                Err(panic) => {
+                    finish(Ending::Failed);
+                    tracing::error!(key = %id, panic = panic_message(&*panic), "task panicked; nothing persisted");
+                    std::panic::resume_unwind(panic);
+                }
+            };
+
+            match ctx.persist_output(&id, &value).await {
+                Ok(()) => {
+                    finish(Ending::Executed);
+                    Outcome::Done(value)
+                }
+                Err(error) => {
+                    finish(Ending::Failed);
+                    tracing::error!(key = %id, %error, "task output not persisted");
+                    Outcome::NotPersisted(value, error)
+                }
+            }
+        };
+        body.instrument(span).await
+    }
+}
+
+impl<Tk> Task for Durable<Tk>
+where
+    Tk: Task,
+    Tk::Output: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Input = Tk::Input;
+    type Output = Tk::Output;
+
+    /// Runs the task through the durable path. A failed persist is logged with
+    /// `tracing::error!` and the output is still returned; use [`Durable::run_result`] to
+    /// get the error instead.
+    async fn run(self, input: Self::Input) -> Self::Output {
+        match self.execute(Inputs::Given(input)).await {
+            Outcome::Done(value) | Outcome::NotPersisted(value, _) => value,
+            // Only dagx's channel hand-over can fail; a given input cannot.
+            Outcome::Failed(error) => unreachable!("{error}"),
+        }
+    }
+
+    async fn extract_and_run(
+        self,
+        receivers: Vec<Box<dyn Any + Send>>,
+    ) -> Result<Self::Output, String> {
+        self.execute(Inputs::Channels(receivers))
+            .await
+            .into_result()
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Where the inner task's input comes from.
+enum Inputs<I> {
+    /// Handed over by the caller ([`Task::run`], [`Durable::run_result`]).
+    Given(I),
+    /// dagx's dependency channels, extracted by the inner task.
+    Channels(Vec<Box<dyn Any + Send>>),
+}
+
+enum Outcome<O> {
+    /// Cached, or executed and persisted.
+    Done(O),
+    /// Executed, but the output could not be persisted.
+    NotPersisted(O, DuraflowError),
+    /// The inner task did not run.
+    Failed(DuraflowError),
+}
+
+impl<O> Outcome<O> {
+    fn into_result(self) -> Result<O, DuraflowError> {
+        match self {
+            Outcome::Done(value) => Ok(value),
+            Outcome::NotPersisted(_, error) | Outcome::Failed(error) => Err(error),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string panic payload"
+    }
+}

@@ -1,0 +1,160 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+
+/// A boxed error from a lower layer (a store backend, the encoder), kept as the `source`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in duraflow-rs.
+///
+/// Every variant that concerns one stored output names its key; every variant that concerns
+/// the file system names the path. The enum is `#[non_exhaustive]`: later versions may add
+/// variants without a breaking change, so match with a wildcard arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DuraflowError {
+    /// The output of `key` could not be persisted; the previous stored value (if any) is
+    /// unchanged. `source` says why (encoding, I/O, a full disk, a custom backend).
+    #[error("could not persist output for key {key:?}: {source}")]
+    Persist {
+        /// The task id / storage key.
+        key: String,
+        /// The underlying failure.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The stored value of `key` cannot be decoded as the requested type.
+    #[error("value stored under {key:?} has type `{stored}`, which cannot be read as `{requested}`: {reason}")]
+    TypeMismatch {
+        /// The key that was read.
+        key: String,
+        /// The type name recorded when the value was written (empty when unknown).
+        stored: String,
+        /// The type the caller asked for.
+        requested: &'static str,
+        /// What the decoder reported.
+        reason: String,
+    },
+
+    /// The bytes stored under `key` failed their integrity check (checksum, framing, or the
+    /// key recorded inside the file); they are never returned as a value.
+    #[error("value stored under {key:?} is corrupt{}: {reason}", path_suffix(path))]
+    Corrupt {
+        /// The key that was read.
+        key: String,
+        /// The file holding the value, for file-backed stores.
+        path: Option<PathBuf>,
+        /// What failed.
+        reason: String,
+    },
+
+    /// The key cannot be used as a storage key (empty, or longer than
+    /// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes).
+    #[error("invalid key {}: {reason}", key_preview(key))]
+    InvalidKey {
+        /// The rejected key.
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// Two tasks of one [`DurableDag`](crate::DurableDag) were given the same id.
+    #[error("duplicate task id {id:?}: every task of a DurableDag needs its own id")]
+    DuplicateTaskId {
+        /// The id used twice.
+        id: String,
+    },
+
+    /// Another store handle (in this or another process) holds the store open for writing.
+    #[error("store at {} is locked by another open handle or process", path.display())]
+    StoreLocked {
+        /// The store's root path.
+        path: PathBuf,
+    },
+
+    /// A file-system operation on `path` failed.
+    #[error("I/O error at {}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The value for `key` could not be encoded.
+    #[error("could not encode value of type `{type_name}` for key {key:?}: {source}")]
+    Encode {
+        /// The key being written.
+        key: String,
+        /// The Rust type of the value.
+        type_name: &'static str,
+        /// The encoder's error.
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+
+    /// A dependency of the task `key` failed, so the task could not run; `message` is what
+    /// dagx reported while handing the inputs over.
+    #[error("task {key:?} did not run because a dependency failed: {message}")]
+    DependencyFailed {
+        /// The task that could not run.
+        key: String,
+        /// dagx's description of the failed hand-over.
+        message: String,
+    },
+
+    /// The store does not implement `operation`.
+    #[error("the {store} store does not support {operation}")]
+    Unsupported {
+        /// The store kind.
+        store: &'static str,
+        /// The operation asked for.
+        operation: &'static str,
+    },
+
+    /// Blocking store work could not be scheduled because the async runtime is shutting down.
+    #[error("the async runtime shut down while store work for key {key:?} was pending")]
+    RuntimeShutdown {
+        /// The key whose operation was abandoned.
+        key: String,
+    },
+}
+
+fn path_suffix(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!(" (file {})", p.display()))
+        .unwrap_or_default()
+}
+
+/// Keys can be 4 KiB; a message shows the first 80 characters and the length.
+fn key_preview(key: &str) -> String {
+    const SHOWN: usize = 80;
+    if key.chars().count() <= SHOWN {
+        format!("{key:?}")
+    } else {
+        let head: String = key.chars().take(SHOWN).collect();
+        format!("{head:?}… ({} bytes)", key.len())
+    }
+}
+
+impl DuraflowError {
+    /// Wraps `self` as the cause of a failed persist of `key` (no double wrapping).
+    pub(crate) fn into_persist(self, key: &str) -> DuraflowError {
+        match self {
+            e @ DuraflowError::Persist { .. } => e,
+            other => DuraflowError::Persist {
+                key: key.to_owned(),
+                source: Box::new(other),
+            },
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> DuraflowError {
+        DuraflowError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

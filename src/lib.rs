@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+#![forbid(unsafe_code)]
+
+mod codec;
+mod context;
+mod dag;
+mod durable;
+mod error;
+mod key;
+mod offload;
+mod run;
+mod store;
+
+pub use context::Context;
+pub use dag::DurableDag;
+pub use durable::Durable;
+pub use error::{BoxError, DuraflowError};
+pub use key::{validate_key, MAX_KEY_LEN};
+pub use run::{ProgressFn, RunStats};
+pub use store::{FileStore, MemoryStore, Storage};

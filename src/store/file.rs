@@ -1,0 +1,366 @@
+//! [`FileStore`]: one directory per key, atomic and durable writes, one writer per root.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use sha2::{Digest, Sha256};
+
+use crate::{validate_key, DuraflowError, Storage};
+
+/// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
+const LOCK_FILE: &str = ".lock";
+/// The file inside a key's directory that holds its value.
+const VALUE_FILE: &str = "value";
+/// Where a new value is written before it is renamed over [`VALUE_FILE`].
+const TEMP_FILE: &str = "value.tmp";
+/// Magic at the start of every value file.
+const RECORD_MAGIC: &[u8; 4] = b"DFK1";
+/// Directory names longer than this are replaced by a hash of the key (file systems allow 255).
+const MAX_NAME_LEN: usize = 200;
+/// Writers of the same key are serialised in-process by one of this many mutexes.
+const STRIPES: usize = 64;
+
+/// A [`Storage`] that keeps each key in its own directory under a root directory.
+///
+/// # Layout
+/// `ROOT/.lock` is held locked while the store is open. Key `k` lives in
+/// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
+/// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
+/// `..` → `k-_2e_2e`. The encoding is injective, never yields `.`, `..` or a separator, and
+/// keeps keys distinct on case-insensitive file systems. Names longer than 200 bytes become
+/// `h-` and the SHA-256 of the key; the full key is stored in the file and checked on read.
+///
+/// # Guarantees
+/// - **Atomic and durable**: a value is written to a temporary file in the key's directory,
+///   fsynced, renamed over the old value, and the directory is fsynced; when
+///   [`write`](Storage::write) returns `Ok`, the value survives a crash or power loss, and a
+///   crash at any moment leaves the old value or the new one, never a torn one.
+/// - **Integrity**: every value file carries its key and a CRC-32; a damaged file is
+///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value.
+/// - **One writer**: a second `FileStore` on the same root, in this process or another,
+///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
+///   the process dies.
+/// - Nothing is written outside the root.
+#[derive(Debug)]
+pub struct FileStore {
+    root: PathBuf,
+    /// Holds the exclusive lock for as long as the store lives.
+    _lock: File,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store rooted at `dir` and takes its lock.
+    ///
+    /// # Errors
+    /// [`DuraflowError::StoreLocked`] when another handle holds the store;
+    /// [`DuraflowError::Io`] naming the path when the directory cannot be created or opened
+    /// (for example because `dir` is a plain file).
+    pub fn new<P: AsRef<Path>>(dir: P) -> Result<FileStore, DuraflowError> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
+        let root = fs::canonicalize(dir).map_err(|e| DuraflowError::io(dir, e))?;
+        let lock_path = root.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| DuraflowError::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(DuraflowError::StoreLocked { path: root });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(DuraflowError::io(&lock_path, e)),
+        }
+        Ok(FileStore {
+            root,
+            _lock: lock,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// The store's root directory (canonicalised).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file that holds (or would hold) the value of `key`.
+    ///
+    /// # Errors
+    /// [`DuraflowError::InvalidKey`] for a key no store accepts.
+    pub fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
+        validate_key(key)?;
+        Ok(self.key_dir(key).join(VALUE_FILE))
+    }
+
+    fn key_dir(&self, key: &str) -> PathBuf {
+        self.root.join(dir_name(key))
+    }
+
+    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+        let idx = crc32fast::hash(key.as_bytes()) as usize % self.stripes.len();
+        self.stripes[idx]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_record(&self, key: &str, path: &Path) -> Result<Option<Vec<u8>>, DuraflowError> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DuraflowError::io(path, e)),
+        };
+        let (stored_key, value) =
+            parse_record(&bytes).map_err(|reason| DuraflowError::Corrupt {
+                key: key.to_owned(),
+                path: Some(path.to_owned()),
+                reason,
+            })?;
+        if stored_key != key {
+            return Err(DuraflowError::Corrupt {
+                key: key.to_owned(),
+                path: Some(path.to_owned()),
+                reason: format!("the file belongs to key {stored_key:?}"),
+            });
+        }
+        Ok(Some(value.to_vec()))
+    }
+}
+
+impl Storage for FileStore {
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
+        let path = self.value_path(key)?;
+        self.read_record(key, &path)
+    }
+
+    fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
+        validate_key(key)?;
+        let dir = self.key_dir(key);
+        let _guard = self.stripe(key);
+        match fs::create_dir(&dir) {
+            // A new directory entry is durable only once its parent is synced.
+            Ok(()) => sync_dir(&self.root)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(DuraflowError::io(&dir, e)),
+        }
+        let tmp = dir.join(TEMP_FILE);
+        let record = build_record(key, value);
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&record)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            // Best effort: the old value is untouched either way; a leftover temp file is
+            // truncated by the next write of this key.
+            let _ = fs::remove_file(&tmp);
+            return Err(DuraflowError::io(&tmp, e));
+        }
+        let target = dir.join(VALUE_FILE);
+        fs::rename(&tmp, &target).map_err(|e| DuraflowError::io(&target, e))?;
+        sync_dir(&dir)
+    }
+
+    fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
+        validate_key(key)?;
+        let dir = self.key_dir(key);
+        let _guard = self.stripe(key);
+        let target = dir.join(VALUE_FILE);
+        match fs::remove_file(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(DuraflowError::io(&target, e)),
+        }
+        sync_dir(&dir)?;
+        // The value is gone durably; the empty directory is tidied up if nothing else is in it.
+        let _ = fs::remove_file(dir.join(TEMP_FILE));
+        if fs::remove_dir(&dir).is_ok() {
+            sync_dir(&self.root)?;
+        }
+        Ok(true)
+    }
+
+    fn keys(&self) -> Result<Vec<String>, DuraflowError> {
+        let entries = fs::read_dir(&self.root).map_err(|e| DuraflowError::io(&self.root, e))?;
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| DuraflowError::io(&self.root, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path().join(VALUE_FILE);
+            let key = if let Some(encoded) = name.strip_prefix("k-") {
+                match decode_name(encoded) {
+                    Some(key) => key,
+                    None => {
+                        return Err(DuraflowError::Corrupt {
+                            key: name.to_owned(),
+                            path: Some(entry.path()),
+                            reason: "directory name is not a valid key encoding".to_owned(),
+                        })
+                    }
+                }
+            } else if name.starts_with("h-") {
+                match fs::read(&path) {
+                    Ok(bytes) => match parse_record(&bytes) {
+                        Ok((key, _)) => key.to_owned(),
+                        Err(reason) => {
+                            return Err(DuraflowError::Corrupt {
+                                key: name.to_owned(),
+                                path: Some(path),
+                                reason,
+                            })
+                        }
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(DuraflowError::io(&path, e)),
+                }
+            } else {
+                continue; // the lock file and anything that is not ours
+            };
+            if path.exists() {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+}
+
+/// The directory name of `key` (see [`FileStore`]'s layout).
+pub(crate) fn dir_name(key: &str) -> String {
+    let mut name = String::with_capacity(key.len() + 2);
+    name.push_str("k-");
+    for b in key.bytes() {
+        if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' {
+            name.push(b as char);
+        } else {
+            name.push('_');
+            name.push(hex_digit(b >> 4));
+            name.push(hex_digit(b & 0xf));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return format!("h-{}", to_hex(&Sha256::digest(key.as_bytes())));
+        }
+    }
+    name
+}
+
+/// Inverse of the plain (non-hashed) part of [`dir_name`].
+fn decode_name(encoded: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut it = encoded.bytes();
+    while let Some(b) = it.next() {
+        if b == b'_' {
+            let hi = from_hex(it.next()?)?;
+            let lo = from_hex(it.next()?)?;
+            bytes.push(hi << 4 | lo);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+fn hex_digit(n: u8) -> char {
+    char::from_digit(u32::from(n), 16).unwrap_or('0')
+}
+
+fn from_hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .flat_map(|b| [hex_digit(b >> 4), hex_digit(b & 0xf)])
+        .collect()
+}
+
+/// `magic | key length (u32 LE) | key | value | CRC-32 of all before (u32 LE)`.
+fn build_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let mut rec = Vec::with_capacity(4 + 4 + key.len() + value.len() + 4);
+    rec.extend_from_slice(RECORD_MAGIC);
+    // Keys are at most MAX_KEY_LEN bytes (validated), so the length fits in a u32.
+    rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    rec.extend_from_slice(key.as_bytes());
+    rec.extend_from_slice(value);
+    let crc = crc32fast::hash(&rec);
+    rec.extend_from_slice(&crc.to_le_bytes());
+    rec
+}
+
+fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {
+    if rec.len() < 12 || &rec[..4] != RECORD_MAGIC {
+        return Err("not a duraflow value file (bad magic or too short)".to_owned());
+    }
+    let (body, crc) = rec.split_at(rec.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err("checksum mismatch".to_owned());
+    }
+    let key_len = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
+    let rest = &body[8..];
+    if rest.len() < key_len {
+        return Err("truncated key".to_owned());
+    }
+    let (key, value) = rest.split_at(key_len);
+    let key = std::str::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned())?;
+    Ok((key, value))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DuraflowError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| DuraflowError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_injective_safe_and_reversible() {
+        let keys = [
+            "a/b", "a_b", "a.b", "é", "ü", "..", ".", "/abs", "a\\b", "a\0b", "A", "a", "k-a", "-",
+        ];
+        let names: Vec<String> = keys.iter().map(|k| dir_name(k)).collect();
+        for (k, n) in keys.iter().zip(&names) {
+            assert!(n.starts_with("k-"), "{n}");
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || b == b'-'
+                    || b == b'_'),
+                "{n}"
+            );
+            assert_eq!(decode_name(&n[2..]).as_deref(), Some(*k));
+        }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+    }
+
+    #[test]
+    fn long_keys_are_hashed_to_a_short_name() {
+        let name = dir_name(&"é".repeat(2000));
+        assert!(name.starts_with("h-") && name.len() == 66, "{name}");
+        assert_ne!(dir_name(&"a".repeat(300)), dir_name(&"a".repeat(301)));
+    }
+
+    #[test]
+    fn record_round_trip_and_damage() {
+        let rec = build_record("key", b"value");
+        assert_eq!(parse_record(&rec).unwrap(), ("key", &b"value"[..]));
+        for i in 0..rec.len() {
+            let mut r = rec.clone();
+            r[i] ^= 1;
+            assert!(parse_record(&r).is_err(), "flip at {i}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The [`Storage`] trait and the stores that ship with the crate.
+//!
+//! A store only keeps bytes under string keys; it knows nothing of dagx, tasks or tracing.
+//! The envelope (type name, checksum) is put around values before they reach a store.
+
+mod file;
+mod memory;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+use crate::DuraflowError;
+
+/// An object-safe byte store that duraflow-rs persists task outputs in.
+///
+/// Implement [`read`](Storage::read) and [`write`](Storage::write) to plug in your own
+/// backend; every other method has a default. Keys reaching a store have passed
+/// [`validate_key`](crate::validate_key); values are opaque bytes.
+///
+/// Methods are synchronous and may block: duraflow-rs calls them off the async executor
+/// (on tokio's blocking pool) unless [`may_block`](Storage::may_block) says they never block.
+pub trait Storage: Send + Sync {
+    /// Returns the bytes last written under `key`, or `None` if the key was never written
+    /// (or was removed).
+    ///
+    /// # Errors
+    /// Any [`DuraflowError`] the backend meets; [`DuraflowError::Corrupt`] when the stored
+    /// bytes fail the backend's own integrity check.
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError>;
+
+    /// Stores `value` under `key`, replacing any previous value atomically: a reader (or a
+    /// restart after a crash) sees the old bytes or the new ones, never a mix. When it
+    /// returns `Ok`, the value is as durable as the store promises in its own docs.
+    ///
+    /// # Errors
+    /// Any [`DuraflowError`] the backend meets; the previous value is then unchanged.
+    fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError>;
+
+    /// Removes `key`; returns whether it was present.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
+    fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
+        let _ = key;
+        Err(DuraflowError::Unsupported {
+            store: self.kind(),
+            operation: "remove",
+        })
+    }
+
+    /// Lists every stored key, in no particular order.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
+    fn keys(&self) -> Result<Vec<String>, DuraflowError> {
+        Err(DuraflowError::Unsupported {
+            store: self.kind(),
+            operation: "keys",
+        })
+    }
+
+    /// A short name for the kind of store (`"memory"`, `"file"`, …), used in spans and
+    /// messages. Defaults to `"custom"`.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+
+    /// Whether the methods may block the calling thread (disk, network). When `true`, the
+    /// default, duraflow-rs runs them on a blocking thread, never on the async executor.
+    /// Return `false` only for stores that never wait on I/O or contended locks.
+    fn may_block(&self) -> bool {
+        true
+    }
+}
