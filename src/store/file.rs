@@ -34,9 +34,11 @@ const STRIPES: usize = 64;
 ///
 /// # Guarantees
 /// - **Atomic and durable**: a value is written to a temporary file in the key's directory,
-///   fsynced, renamed over the old value, and the directory is fsynced; when
-///   [`write`](Storage::write) returns `Ok`, the value survives a crash or power loss, and a
-///   crash at any moment leaves the old value or the new one, never a torn one.
+///   fsynced, renamed over the old value, and the directory is fsynced (the root too, for a
+///   key's first value); when [`write`](Storage::write) returns `Ok`, the value survives a
+///   crash or power loss, and a crash at any moment leaves the old value or the new one,
+///   never a torn one. A write that fails before the rename (a full disk, say) leaves the
+///   old value; one whose final directory sync fails may have left either.
 /// - **Integrity**: every value file carries its key and a CRC-32; a damaged file is
 ///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value.
 /// - **One writer**: a second `FileStore` on the same root, in this process or another,
@@ -142,11 +144,14 @@ impl Storage for FileStore {
         let dir = self.key_dir(key);
         let _guard = self.stripe(key);
         match fs::create_dir(&dir) {
-            // A new directory entry is durable only once its parent is synced.
-            Ok(()) => sync_dir(&self.root)?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(DuraflowError::io(&dir, e)),
         }
+        let target = dir.join(VALUE_FILE);
+        // The key's directory entry may be new (or left unsynced by a crash between its
+        // creation and the root's sync): the first value of a key also syncs the root.
+        let first_value = !target.exists();
         let tmp = dir.join(TEMP_FILE);
         let record = build_record(key, value);
         let written = File::create(&tmp).and_then(|mut f| {
@@ -159,9 +164,12 @@ impl Storage for FileStore {
             let _ = fs::remove_file(&tmp);
             return Err(DuraflowError::io(&tmp, e));
         }
-        let target = dir.join(VALUE_FILE);
         fs::rename(&tmp, &target).map_err(|e| DuraflowError::io(&target, e))?;
-        sync_dir(&dir)
+        sync_dir(&dir)?;
+        if first_value {
+            sync_dir(&self.root)?;
+        }
+        Ok(())
     }
 
     fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
@@ -192,7 +200,8 @@ impl Storage for FileStore {
             let Some(name) = name.to_str() else { continue };
             let path = entry.path().join(VALUE_FILE);
             let key = if let Some(encoded) = name.strip_prefix("k-") {
-                match decode_name(encoded) {
+                // Only the canonical spelling of a key is the key's directory.
+                match decode_name(encoded).filter(|key| dir_name(key) == name) {
                     Some(key) => key,
                     None => {
                         return Err(DuraflowError::Corrupt {

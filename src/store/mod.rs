@@ -33,7 +33,9 @@ pub trait Storage: Send + Sync {
     /// returns `Ok`, the value is as durable as the store promises in its own docs.
     ///
     /// # Errors
-    /// Any [`DuraflowError`] the backend meets; the previous value is then unchanged.
+    /// Any [`DuraflowError`] the backend meets. The store then holds the previous value or
+    /// the new one, never a mix; stores document which (a failure before anything is
+    /// replaced, such as a full disk, leaves the previous value).
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError>;
 
     /// Removes `key`; returns whether it was present.
