@@ -1,0 +1,140 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Once};
+
+use dagx::{task, Task};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+use tracing_subscriber::Layer;
+
+/// A task returning its value.
+#[derive(Clone)]
+pub struct Val(pub u64);
+#[task]
+impl Val {
+    async fn run(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A task adding one to its input.
+#[derive(Clone)]
+pub struct Inc;
+#[task]
+impl Inc {
+    async fn run(&self, x: &u64) -> u64 {
+        x + 1
+    }
+}
+
+/// A task that panics.
+#[derive(Clone)]
+pub struct Boom;
+#[task]
+impl Boom {
+    async fn run(&self) -> u64 {
+        panic!("boom")
+    }
+}
+
+/// A tracing event as the capture layer saw it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub level: tracing::Level,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Captured {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<Captured>>>);
+
+impl Capture {
+    pub fn events(&self) -> Vec<Captured> {
+        self.0.lock().unwrap().clone()
+    }
+    pub fn at(&self, level: tracing::Level) -> Vec<Captured> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.level == level)
+            .collect()
+    }
+}
+
+struct FieldsVisitor<'a>(&'a mut Vec<(String, String)>);
+impl Visit for FieldsVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Capture>> = const { RefCell::new(None) };
+}
+
+/// Routes each event to the capture of the thread that emitted it.
+struct Router;
+
+impl<S: tracing::Subscriber> Layer<S> for Router {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: LayerContext<'_, S>) {
+        CURRENT.with(|current| {
+            if let Some(cap) = current.borrow().as_ref() {
+                let mut fields = Vec::new();
+                event.record(&mut FieldsVisitor(&mut fields));
+                cap.0.lock().unwrap().push(Captured {
+                    level: *event.metadata().level(),
+                    fields,
+                });
+            }
+        });
+    }
+}
+
+pub struct CaptureGuard;
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+}
+
+/// Captures the events emitted on the current thread until the guard drops (use a
+/// current-thread runtime). One global subscriber serves every test of the binary: with
+/// per-thread default subscribers, tests running in parallel race on tracing's per-callsite
+/// interest cache and events go missing.
+pub fn capture() -> (CaptureGuard, Capture) {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Router))
+            .unwrap();
+    });
+    let cap = Capture::default();
+    CURRENT.with(|current| *current.borrow_mut() = Some(cap.clone()));
+    (CaptureGuard, cap)
+}
+
+pub fn current_thread_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn multi_thread_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,77 @@
+//! Promise: one writer per FileStore root. A second opener, in this process or another,
+//! gets `StoreLocked`; a bad root is an `Io` error naming the path.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use duraflow_rs::{DuraflowError, FileStore};
+
+const ROOT_VAR: &str = "DURAFLOW_LOCK_HOLDER_ROOT";
+const LOCKED: &str = "duraflow-lock-holder: locked";
+
+#[test]
+fn a_second_store_in_the_same_process_is_refused_until_the_first_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = FileStore::new(dir.path()).unwrap();
+    match FileStore::new(dir.path()) {
+        Err(DuraflowError::StoreLocked { path }) => assert_eq!(path, first.root()),
+        other => panic!("expected StoreLocked, got {other:?}"),
+    }
+    drop(first);
+    FileStore::new(dir.path()).expect("the lock is released on drop");
+}
+
+/// Not a test of its own: the child process of
+/// `a_store_held_by_another_process_is_refused_and_released_when_it_dies`.
+#[test]
+#[ignore = "helper: run only as a child process by the cross-process lock test"]
+fn lock_holder() {
+    let root = std::env::var(ROOT_VAR).expect("run by the cross-process lock test");
+    let _store = FileStore::new(root).unwrap();
+    println!("\n{LOCKED}");
+    // Hold the lock until the parent closes our stdin.
+    let _ = std::io::stdin().read_line(&mut String::new());
+}
+
+#[test]
+fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_holder",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROOT_VAR, dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let locked = stdout
+        .lines()
+        .map(|l| l.unwrap())
+        .any(|l| l.contains(LOCKED));
+    assert!(locked, "child never took the lock");
+    assert!(matches!(
+        FileStore::new(dir.path()),
+        Err(DuraflowError::StoreLocked { .. })
+    ));
+    child.kill().unwrap(); // SIGKILL: the kernel releases the flock
+    child.wait().unwrap();
+    FileStore::new(dir.path()).expect("the lock dies with the process");
+}
+
+#[test]
+fn a_plain_file_as_root_is_an_io_error_naming_it_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"precious").unwrap();
+    match FileStore::new(&file) {
+        Err(DuraflowError::Io { path, .. }) => assert_eq!(path, file),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+}
