@@ -46,8 +46,9 @@ impl Context {
 
     /// The value stored under `key` as a `T`, or `None` if there is none or it cannot be
     /// read as a `T` (the reason is logged with `tracing::warn!`; use
-    /// [`try_get`](Context::try_get) to see it). Blocks on the store: from async code prefer
-    /// `spawn_blocking` for slow stores.
+    /// [`try_get`](Context::try_get) to see it). Blocks on the store: from async code, call
+    /// it through your runtime's blocking facility (e.g. `tokio::task::spawn_blocking`) for
+    /// stores that do I/O.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         match self.try_get(key) {
             Ok(v) => v,
@@ -92,8 +93,7 @@ impl Context {
     /// intact and written by the same type. Anything else is logged and treated as absent,
     /// so the task runs again and overwrites it. Runs the store read off the executor.
     pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        let owned = key.to_owned();
-        let read = off_executor(&self.db, key, move |db| db.read(&owned)).await;
+        let read = off_executor(&self.db, key, |db, key| db.read(key)).await;
         let found = read.and_then(|bytes| match bytes {
             None => Ok(None),
             Some(bytes) => codec::decode(key, &bytes, TypeCheck::Exact).map(Some),
@@ -114,8 +114,7 @@ impl Context {
         value: &T,
     ) -> Result<(), DuraflowError> {
         let bytes = codec::encode(key, value).map_err(|e| e.into_persist(key))?;
-        let owned = key.to_owned();
-        off_executor(&self.db, key, move |db| db.write(&owned, &bytes))
+        off_executor(&self.db, key, move |db, key| db.write(key, &bytes))
             .await
             .map_err(|e| e.into_persist(key))
     }

@@ -114,8 +114,9 @@ pub enum DuraflowError {
         operation: &'static str,
     },
 
-    /// Blocking store work could not be scheduled because the async runtime is shutting down.
-    #[error("the async runtime shut down while store work for key {key:?} was pending")]
+    /// Store work for `key` was abandoned because its I/O thread went away (the process is
+    /// shutting down).
+    #[error("store work for key {key:?} was abandoned: the process is shutting down")]
     RuntimeShutdown {
         /// The key whose operation was abandoned.
         key: String,

@@ -18,7 +18,8 @@ use crate::DuraflowError;
 /// [`validate_key`](crate::validate_key); values are opaque bytes.
 ///
 /// Methods are synchronous and may block: duraflow-rs calls them off the async executor
-/// (on tokio's blocking pool) unless [`may_block`](Storage::may_block) says they never block.
+/// (on a small pool of I/O threads) unless [`may_block`](Storage::may_block) says they never
+/// block.
 pub trait Storage: Send + Sync {
     /// Returns the bytes last written under `key`, or `None` if the key was never written
     /// (or was removed).
@@ -68,7 +69,7 @@ pub trait Storage: Send + Sync {
     }
 
     /// Whether the methods may block the calling thread (disk, network). When `true`, the
-    /// default, duraflow-rs runs them on a blocking thread, never on the async executor.
+    /// default, duraflow-rs runs them on its I/O threads, never on the async executor.
     /// Return `false` only for stores that never wait on I/O or contended locks.
     fn may_block(&self) -> bool {
         true
