@@ -52,30 +52,29 @@ pub(crate) fn encode_with_type_name<T: Serialize + ?Sized>(
     type_name: &'static str,
     value: &T,
 ) -> Result<Vec<u8>, DuraflowError> {
-    let payload = rmp_serde::to_vec_named(value).map_err(|source| DuraflowError::Encode {
-        key: key.to_owned(),
-        type_name,
-        source,
-    })?;
-    let name = type_name.as_bytes();
     // Type names longer than u16::MAX are cut: the name is a label, not the type's identity.
+    let name = type_name.as_bytes();
     let name = &name[..name.len().min(u16::MAX as usize)];
-    let payload_len = u32::try_from(payload.len()).map_err(|_| DuraflowError::Persist {
-        key: key.to_owned(),
-        source: format!(
-            "encoded value is {} bytes; the limit is 4 GiB",
-            payload.len()
-        )
-        .into(),
-    })?;
-    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + payload.len() + TRAILER);
+    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + 16 + TRAILER);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(0);
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
-    out.extend_from_slice(&payload_len.to_le_bytes());
-    out.extend_from_slice(&payload);
+    let len_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    // The payload is encoded in place, then its length patched in: one buffer per value.
+    rmp_serde::encode::write_named(&mut out, value).map_err(|source| DuraflowError::Encode {
+        key: key.to_owned(),
+        type_name,
+        source,
+    })?;
+    let payload_len = out.len() - len_at - 4;
+    let payload_len = u32::try_from(payload_len).map_err(|_| DuraflowError::Persist {
+        key: key.to_owned(),
+        source: format!("encoded value is {payload_len} bytes; the limit is 4 GiB").into(),
+    })?;
+    out[len_at..len_at + 4].copy_from_slice(&payload_len.to_le_bytes());
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
