@@ -15,14 +15,13 @@ use crate::{validate_key, Context, Durable, DuraflowError};
 /// counters ([`stats`](DurableDag::stats)). Task ids must be unique within it.
 pub struct DurableDag<'a> {
     dag: &'a DagRunner,
-    ctx: Arc<Context>,
     run: Arc<RunState>,
 }
 
 impl std::fmt::Debug for DurableDag<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DurableDag")
-            .field("ctx", &self.ctx)
+            .field("ctx", &self.run.ctx)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -33,20 +32,24 @@ impl<'a> DurableDag<'a> {
     pub fn new(dag: &'a DagRunner, ctx: Arc<Context>) -> Self {
         DurableDag {
             dag,
-            ctx,
-            run: Arc::new(RunState::new(None)),
+            run: Arc::new(RunState::new(ctx, None)),
         }
     }
 
     /// Calls `handler(id, completed)` once per task of this run, executed or cached, after
     /// its output is persisted; `completed` counts this run's completed tasks, this one
-    /// included. Tasks that fail are not reported. Replaces any earlier handler, also for
-    /// tasks already added.
-    pub fn with_progress<F>(self, handler: F) -> Self
+    /// included. Tasks that fail are not reported.
+    ///
+    /// Set it before adding tasks (as in `DurableDag::new(..).with_progress(..)`). Once tasks
+    /// have been added, a handler can still be set if none was, but no longer replaced: the
+    /// first one stays and a `tracing::warn!` says so.
+    pub fn with_progress<F>(mut self, handler: F) -> Self
     where
         F: Fn(&str, usize) + Send + Sync + 'static,
     {
-        self.run.set_progress(Arc::new(handler));
+        if !RunState::set_progress(&mut self.run, Arc::new(handler)) {
+            tracing::warn!("with_progress after tasks were added: the first handler stays");
+        }
         self
     }
 
@@ -85,8 +88,8 @@ impl<'a> DurableDag<'a> {
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         validate_key(id)?;
-        self.run.claim(id)?;
-        let durable = Durable::in_run(id.to_owned(), self.ctx.clone(), task, self.run.clone());
+        let id = self.run.claim(id)?;
+        let durable = Durable::in_run(id, task, self.run.clone());
         Ok(self.dag.add_task(durable))
     }
 
@@ -97,6 +100,6 @@ impl<'a> DurableDag<'a> {
 
     /// The context outputs are persisted in.
     pub fn context(&self) -> &Arc<Context> {
-        &self.ctx
+        &self.run.ctx
     }
 }

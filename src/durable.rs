@@ -22,8 +22,7 @@ use crate::{Context, DuraflowError};
 ///
 /// A task that panics persists nothing and the panic continues to dagx unchanged.
 pub struct Durable<Tk> {
-    id: String,
-    ctx: Arc<Context>,
+    id: Arc<str>,
     inner: Tk,
     run: Arc<RunState>,
 }
@@ -46,16 +45,12 @@ impl<Tk> Durable<Tk> {
         inner: Tk,
         progress: Option<ProgressFn>,
     ) -> Self {
-        Self::in_run(id.into(), ctx, inner, Arc::new(RunState::new(progress)))
+        let id: String = id.into();
+        Self::in_run(id.into(), inner, Arc::new(RunState::new(ctx, progress)))
     }
 
-    pub(crate) fn in_run(id: String, ctx: Arc<Context>, inner: Tk, run: Arc<RunState>) -> Self {
-        Durable {
-            id,
-            ctx,
-            inner,
-            run,
-        }
+    pub(crate) fn in_run(id: Arc<str>, inner: Tk, run: Arc<RunState>) -> Self {
+        Durable { id, inner, run }
     }
 
     /// The key this task's output is stored under.
@@ -81,12 +76,8 @@ where
 
     /// The one path every output takes: cache check → run → persist → report.
     async fn execute(self, inputs: Inputs<Tk::Input>) -> Outcome<Tk::Output> {
-        let Durable {
-            id,
-            ctx,
-            inner,
-            run,
-        } = self;
+        let Durable { id, inner, run } = self;
+        let ctx = &run.ctx;
         let span = tracing::info_span!(
             "duraflow.task",
             task.id = %id,
@@ -96,7 +87,7 @@ where
         let body = async {
             let finish = |ending: Ending| {
                 tracing::Span::current().record("outcome", ending.as_str());
-                run.finish(&ctx, &id, ending);
+                run.finish(&id, ending);
             };
 
             if let Some(value) = ctx.load_output::<Tk::Output>(&id).await {
@@ -118,7 +109,7 @@ where
                     finish(Ending::Failed);
                     tracing::error!(key = %id, %message, "task did not run: a dependency failed");
                     return Outcome::Failed(DuraflowError::DependencyFailed {
-                        key: id.clone(),
+                        key: id.to_string(),
                         message,
                     });
                 }

@@ -1,8 +1,8 @@
 //! One run of a pipeline: its task ids, counters and progress callback.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::{Context, DuraflowError};
 
@@ -49,68 +49,87 @@ impl Ending {
 }
 
 /// Shared by every task of one run (one [`DurableDag`](crate::DurableDag), or one standalone
-/// [`Durable`](crate::Durable)).
-#[derive(Default)]
+/// [`Durable`](crate::Durable)): each task holds one `Arc` of it, which also reaches the
+/// context.
 pub(crate) struct RunState {
-    ids: Mutex<HashSet<String>>,
-    progress: RwLock<Option<ProgressFn>>,
-    executed: AtomicUsize,
-    cached: AtomicUsize,
+    pub(crate) ctx: Arc<Context>,
+    ids: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    /// Set before the run starts; read without a lock by every task.
+    progress: OnceLock<ProgressFn>,
+    /// Executed tasks in the low 32 bits, cached ones in the high 32: one atomic add both
+    /// counts a task and yields the distinct running count its callback reports, so two
+    /// worker threads share one contended cache line per task instead of several.
+    done: AtomicU64,
     failed: AtomicUsize,
-    /// Executed + cached, bumped in one step so every callback sees a distinct count.
-    completed: AtomicUsize,
 }
 
+const EXECUTED_ONE: u64 = 1;
+const CACHED_ONE: u64 = 1 << 32;
+
 impl RunState {
-    pub(crate) fn new(progress: Option<ProgressFn>) -> RunState {
+    pub(crate) fn new(ctx: Arc<Context>, progress: Option<ProgressFn>) -> RunState {
         RunState {
-            progress: RwLock::new(progress),
-            ..RunState::default()
+            ctx,
+            ids: Mutex::default(),
+            progress: progress.map(OnceLock::from).unwrap_or_default(),
+            done: AtomicU64::new(0),
+            failed: AtomicUsize::new(0),
         }
     }
 
-    pub(crate) fn set_progress(&self, progress: ProgressFn) {
-        *self
-            .progress
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(progress);
+    /// Sets the progress callback: replaces it while `run` is not yet shared with any task,
+    /// otherwise only if none was set. Returns whether `progress` is now the callback.
+    pub(crate) fn set_progress(run: &mut Arc<RunState>, progress: ProgressFn) -> bool {
+        match Arc::get_mut(run) {
+            Some(run) => {
+                run.progress = OnceLock::from(progress);
+                true
+            }
+            None => run.progress.set(progress).is_ok(),
+        }
     }
 
-    /// Claims `id` for one task of this run.
-    pub(crate) fn claim(&self, id: &str) -> Result<(), DuraflowError> {
+    /// Claims `id` for one task of this run; the returned id is shared with the claim set.
+    pub(crate) fn claim(&self, id: &str) -> Result<Arc<str>, DuraflowError> {
         let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        if ids.insert(id.to_owned()) {
-            Ok(())
-        } else {
-            Err(DuraflowError::DuplicateTaskId { id: id.to_owned() })
+        if ids.contains(id) {
+            return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
         }
+        let id: Arc<str> = Arc::from(id);
+        ids.insert(Arc::clone(&id));
+        Ok(id)
     }
 
     /// Records how task `id` ended. A completed task (executed or cached) bumps the
     /// context's and the run's counts and then calls the progress callback, once.
-    pub(crate) fn finish(&self, ctx: &Context, id: &str, ending: Ending) {
-        let counter = match ending {
-            Ending::Executed => &self.executed,
-            Ending::Cached => &self.cached,
+    pub(crate) fn finish(&self, id: &str, ending: Ending) {
+        let one = match ending {
+            Ending::Executed => EXECUTED_ONE,
+            Ending::Cached => CACHED_ONE,
             Ending::Failed => {
                 self.failed.fetch_add(1, Ordering::SeqCst);
                 return;
             }
         };
-        counter.fetch_add(1, Ordering::SeqCst);
-        ctx.completed_count.fetch_add(1, Ordering::SeqCst);
-        let completed = self.completed.fetch_add(1, Ordering::SeqCst) + 1;
-        let progress = self.progress.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(cb) = progress.as_ref() {
-            cb(id, completed);
+        self.ctx.completed_count.fetch_add(1, Ordering::SeqCst);
+        let before = self.done.fetch_add(one, Ordering::SeqCst);
+        if let Some(cb) = self.progress.get() {
+            let (executed, cached) = split(before + one);
+            cb(id, executed + cached);
         }
     }
 
     pub(crate) fn stats(&self) -> RunStats {
+        let (executed, cached) = split(self.done.load(Ordering::SeqCst));
         RunStats {
-            executed: self.executed.load(Ordering::SeqCst),
-            cached: self.cached.load(Ordering::SeqCst),
+            executed,
+            cached,
             failed: self.failed.load(Ordering::SeqCst),
         }
     }
+}
+
+/// Unpacks [`RunState::done`] into (executed, cached).
+fn split(done: u64) -> (usize, usize) {
+    ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
 }
