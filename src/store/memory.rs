@@ -1,17 +1,47 @@
 //! [`MemoryStore`]: a process-local map, for tests and examples.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use foldhash::fast::RandomState;
+
 use crate::{validate_key, DuraflowError, Storage};
+
+/// Independent locks, so tasks finishing on different worker threads rarely contend.
+const SHARDS: usize = 16;
+
+type Map = HashMap<String, Vec<u8>, RandomState>;
+
+/// One shard on its own cache line(s), so two shards' locks never share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Map>);
 
 /// A [`Storage`] that keeps values in memory.
 ///
 /// Values are visible to every reader as soon as `write` returns and are gone when the
 /// process ends: nothing survives a crash. Never blocks on I/O.
-#[derive(Debug, Default)]
 pub struct MemoryStore {
-    map: Mutex<HashMap<String, Vec<u8>>>,
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            hasher: RandomState::default(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .finish()
+    }
 }
 
 impl MemoryStore {
@@ -22,40 +52,50 @@ impl MemoryStore {
 
     /// The number of stored keys.
     pub fn len(&self) -> usize {
-        self.map().len()
+        (0..SHARDS).map(|i| lock(&self.shards[i]).len()).sum()
     }
 
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
-        self.map().is_empty()
+        self.len() == 0
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
-        // A panic while holding the lock cannot leave the map half-updated (every critical
-        // section is a single map call), so a poisoned lock is safe to use.
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    fn shard(&self, key: &str) -> MutexGuard<'_, Map> {
+        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        lock(&self.shards[i])
     }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Map> {
+    // Every critical section is a single map call, so a panic cannot leave a shard
+    // half-updated and a poisoned lock is safe to use.
+    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Storage for MemoryStore {
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
-        Ok(self.map().get(key).cloned())
+        Ok(self.shard(key).get(key).cloned())
     }
 
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
         validate_key(key)?;
-        self.map().insert(key.to_owned(), value.to_vec());
+        let value = value.to_vec();
+        self.shard(key).insert(key.to_owned(), value);
         Ok(())
     }
 
     fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
         validate_key(key)?;
-        Ok(self.map().remove(key).is_some())
+        Ok(self.shard(key).remove(key).is_some())
     }
 
     fn keys(&self) -> Result<Vec<String>, DuraflowError> {
-        Ok(self.map().keys().cloned().collect())
+        Ok(self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>())
+            .collect())
     }
 
     fn kind(&self) -> &'static str {
