@@ -169,37 +169,39 @@ fn kill9_at_random_moments_leaves_old_or_new_values() {
         let mut acked: Vec<Option<u64>> = on_disk.clone();
         let mut last: Option<(usize, u64)> = None;
         let mut acks = 0usize;
-        let mut early_exit = false;
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap_or_else(|e| panic!("{ctx}: read the child's stdout: {e}"));
-            // libtest prints `test child_writer ... ` without a newline before the test body
-            // runs, so the first ack shares its line; anything else is libtest's own output.
-            let Some((_, rest)) = line.split_once(ACK) else {
-                continue;
-            };
-            let mut parts = rest.split(' ');
-            let parsed = (|| {
-                let ki: usize = parts.next()?.parse().ok()?;
-                let round: u64 = parts.next()?.parse().ok()?;
-                Some((ki, round))
-            })();
-            let (ki, round) = parsed.unwrap_or_else(|| panic!("{ctx}: bad ack line {line:?}"));
-            let expected = next_write(last, start, keys.len());
-            assert_eq!(
-                (ki, round),
-                expected,
-                "{ctx}: the child acknowledged writes out of order"
-            );
-            acked[ki] = Some(round);
-            last = Some((ki, round));
-            acks += 1;
-            if acks == target_acks {
-                break;
+        let mut lines = BufReader::new(stdout).lines();
+        // Every `ack` line the child printed, in order; `false` once stdout has ended.
+        let mut read_ack = |acked: &mut Vec<Option<u64>>, last: &mut Option<(usize, u64)>| {
+            for line in lines.by_ref() {
+                let line = line.unwrap_or_else(|e| panic!("{ctx}: read the child's stdout: {e}"));
+                // libtest prints `test child_writer ... ` without a newline before the test
+                // body runs, so the first ack shares its line; anything else is libtest's.
+                let Some((_, rest)) = line.split_once(ACK) else {
+                    continue;
+                };
+                let mut parts = rest.split(' ');
+                let parsed = (|| {
+                    let ki: usize = parts.next()?.parse().ok()?;
+                    let round: u64 = parts.next()?.parse().ok()?;
+                    Some((ki, round))
+                })();
+                let (ki, round) = parsed.unwrap_or_else(|| panic!("{ctx}: bad ack line {line:?}"));
+                let expected = next_write(*last, start, keys.len());
+                assert_eq!(
+                    (ki, round),
+                    expected,
+                    "{ctx}: the child acknowledged writes out of order"
+                );
+                acked[ki] = Some(round);
+                *last = Some((ki, round));
+                return true;
             }
+            false
+        };
+        while acks < target_acks && read_ack(&mut acked, &mut last) {
+            acks += 1;
         }
-        if acks < target_acks {
-            early_exit = true;
-        }
+        let early_exit = acks < target_acks;
         // A random extra delay (busy, not a sleep) so the kill lands anywhere in a write.
         for _ in 0..spin {
             std::hint::spin_loop();
@@ -210,6 +212,9 @@ fn kill9_at_random_moments_leaves_old_or_new_values() {
         let status = child
             .wait()
             .unwrap_or_else(|e| panic!("{ctx}: wait for the child: {e}"));
+        // The child kept writing while we stopped reading: its later acks are still in the
+        // pipe, and they too are promises the store must keep.
+        while read_ack(&mut acked, &mut last) {}
         if early_exit {
             let mut err = String::new();
             if let Some(mut stderr) = child.stderr.take() {
