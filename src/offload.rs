@@ -19,7 +19,7 @@ const THREADS_VAR: &str = "DURAFLOW_IO_THREADS";
 const DEFAULT_THREADS: usize = 8;
 
 /// The queue of the process-wide I/O pool, or `None` when no thread could be started.
-fn pool() -> Option<&'static crossbeam_channel::Sender<Job>> {
+fn pool() -> &'static Option<crossbeam_channel::Sender<Job>> {
     static POOL: OnceLock<Option<crossbeam_channel::Sender<Job>>> = OnceLock::new();
     POOL.get_or_init(|| {
         let threads = std::env::var(THREADS_VAR)
@@ -43,7 +43,41 @@ fn pool() -> Option<&'static crossbeam_channel::Sender<Job>> {
             .count();
         (started > 0).then_some(tx)
     })
-    .as_ref()
+}
+
+/// Why a job handed to the pool produced no result.
+enum Lost {
+    /// No thread could be started for it.
+    Spawn(std::io::Error),
+    /// Its thread went away before it ran (the process is exiting).
+    Abandoned,
+}
+
+/// Runs `job` on an I/O thread and waits for it without blocking; a panic in `job` is
+/// resumed here.
+async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> Result<R, Lost> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(catch_unwind(AssertUnwindSafe(job)));
+    });
+    let job = match pool() {
+        Some(queue) => queue
+            .send(job)
+            .err()
+            .map(|crossbeam_channel::SendError(job)| job),
+        None => Some(job),
+    };
+    if let Some(job) = job {
+        thread::Builder::new()
+            .name("duraflow-io".to_owned())
+            .spawn(job)
+            .map_err(Lost::Spawn)?;
+    }
+    match rx.await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => Err(Lost::Abandoned),
+    }
 }
 
 /// Runs `op(db, key)` without blocking the async executor.
@@ -64,36 +98,14 @@ where
     }
     let db = Arc::clone(db);
     let owned_key = key.to_owned();
-    let (tx, rx) = futures::channel::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let result = catch_unwind(AssertUnwindSafe(|| op(db.as_ref(), &owned_key)));
-        let _ = tx.send(result);
-    });
-    match pool() {
-        Some(queue) => {
-            if let Err(crossbeam_channel::SendError(job)) = queue.send(job) {
-                run_on_new_thread(key, job)?;
-            }
-        }
-        None => run_on_new_thread(key, job)?,
-    }
-    match rx.await {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => resume_unwind(panic),
-        // The job was dropped unrun: only when its thread died, i.e. the process is exiting.
-        Err(_) => Err(DuraflowError::RuntimeShutdown {
+    match on_pool(move || op(db.as_ref(), &owned_key)).await {
+        Ok(result) => result,
+        Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
+            key: key.to_owned(),
+            source: Box::new(e),
+        }),
+        Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown {
             key: key.to_owned(),
         }),
     }
-}
-
-fn run_on_new_thread(key: &str, job: Job) -> Result<(), DuraflowError> {
-    thread::Builder::new()
-        .name("duraflow-io".to_owned())
-        .spawn(job)
-        .map(drop)
-        .map_err(|e| DuraflowError::Persist {
-            key: key.to_owned(),
-            source: Box::new(e),
-        })
 }
