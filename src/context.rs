@@ -89,14 +89,17 @@ impl Context {
             .map_err(|e| e.into_persist(key))
     }
 
-    /// The stored output of task `key` if it can be handed to the task's dependents: present,
-    /// intact and written by the same type. Anything else is logged and treated as absent,
-    /// so the task runs again and overwrites it. Runs the store read off the executor.
-    pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+    /// The stored output of task `key` and its size in bytes, if it can be handed to the
+    /// task's dependents: present, intact and written by the same type. Anything else is
+    /// logged and treated as absent, so the task runs again and overwrites it. Runs the store
+    /// read off the executor.
+    pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<(T, usize)> {
         let read = off_executor(&self.db, key, |db, key| db.read(key)).await;
         let found = read.and_then(|bytes| match bytes {
             None => Ok(None),
-            Some(bytes) => codec::decode(key, &bytes, TypeCheck::Exact).map(Some),
+            Some(bytes) => {
+                codec::decode(key, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
+            }
         });
         match found {
             Ok(v) => v,
@@ -105,17 +108,5 @@ impl Context {
                 None
             }
         }
-    }
-
-    /// Encodes and writes the output of task `key` off the executor.
-    pub(crate) async fn persist_output<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-    ) -> Result<(), DuraflowError> {
-        let bytes = codec::encode(key, value).map_err(|e| e.into_persist(key))?;
-        off_executor(&self.db, key, move |db, key| db.write(key, &bytes))
-            .await
-            .map_err(|e| e.into_persist(key))
     }
 }

@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::Instrument;
 
 use crate::run::{Ending, ProgressFn, RunState};
-use crate::{Context, DuraflowError};
+use crate::{AttemptOutcome, Context, DuraflowError};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
 /// already stored, returns it without running the inner task.
@@ -87,11 +87,13 @@ where
         let body = async {
             let finish = |ending: Ending| {
                 tracing::Span::current().record("outcome", ending.as_str());
-                run.finish(&id, ending);
+                run.finish(&id, ending)
             };
+            let attempt = run.start_attempt(&id);
 
-            if let Some(value) = ctx.load_output::<Tk::Output>(&id).await {
-                finish(Ending::Cached);
+            if let Some((value, size)) = ctx.load_output::<Tk::Output>(&id).await {
+                run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
+                finish(Ending::Cached).await;
                 return Outcome::Done(value);
             }
 
@@ -106,28 +108,33 @@ where
             let value = match ran {
                 Ok(Ok(value)) => value,
                 Ok(Err(message)) => {
-                    finish(Ending::Failed);
                     tracing::error!(key = %id, %message, "task did not run: a dependency failed");
-                    return Outcome::Failed(DuraflowError::DependencyFailed {
+                    let error = DuraflowError::DependencyFailed {
                         key: id.to_string(),
                         message,
-                    });
+                    };
+                    run.end_attempt(&attempt, failed(&error.to_string()), None);
+                    finish(Ending::Failed).await;
+                    return Outcome::Failed(error);
                 }
                 Err(panic) => {
-                    finish(Ending::Failed);
-                    tracing::error!(key = %id, panic = panic_message(&*panic), "task panicked; nothing persisted");
+                    let message = panic_message(&*panic);
+                    tracing::error!(key = %id, panic = message, "task panicked; nothing persisted");
+                    run.end_attempt(&attempt, failed(&format!("panicked: {message}")), None);
+                    finish(Ending::Failed).await;
                     std::panic::resume_unwind(panic);
                 }
             };
 
-            match ctx.persist_output(&id, &value).await {
+            match run.persist(&id, &value, &attempt).await {
                 Ok(()) => {
-                    finish(Ending::Executed);
+                    finish(Ending::Executed).await;
                     Outcome::Done(value)
                 }
                 Err(error) => {
-                    finish(Ending::Failed);
                     tracing::error!(key = %id, %error, "task output not persisted");
+                    run.end_attempt(&attempt, failed(&error.to_string()), None);
+                    finish(Ending::Failed).await;
                     Outcome::NotPersisted(value, error)
                 }
             }
@@ -189,6 +196,12 @@ impl<O> Outcome<O> {
             Outcome::Done(value) => Ok(value),
             Outcome::NotPersisted(_, error) | Outcome::Failed(error) => Err(error),
         }
+    }
+}
+
+fn failed(error: &str) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        error: error.to_owned(),
     }
 }
 

@@ -73,6 +73,15 @@ pub enum DuraflowError {
         path: PathBuf,
     },
 
+    /// `path` is not a duraflow store and cannot become one; nothing in it was changed.
+    #[error("{} is not a duraflow store: {reason}", path.display())]
+    NotAStore {
+        /// The path given.
+        path: PathBuf,
+        /// What was found there.
+        reason: String,
+    },
+
     /// A file-system operation on `path` failed.
     #[error("I/O error at {}: {source}", path.display())]
     Io {

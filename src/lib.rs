@@ -11,7 +11,9 @@ mod durable;
 mod error;
 mod key;
 mod offload;
+mod record;
 mod run;
+mod runlog;
 mod store;
 
 pub use context::Context;
@@ -20,4 +22,6 @@ pub use durable::Durable;
 pub use error::{BoxError, DuraflowError};
 pub use key::{validate_key, MAX_KEY_LEN};
 pub use run::{ProgressFn, RunStats};
-pub use store::{FileStore, MemoryStore, Storage};
+pub use record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
+pub use runlog::{RunLog, Ticket, TicketSender};
+pub use store::{Durability, FileStore, MemoryStore, RunDetails, SledConfig, SledStore, Storage};

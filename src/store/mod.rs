@@ -5,11 +5,13 @@
 
 mod file;
 mod memory;
+mod sled;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
+pub use self::sled::{Durability, SledConfig, SledStore, RunDetails};
 
-use crate::DuraflowError;
+use crate::{DuraflowError, RunLog};
 
 /// An object-safe byte store that duraflow-rs persists task outputs in.
 ///
@@ -66,6 +68,12 @@ pub trait Storage: Send + Sync {
     /// messages. Defaults to `"custom"`.
     fn kind(&self) -> &'static str {
         "custom"
+    }
+
+    /// The store's run log, if it keeps run and attempt records (only [`SledStore`] among
+    /// the built-in stores). `None` by default.
+    fn run_log(&self) -> Option<&dyn RunLog> {
+        None
     }
 
     /// Whether the methods may block the calling thread (disk, network). When `true`, the

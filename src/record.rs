@@ -1,0 +1,99 @@
+//! Run and attempt records: what a store with a run log keeps about every run.
+
+use serde::{Deserialize, Serialize};
+
+/// A run's id: assigned by the store, increasing with every run it sees.
+pub type RunId = u64;
+
+/// How a run ended (or that it has not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RunStatus {
+    /// Started and not yet finished.
+    Running,
+    /// Every task completed (executed or cached).
+    Succeeded,
+    /// Every task reached a final state and at least one failed.
+    Failed,
+    /// The process stopped before the run finished (found Running at the next open).
+    Interrupted,
+}
+
+/// One run of a [`DurableDag`](crate::DurableDag).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// When the run started, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// When it finished (or was found interrupted), in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Its state.
+    pub status: RunStatus,
+    /// Tasks that ran and were persisted.
+    #[serde(default)]
+    pub executed: u64,
+    /// Tasks whose stored output was reused.
+    #[serde(default)]
+    pub cached: u64,
+    /// Tasks that failed.
+    #[serde(default)]
+    pub failed: u64,
+    /// The duraflow-rs version that ran it.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// How one attempt at one task ended (or that it has not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AttemptOutcome {
+    /// Started and not yet finished.
+    Running,
+    /// Ran, and its output was persisted (in the same atomic commit as this record).
+    Succeeded,
+    /// Its stored output was reused.
+    Cached,
+    /// It panicked, a dependency failed, or its output could not be persisted.
+    Failed {
+        /// The panic message or error text.
+        error: String,
+    },
+    /// The process stopped while it ran (found Running at the next open).
+    Interrupted,
+}
+
+/// One attempt at one task in one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AttemptRecord {
+    /// The run it belongs to.
+    pub run: RunId,
+    /// The task id (storage key).
+    pub key: String,
+    /// 1 for the first attempt in a run.
+    pub attempt: u32,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// When it ended, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// How long it took, in microseconds.
+    #[serde(default)]
+    pub duration_us: Option<u64>,
+    /// The size of the stored output in bytes, when one was stored or reused.
+    #[serde(default)]
+    pub output_size: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,102 @@
+//! [`RunLog`]: the optional capability of a store to keep run and attempt records.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use futures::channel::oneshot;
+
+use crate::record::{AttemptRecord, RunId, RunRecord};
+use crate::DuraflowError;
+
+/// A store that records runs and attempts, and commits a task's output together with its
+/// `Succeeded` attempt atomically. Reached through [`Storage::run_log`](crate::Storage::run_log).
+///
+/// Every method is called from async code and **must not block**: queue the work and
+/// return; a [`Ticket`] resolves once it is durable.
+pub trait RunLog: Send + Sync {
+    /// Starts a run and returns its id (increasing with every run of this store).
+    ///
+    /// # Errors
+    /// Any backend error; the run then proceeds without records.
+    fn begin_run(&self, started_ms: u64) -> Result<RunId, DuraflowError>;
+
+    /// Stores (or replaces) an attempt record; durable no later than the next commit's
+    /// ticket resolves.
+    ///
+    /// # Errors
+    /// Any backend error.
+    fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError>;
+
+    /// Stores `value` under `key` and `attempt` in one atomic step: neither exists without
+    /// the other after a crash. The ticket resolves when both are as durable as the store
+    /// promises.
+    ///
+    /// # Errors
+    /// Any backend error, from the call or through the ticket; the previous value is then
+    /// unchanged.
+    fn commit(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        attempt: AttemptRecord,
+    ) -> Result<Ticket, DuraflowError>;
+
+    /// Stores the final record of a run; the ticket resolves when it is durable.
+    ///
+    /// # Errors
+    /// Any backend error.
+    fn finish_run(&self, run: RunRecord) -> Result<Ticket, DuraflowError>;
+}
+
+/// Resolves when the work it stands for is durable, with the outcome of that work.
+#[derive(Debug)]
+pub struct Ticket(TicketState);
+
+#[derive(Debug)]
+enum TicketState {
+    Ready(Option<Result<(), DuraflowError>>),
+    Pending(oneshot::Receiver<Result<(), DuraflowError>>),
+}
+
+/// Resolves a pending [`Ticket`].
+#[derive(Debug)]
+pub struct TicketSender(oneshot::Sender<Result<(), DuraflowError>>);
+
+impl Ticket {
+    /// A ticket that is already resolved with `result`.
+    pub fn ready(result: Result<(), DuraflowError>) -> Ticket {
+        Ticket(TicketState::Ready(Some(result)))
+    }
+
+    /// A ticket and the sender that resolves it. A ticket whose sender is dropped unsent
+    /// resolves to [`DuraflowError::RuntimeShutdown`].
+    pub fn pending() -> (Ticket, TicketSender) {
+        let (tx, rx) = oneshot::channel();
+        (Ticket(TicketState::Pending(rx)), TicketSender(tx))
+    }
+}
+
+impl TicketSender {
+    /// Resolves the ticket with `result`.
+    pub fn send(self, result: Result<(), DuraflowError>) {
+        let _ = self.0.send(result);
+    }
+}
+
+impl Future for Ticket {
+    type Output = Result<(), DuraflowError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            TicketState::Ready(result) => Poll::Ready(result.take().unwrap_or(Ok(()))),
+            TicketState::Pending(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(DuraflowError::RuntimeShutdown {
+                        key: "<commit>".to_owned(),
+                    })
+                })
+            }),
+        }
+    }
+}
