@@ -188,6 +188,16 @@ impl SledStore {
             }
         };
         let io = |e: sled::Error| sled_error(&path, e);
+        // Look before touching: opening a tree creates it.
+        let names = db.tree_names();
+        let has_meta = names.iter().any(|n| n.as_ref() == b"meta");
+        let has_data = names.len() > 1 || !db.is_empty();
+        if db.was_recovered() && has_data && !has_meta {
+            return Err(DuraflowError::NotAStore {
+                path,
+                reason: "a sled database that is not a duraflow store".to_owned(),
+            });
+        }
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get(FORMAT_KEY).map_err(io)? {
             Some(v) => {
@@ -205,7 +215,7 @@ impl SledStore {
                     });
                 }
             }
-            None if db.was_recovered() && db.tree_names().len() > 2 => {
+            None if has_meta => {
                 return Err(DuraflowError::NotAStore {
                     path,
                     reason: "a sled database that is not a duraflow store".to_owned(),
@@ -465,9 +475,11 @@ fn writer(
         }
         for msg in group {
             if let Some(reply) = msg.reply {
-                reply.send(result.clone().map_err(|reason| {
-                    DuraflowError::io(&path, io::Error::other(reason))
-                }));
+                reply.send(
+                    result
+                        .clone()
+                        .map_err(|reason| DuraflowError::io(&path, io::Error::other(reason))),
+                );
             }
         }
     }
