@@ -2,9 +2,10 @@
 //!
 //! generate → 32 × transform (in parallel) → a tree of merges → report
 //!
-//! Every task's output is persisted under its id in a store on disk (`./duraflow-store` by
-//! default). Run it, interrupt it (Ctrl-C, or `--crash-after N` to abort the process after N
-//! tasks), run it again: finished tasks are not executed again.
+//! Every task's output is persisted under its id in a sled store (`./duraflow.db` by
+//! default), flushed before its progress line is printed. Run it, interrupt it (Ctrl-C, or
+//! `--crash-after N` to abort the process after N tasks), run it again: finished tasks are
+//! not executed again, and the interrupted run is recorded as such.
 //!
 //! ```sh
 //! cargo run --example pipeline                     # first run: everything executes
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagx::{task, DagRunner, Task, TaskHandle};
-use duraflow_rs::{Context, DurableDag, FileStore};
+use duraflow_rs::{Context, DurableDag, SledStore};
 use serde::{Deserialize, Serialize};
 
 const SHARDS: usize = 32;
@@ -129,7 +130,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        store: "duraflow-store".to_owned(),
+        store: "duraflow.db".to_owned(),
         fresh: false,
         crash_after: None,
         work: Duration::from_millis(50),
@@ -151,7 +152,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: pipeline [--store DIR] [--fresh] [--crash-after N] [--work-ms MS]"
+                    "usage: pipeline [--store PATH] [--fresh] [--crash-after N] [--work-ms MS]"
                         .into(),
                 )
             }
@@ -173,7 +174,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.fresh {
         let _ = std::fs::remove_dir_all(&args.store);
     }
-    let ctx = Arc::new(Context::new(FileStore::new(&args.store)?));
+    let store = Arc::new(SledStore::open(&args.store)?);
+    let ctx = Arc::new(Context {
+        db: store.clone(),
+        completed_count: Default::default(),
+    });
 
     let dag = DagRunner::new();
     let total = 1 + SHARDS + (SHARDS - 1) + 1;
@@ -233,6 +238,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     if let Ok(summary) = dag.get(report) {
         println!("result: {summary}");
+    }
+    drop(d);
+    println!("\nruns recorded in {}:", args.store);
+    for run in store.runs()? {
+        println!(
+            "  run {:>3}  {:<12} {:>3} executed {:>3} cached {:>3} failed  {} ms",
+            run.id,
+            format!("{:?}", run.status),
+            run.executed,
+            run.cached,
+            run.failed,
+            run.finished_ms.unwrap_or(run.started_ms) - run.started_ms
+        );
     }
     Ok(())
 }

@@ -534,6 +534,13 @@ fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
             let Ok(mut attempt) = rmp_serde::from_slice::<AttemptRecord>(&av) else {
                 continue;
             };
+            // The run's counts were to be written at its end: rebuild them from its attempts.
+            match attempt.outcome {
+                AttemptOutcome::Succeeded => run.executed += 1,
+                AttemptOutcome::Cached => run.cached += 1,
+                AttemptOutcome::Failed { .. } => run.failed += 1,
+                _ => {}
+            }
             if attempt.outcome == AttemptOutcome::Running {
                 attempt.outcome = AttemptOutcome::Interrupted;
                 attempt.finished_ms = Some(now);
