@@ -197,3 +197,26 @@ fn paths_that_are_not_stores_are_refused_untouched() {
         Some(&b"v"[..])
     );
 }
+
+#[test]
+fn a_damaged_database_is_corrupt_not_a_panic_nor_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.db");
+    {
+        let ctx = Context::new(SledStore::open(&path).unwrap());
+        for i in 0..500u64 {
+            ctx.save(&format!("k{i}"), &vec![i; 50]).unwrap();
+        }
+    }
+    let db_file = path.join("db");
+    let mut bytes = std::fs::read(&db_file).unwrap();
+    for i in (0..bytes.len()).step_by(97) {
+        bytes[i] ^= 0xff;
+    }
+    std::fs::write(&db_file, &bytes).unwrap();
+    match std::panic::catch_unwind(|| SledStore::open(&path)) {
+        Ok(Err(DuraflowError::Corrupt { path: Some(p), .. })) => assert_eq!(p, path),
+        Ok(other) => panic!("expected Corrupt, got {:?}", other.map(|_| "an open store")),
+        Err(_) => panic!("sled's panic escaped SledStore::open"),
+    }
+}

@@ -20,6 +20,9 @@ use crate::{validate_key, DuraflowError, RunLog, Storage};
 const FORMAT_VERSION: u64 = 1;
 /// Key of the format version in the `meta` tree: its presence marks a duraflow store.
 const FORMAT_KEY: &[u8] = b"duraflow.format";
+/// A file beside sled's own, written when the store is created: if it exists but sled
+/// recovers no duraflow metadata, sled discarded damaged data and the store is `Corrupt`.
+const MARKER_FILE: &str = "duraflow-store";
 /// Separates a key from what follows it in record keys; never occurs in UTF-8.
 const SEP: u8 = 0xFF;
 /// The most messages one group commit takes.
@@ -221,9 +224,22 @@ impl SledStore {
                     reason: "a sled database that is not a duraflow store".to_owned(),
                 });
             }
+            // sled treats a damaged log as the end of the log and opens what precedes it,
+            // possibly nothing: our marker says there was a store here.
+            None if path.join(MARKER_FILE).exists() => {
+                return Err(DuraflowError::Corrupt {
+                    key: String::new(),
+                    path: Some(path),
+                    reason: "sled recovered no duraflow metadata from this store: its \
+                             database files are damaged"
+                        .to_owned(),
+                });
+            }
             None => {
                 meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
                     .map_err(io)?;
+                db.flush().map_err(io)?;
+                write_marker(&path)?;
             }
         }
         let trees = Trees {
@@ -626,6 +642,18 @@ fn check_path(path: &Path) -> Result<(), DuraflowError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DuraflowError::io(path, e)),
     }
+}
+
+fn write_marker(path: &Path) -> Result<(), DuraflowError> {
+    let marker = path.join(MARKER_FILE);
+    let text = format!("duraflow-rs store, format {FORMAT_VERSION}; the data is in sled's files\n");
+    fs::File::create(&marker)
+        .and_then(|mut f| {
+            io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::File::open(path)?.sync_all())
+        .map_err(|e| DuraflowError::io(&marker, e))
 }
 
 fn open_error(path: &Path, e: sled::Error) -> DuraflowError {
