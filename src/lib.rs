@@ -21,7 +21,7 @@ pub use dag::DurableDag;
 pub use durable::Durable;
 pub use error::{BoxError, DuraflowError};
 pub use key::{validate_key, MAX_KEY_LEN};
-pub use run::{ProgressFn, RunStats};
 pub use record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
+pub use run::{ProgressFn, RunStats};
 pub use runlog::{RunLog, Ticket, TicketSender};
 pub use store::{Durability, FileStore, MemoryStore, RunDetails, SledConfig, SledStore, Storage};

@@ -2,15 +2,17 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::codec;
 use crate::offload::off_executor;
 use crate::record::now_ms;
-use crate::{AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus};
+use crate::{
+    AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
+};
 
 /// The progress callback: called with a task's id and how many tasks of the run have
 /// completed so far (this one included).
@@ -149,7 +151,12 @@ impl RunState {
     }
 
     /// Records how an attempt ended (a `Succeeded` one is recorded by [`persist`](Self::persist)).
-    pub(crate) fn end_attempt(&self, attempt: &Attempt, outcome: AttemptOutcome, size: Option<usize>) {
+    pub(crate) fn end_attempt(
+        &self,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+        size: Option<usize>,
+    ) {
         if let (Some((log, _)), Some(record)) = (self.log(), attempt.ended(outcome, size)) {
             let key = record.key.clone();
             if let Err(error) = log.record(record) {
@@ -168,7 +175,10 @@ impl RunState {
     ) -> Result<(), DuraflowError> {
         let bytes = codec::encode(id, value).map_err(|e| e.into_persist(id))?;
         let size = bytes.len();
-        let done = match (self.log(), attempt.ended(AttemptOutcome::Succeeded, Some(size))) {
+        let done = match (
+            self.log(),
+            attempt.ended(AttemptOutcome::Succeeded, Some(size)),
+        ) {
             (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
                 Ok(ticket) => ticket.await,
                 Err(e) => Err(e),
@@ -208,7 +218,11 @@ impl RunState {
     async fn close_if_done(&self) {
         let Some((log, id)) = self.log() else { return };
         let stats = self.stats();
-        let total = self.ids.lock().unwrap_or_else(PoisonError::into_inner).len();
+        let total = self
+            .ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
         if stats.executed + stats.cached + stats.failed < total
             || self.closed.swap(true, Ordering::SeqCst)
         {

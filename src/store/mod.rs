@@ -7,9 +7,9 @@ mod file;
 mod memory;
 mod sled;
 
+pub use self::sled::{Durability, RunDetails, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
-pub use self::sled::{Durability, SledConfig, SledStore, RunDetails};
 
 use crate::{DuraflowError, RunLog};
 
