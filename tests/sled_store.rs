@@ -220,3 +220,85 @@ fn a_damaged_database_is_corrupt_not_a_panic_nor_an_empty_store() {
         Err(_) => panic!("sled's panic escaped SledStore::open"),
     }
 }
+
+const HOLDER_VAR: &str = "DURAFLOW_SLED_LOCK_HOLDER";
+const HELD: &str = "duraflow-sled-lock-holder: open";
+
+/// Not a test of its own: the child process of
+/// `a_store_open_in_another_process_is_store_locked`.
+#[test]
+#[ignore = "helper: run only as a child process by the cross-process lock test"]
+fn sled_lock_holder() {
+    let path = std::env::var(HOLDER_VAR).expect("run by the cross-process lock test");
+    let _store = SledStore::open(path).unwrap();
+    println!("\n{HELD}");
+    let _ = std::io::stdin().read_line(&mut String::new());
+}
+
+#[test]
+fn a_store_open_in_another_process_is_store_locked() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sled_lock_holder",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOLDER_VAR, &path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    assert!(stdout.lines().map(|l| l.unwrap()).any(|l| l.contains(HELD)));
+    assert!(matches!(
+        SledStore::open(&path),
+        Err(DuraflowError::StoreLocked { .. })
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    SledStore::open(&path).expect("the lock dies with the process");
+}
+
+#[test]
+fn periodic_durability_persists_and_resumes_like_immediate() {
+    use duraflow_rs::{Durability, SledConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("periodic.db");
+    let runs = Arc::new(AtomicUsize::new(0));
+    for round in 0..2 {
+        let store = SledConfig::new(&path)
+            .durability(Durability::Periodic(std::time::Duration::from_millis(20)))
+            .open()
+            .unwrap();
+        let ctx = Arc::new(Context::new(store));
+        let dag = DagRunner::new();
+        let d = DurableDag::new(&dag, ctx.clone());
+        for n in 0..TASKS {
+            d.add(
+                &format!("t/{n}"),
+                Counted {
+                    n,
+                    runs: runs.clone(),
+                },
+            );
+        }
+        multi_thread_rt()
+            .block_on(dag.run(|f| {
+                tokio::spawn(f);
+            }))
+            .unwrap();
+        let stats = d.stats();
+        let expected = if round == 0 {
+            (TASKS as usize, 0)
+        } else {
+            (0, TASKS as usize)
+        };
+        assert_eq!((stats.executed, stats.cached), expected);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), TASKS as usize);
+}
