@@ -31,7 +31,12 @@ const TASKS: u64 = 40;
 
 /// One run of `TASKS` counted tasks (plus a panicking one if `boom`) over the store at `path`.
 fn run_round(path: &std::path::Path, runs: &Arc<AtomicUsize>, boom: bool) -> RunStats {
-    let ctx = Arc::new(Context::new(SledStore::open(path).unwrap()));
+    run_round_in(SledStore::open(path).unwrap(), runs, boom)
+}
+
+/// One run of `TASKS` counted tasks (plus a panicking one if `boom`) over `store`.
+fn run_round_in(store: SledStore, runs: &Arc<AtomicUsize>, boom: bool) -> RunStats {
+    let ctx = Arc::new(Context::new(store));
     let dag = DagRunner::new();
     let d = DurableDag::new(&dag, ctx.clone());
     for n in 0..TASKS {
@@ -275,24 +280,7 @@ fn periodic_durability_persists_and_resumes_like_immediate() {
             .durability(Durability::Periodic(std::time::Duration::from_millis(20)))
             .open()
             .unwrap();
-        let ctx = Arc::new(Context::new(store));
-        let dag = DagRunner::new();
-        let d = DurableDag::new(&dag, ctx.clone());
-        for n in 0..TASKS {
-            d.add(
-                &format!("t/{n}"),
-                Counted {
-                    n,
-                    runs: runs.clone(),
-                },
-            );
-        }
-        multi_thread_rt()
-            .block_on(dag.run(|f| {
-                tokio::spawn(f);
-            }))
-            .unwrap();
-        let stats = d.stats();
+        let stats = run_round_in(store, &runs, false);
         let expected = if round == 0 {
             (TASKS as usize, 0)
         } else {
