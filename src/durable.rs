@@ -97,6 +97,7 @@ where
                 return Outcome::Done(value);
             }
 
+            run.mark_running(&attempt);
             let ran = AssertUnwindSafe(async move {
                 match inputs {
                     Inputs::Given(input) => Ok(inner.run(input).await),

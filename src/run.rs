@@ -126,27 +126,32 @@ impl RunState {
         Some((self.ctx.db.run_log()?, self.record?))
     }
 
-    /// Starts an attempt at task `id`, recorded as `Running` where the store keeps records.
+    /// Starts an attempt at task `id` (recorded only when it ends or starts running).
     pub(crate) fn start_attempt(&self, id: &str) -> Attempt {
-        let record = self.log().map(|(log, run)| {
-            let record = AttemptRecord {
-                run,
-                key: id.to_owned(),
-                attempt: 1,
-                started_ms: now_ms(),
-                finished_ms: None,
-                outcome: AttemptOutcome::Running,
-                duration_us: None,
-                output_size: None,
-            };
-            if let Err(error) = log.record(record.clone()) {
-                tracing::warn!(key = id, %error, "attempt not recorded");
-            }
-            record
+        let record = self.log().map(|(_, run)| AttemptRecord {
+            run,
+            key: id.to_owned(),
+            attempt: 1,
+            started_ms: now_ms(),
+            finished_ms: None,
+            outcome: AttemptOutcome::Running,
+            duration_us: None,
+            output_size: None,
         });
         Attempt {
             record,
             started: Instant::now(),
+        }
+    }
+
+    /// Records the attempt as `Running`: the inner task is about to run, and a crash from
+    /// here on leaves it `Interrupted`. (A cached task never runs and is recorded once.)
+    pub(crate) fn mark_running(&self, attempt: &Attempt) {
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.clone()) {
+            let key = record.key.clone();
+            if let Err(error) = log.record(record) {
+                tracing::warn!(key, %error, "attempt not recorded");
+            }
         }
     }
 

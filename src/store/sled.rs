@@ -112,7 +112,8 @@ enum Op {
     Attempt {
         key: Vec<u8>,
         value: Vec<u8>,
-        history: Vec<u8>,
+        /// The key's history entry: written with the attempt's final record only.
+        history: Option<Vec<u8>>,
     },
 }
 
@@ -502,30 +503,58 @@ fn writer(
     let _ = db.flush();
 }
 
+/// Applies a group: records that stand alone go in one plain batch per tree (cheaper than
+/// a transaction); every commit (an output with its attempt) goes in one transaction, so
+/// no output exists without its record.
 fn apply(trees: &Trees, group: &[Msg]) -> Result<(), TransactionError<()>> {
-    (&trees.outputs, &trees.runs, &trees.attempts, &trees.history).transaction(
-        |(outputs, runs, attempts, history)| {
-            for op in group.iter().flat_map(|m| &m.ops) {
-                match op {
-                    Op::Output(key, value) => {
-                        outputs.insert(key.as_bytes(), value.as_slice())?;
-                    }
-                    Op::Run(id, value) => {
-                        runs.insert(&id.to_be_bytes()[..], value.as_slice())?;
-                    }
-                    Op::Attempt {
-                        key,
-                        value,
-                        history: hkey,
-                    } => {
-                        attempts.insert(key.as_slice(), value.as_slice())?;
+    let is_commit = |m: &&Msg| m.ops.iter().any(|op| matches!(op, Op::Output(..)));
+    let mut runs = sled::Batch::default();
+    let mut attempts = sled::Batch::default();
+    let mut history = sled::Batch::default();
+    for op in group.iter().filter(|m| !is_commit(m)).flat_map(|m| &m.ops) {
+        match op {
+            Op::Output(..) => {}
+            Op::Run(id, value) => runs.insert(&id.to_be_bytes()[..], value.as_slice()),
+            Op::Attempt {
+                key,
+                value,
+                history: hkey,
+            } => {
+                attempts.insert(key.as_slice(), value.as_slice());
+                if let Some(hkey) = hkey {
+                    history.insert(hkey.as_slice(), &[][..]);
+                }
+            }
+        }
+    }
+    trees.runs.apply_batch(runs)?;
+    trees.attempts.apply_batch(attempts)?;
+    trees.history.apply_batch(history)?;
+    let commits: Vec<&Msg> = group.iter().filter(is_commit).collect();
+    if commits.is_empty() {
+        return Ok(());
+    }
+    (&trees.outputs, &trees.attempts, &trees.history).transaction(|(outputs, attempts, history)| {
+        for op in commits.iter().flat_map(|m| &m.ops) {
+            match op {
+                Op::Output(key, value) => {
+                    outputs.insert(key.as_bytes(), value.as_slice())?;
+                }
+                Op::Attempt {
+                    key,
+                    value,
+                    history: hkey,
+                } => {
+                    attempts.insert(key.as_slice(), value.as_slice())?;
+                    if let Some(hkey) = hkey {
                         history.insert(hkey.as_slice(), &[][..])?;
                     }
                 }
+                Op::Run(..) => {}
             }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        },
-    )
+        }
+        Ok::<(), ConflictableTransactionError<()>>(())
+    })
 }
 
 /// Marks runs and attempts left `Running` as `Interrupted`; returns the highest run id.
@@ -562,6 +591,8 @@ fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
                 attempt.finished_ms = Some(now);
                 if let Ok(bytes) = rmp_serde::to_vec_named(&attempt) {
                     trees.attempts.insert(ak, bytes)?;
+                    let hkey = history_key(attempt.run, &attempt.key, attempt.attempt);
+                    trees.history.insert(hkey, &[][..])?;
                 }
             }
         }
@@ -596,7 +627,8 @@ fn attempt_op(attempt: &AttemptRecord) -> Result<Op, DuraflowError> {
     Ok(Op::Attempt {
         key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
         value: encode_record(attempt)?,
-        history: history_key(attempt.run, &attempt.key, attempt.attempt),
+        history: (attempt.outcome != AttemptOutcome::Running)
+            .then(|| history_key(attempt.run, &attempt.key, attempt.attempt)),
     })
 }
 
