@@ -1,0 +1,494 @@
+//! What `SledStore` costs: a wide DAG of 2,000 independent trivial tasks, run with
+//!
+//! - `durable_dag`: duraflow over a fresh `SledStore` (every task executes; its output and
+//!   its attempt record are committed by the store's writer thread in groups, one flush per
+//!   group), against `serial_insert_flush`: 2,000 × (`insert` + `flush`) on a raw `sled::Db`,
+//!   one after the other — what a store without group commit would pay;
+//! - `cached_dag`: duraflow over a populated `SledStore` (every task is a hit), against
+//!   `raw_dagx_sled_gets`: raw dagx where each task does a `get` of its key from a populated
+//!   raw `sled::Db`, inline in the task;
+//! - `memory_dag`: duraflow over a fresh `MemoryStore`, against `raw_dagx`: raw dagx alone.
+//!
+//! Targets (from the issue): `durable_dag` <= 0.2 x `serial_insert_flush`, `cached_dag` <=
+//! 1.5 x `raw_dagx_sled_gets`, `memory_dag` <= 1.15 x `raw_dagx`. The ratios are printed at the
+//! end of the run, computed from the estimates criterion wrote in this run
+//! (`<target>/criterion/sled_2k/<id>/new/estimates.json`).
+//!
+//! # What is timed
+//! One iteration of a DAG variant is what a user pays for one pipeline run: create the
+//! `DagRunner`, add the 2,000 tasks (through `DurableDag::add` for duraflow), and `run` it to
+//! completion with `tokio::spawn` on a multi-thread runtime with 2 worker threads. One
+//! iteration of `serial_insert_flush` is the 2,000 inserts and flushes. Not timed (done
+//! between iterations with `iter_custom`): making the task ids, creating/opening the store
+//! or database (a fresh one in a fresh temporary directory per iteration for `durable_dag`
+//! and `serial_insert_flush`; one populated store reused by the cached variants), and
+//! dropping the runner, the store (whose `Drop` flushes and joins its writer thread) and the
+//! temporary directory afterwards.
+//!
+//! Both sled databases use the settings `SledStore` opens with: a 64 MiB page cache and
+//! sled's background flush every 500 ms.
+//!
+//! Every variant uses flat sampling (each sample is a few whole iterations), so criterion's
+//! estimate is a plain mean per iteration and the variants are comparable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode};
+use dagx::{task, DagRunner, Task};
+use duraflow_rs::{Context, DurableDag, MemoryStore, RunStats, SledStore};
+use tokio::runtime::Runtime;
+
+/// Tasks in the wide DAG.
+const N: usize = 2_000;
+/// Tasks in the wide DAG when criterion runs as a smoke test (`cargo test --benches` or
+/// `--all-targets`, which pass no `--bench`; or `-- --test`): every benchmark runs once, so
+/// a small DAG keeps that quick.
+const N_SMOKE: usize = 100;
+/// The criterion group every benchmark is in.
+const GROUP: &str = "sled_2k";
+/// sled's page cache as `SledStore` configures it.
+const CACHE: u64 = 64 * 1024 * 1024;
+
+/// A trivial task: returns the number it holds.
+struct Val(u64);
+
+#[task]
+impl Val {
+    async fn run(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The raw baseline of a cached task: a `get` of its key from a sled tree, inline.
+struct Get {
+    db: sled::Db,
+    key: Arc<str>,
+}
+
+#[task]
+impl Get {
+    async fn run(&self) -> u64 {
+        let bytes = self
+            .db
+            .get(self.key.as_bytes())
+            .expect("sled get")
+            .expect("key present");
+        u64::from_be_bytes(bytes.as_ref().try_into().expect("8-byte value"))
+    }
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The task ids: `N` of them when benchmarking, `N_SMOKE` in criterion's test mode (same
+/// rule as criterion: test mode unless `--bench` is given without `--test`).
+fn task_ids() -> Vec<Arc<str>> {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let n = if has("--bench") && !has("--test") {
+        N
+    } else {
+        N_SMOKE
+    };
+    (0..n).map(|i| Arc::from(format!("task-{i}"))).collect()
+}
+
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("duraflow-sled-bench-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// A raw sled database configured as `SledStore` configures its own.
+fn raw_sled(path: &Path) -> sled::Db {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE)
+        .flush_every_ms(Some(500))
+        .open()
+        .expect("open raw sled db")
+}
+
+/// A fresh `SledStore` in a fresh temporary directory.
+fn fresh_sled() -> (tempfile::TempDir, Arc<Context>) {
+    let dir = temp_dir();
+    let store = SledStore::open(dir.path().join("store")).expect("open SledStore");
+    (dir, Arc::new(Context::new(store)))
+}
+
+// ---------------------------------------------------------------------------------------
+// One timed run per variant. Each returns the time taken and what must be dropped untimed.
+// ---------------------------------------------------------------------------------------
+
+/// Raw dagx: build and run the wide DAG of `n` trivial tasks.
+fn run_raw(rt: &Runtime, n: usize) -> (Duration, DagRunner) {
+    let start = Instant::now();
+    let dag = rt.block_on(async {
+        let dag = DagRunner::new();
+        for i in 0..n {
+            dag.add_task(Val(i as u64));
+        }
+        dag.run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+        .expect("raw dagx run");
+        dag
+    });
+    (start.elapsed(), dag)
+}
+
+/// Raw dagx where each task reads its key from `db`.
+fn run_raw_gets(rt: &Runtime, db: &sled::Db, ids: &[Arc<str>]) -> (Duration, DagRunner) {
+    let start = Instant::now();
+    let dag = rt.block_on(async {
+        let dag = DagRunner::new();
+        for id in ids {
+            dag.add_task(Get {
+                db: db.clone(),
+                key: Arc::clone(id),
+            });
+        }
+        dag.run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+        .expect("raw dagx + sled gets run");
+        dag
+    });
+    (start.elapsed(), dag)
+}
+
+/// duraflow: build the wide DAG through a `DurableDag` over `ctx` and run it.
+fn run_durable(
+    rt: &Runtime,
+    ctx: &Arc<Context>,
+    ids: &[Arc<str>],
+) -> (Duration, DagRunner, RunStats) {
+    let start = Instant::now();
+    let (dag, stats) = rt.block_on(async {
+        let dag = DagRunner::new();
+        let stats = {
+            let d = DurableDag::new(&dag, Arc::clone(ctx));
+            for (i, id) in ids.iter().enumerate() {
+                d.add(id, Val(i as u64));
+            }
+            dag.run(|f| {
+                tokio::spawn(f);
+            })
+            .await
+            .expect("duraflow run");
+            d.stats()
+        };
+        (dag, stats)
+    });
+    (start.elapsed(), dag, stats)
+}
+
+/// 2,000 (or `ids.len()`) × (insert + flush) on `db`, one after the other.
+fn serial_insert_flush(db: &sled::Db, ids: &[Arc<str>]) -> Duration {
+    let start = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
+            .expect("sled insert");
+        db.flush().expect("sled flush");
+    }
+    start.elapsed()
+}
+
+/// Checks a run over a fresh store executed all `n` tasks and persisted their outputs.
+fn check_fresh(ctx: &Context, stats: RunStats, n: usize) {
+    assert_eq!((stats.executed, stats.cached, stats.failed), (n, 0, 0));
+    assert_eq!(ctx.get::<u64>("task-7"), Some(7));
+}
+
+/// Checks a run over a populated store took all `n` outputs from the store.
+fn check_cached(stats: RunStats, n: usize) {
+    assert_eq!((stats.executed, stats.cached, stats.failed), (0, n, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmarks.
+// ---------------------------------------------------------------------------------------
+
+/// Flat sampling with `samples` samples, aiming at `measure` of measured time.
+fn configure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    samples: usize,
+    warm_up: Duration,
+    measure: Duration,
+) {
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(samples)
+        .warm_up_time(warm_up)
+        .measurement_time(measure);
+}
+
+fn sled_2k(c: &mut Criterion) {
+    let rt = runtime();
+    let ids = task_ids();
+    let rt = &rt;
+    let ids = &ids[..];
+    let n = ids.len();
+
+    let mut group = c.benchmark_group(GROUP);
+
+    // In-memory variants: about a millisecond per iteration, so many samples.
+    configure(
+        &mut group,
+        60,
+        Duration::from_secs(2),
+        Duration::from_secs(8),
+    );
+
+    group.bench_function("raw_dagx", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (elapsed, dag) = run_raw(rt, n);
+                    drop(dag);
+                    elapsed
+                })
+                .sum()
+        })
+    });
+
+    group.bench_function("memory_dag", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let ctx = Arc::new(Context::new(MemoryStore::new()));
+                    let (elapsed, dag, stats) = run_durable(rt, &ctx, ids);
+                    check_fresh(&ctx, stats, n);
+                    drop((dag, ctx));
+                    elapsed
+                })
+                .sum()
+        })
+    });
+
+    // Cached reads. The raw database is populated once (lazily, so a filtered-out benchmark
+    // costs nothing) with the same keys and 8-byte values.
+    let mut populated: Option<(tempfile::TempDir, sled::Db)> = None;
+    group.bench_function("raw_dagx_sled_gets", |b| {
+        let (_dir, db) = populated.get_or_insert_with(|| {
+            let dir = temp_dir();
+            let db = raw_sled(dir.path());
+            for (i, id) in ids.iter().enumerate() {
+                db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
+                    .expect("sled insert");
+            }
+            db.flush().expect("sled flush");
+            (dir, db)
+        });
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (elapsed, dag) = run_raw_gets(rt, db, ids);
+                    drop(dag);
+                    elapsed
+                })
+                .sum()
+        })
+    });
+    // The database (and its lock) goes before its directory.
+    if let Some((dir, db)) = populated.take() {
+        drop(db);
+        drop(dir);
+    }
+
+    // Every cached run also writes its run record and two attempt records per task (cached
+    // tasks included), and waits for the run record to be flushed.
+    let mut populated: Option<(tempfile::TempDir, Arc<Context>)> = None;
+    group.bench_function("cached_dag", |b| {
+        let (_dir, ctx) = populated.get_or_insert_with(|| {
+            let (dir, ctx) = fresh_sled();
+            let (_, _, stats) = run_durable(rt, &ctx, ids);
+            check_fresh(&ctx, stats, n);
+            (dir, ctx)
+        });
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (elapsed, dag, stats) = run_durable(rt, ctx, ids);
+                    check_cached(stats, n);
+                    drop(dag);
+                    elapsed
+                })
+                .sum()
+        })
+    });
+    if let Some((dir, ctx)) = populated.take() {
+        drop(ctx);
+        drop(dir);
+    }
+
+    // Durable writes into a fresh store, one per iteration.
+    configure(
+        &mut group,
+        20,
+        Duration::from_secs(2),
+        Duration::from_secs(15),
+    );
+    group.bench_function("durable_dag", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (dir, ctx) = fresh_sled();
+                    let (elapsed, dag, stats) = run_durable(rt, &ctx, ids);
+                    check_fresh(&ctx, stats, n);
+                    drop((dag, ctx, dir));
+                    elapsed
+                })
+                .sum()
+        })
+    });
+
+    // One flush per insert: the slowest variant. The fewest samples criterion allows.
+    configure(
+        &mut group,
+        10,
+        Duration::from_millis(1),
+        Duration::from_secs(5),
+    );
+    group.bench_function("serial_insert_flush", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let dir = temp_dir();
+                    let db = raw_sled(dir.path());
+                    let elapsed = serial_insert_flush(&db, ids);
+                    assert_eq!(db.len(), n);
+                    drop(db);
+                    drop(dir);
+                    elapsed
+                })
+                .sum()
+        })
+    });
+
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Summary: ratios from the estimates criterion wrote during this run.
+// ---------------------------------------------------------------------------------------
+
+/// Where criterion writes its results: `$CRITERION_HOME`, `$CARGO_TARGET_DIR/criterion`, or
+/// the `criterion` directory of the target directory this benchmark was built in.
+fn criterion_dir() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return Some(PathBuf::from(home));
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Some(PathBuf::from(target).join("criterion"));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .map(|dir| dir.join("criterion"))
+        .find(|dir| dir.is_dir())
+}
+
+/// Mean time per iteration of `id` and its 95 % confidence interval, in seconds, if criterion
+/// wrote it after `since`.
+fn estimate(dir: &Path, id: &str, since: SystemTime) -> Option<(f64, f64, f64)> {
+    let path = dir.join(GROUP).join(id).join("new").join("estimates.json");
+    let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if modified < since {
+        return None; // left over from an earlier run (e.g. filtered out of this one)
+    }
+    let json = std::fs::read_to_string(&path).ok()?;
+    // {"mean":{"confidence_interval":{..,"lower_bound":L,"upper_bound":U},"point_estimate":P,..},"median":..}
+    let mean = json
+        .split("\"mean\":")
+        .nth(1)?
+        .split("\"median\":")
+        .next()?;
+    let number = |field: &str| -> Option<f64> {
+        let rest = mean.split(&format!("\"{field}\":")).nth(1)?;
+        let end = rest.find([',', '}'])?;
+        rest[..end].trim().parse::<f64>().ok()
+    };
+    let ns = 1e-9;
+    Some((
+        number("point_estimate")? * ns,
+        number("lower_bound")? * ns,
+        number("upper_bound")? * ns,
+    ))
+}
+
+fn print_summary(since: SystemTime) {
+    let Some(dir) = criterion_dir() else {
+        return;
+    };
+    let ids = [
+        "raw_dagx",
+        "memory_dag",
+        "raw_dagx_sled_gets",
+        "cached_dag",
+        "durable_dag",
+        "serial_insert_flush",
+    ];
+    let found: Vec<(&str, (f64, f64, f64))> = ids
+        .iter()
+        .filter_map(|id| Some((*id, estimate(&dir, id, since)?)))
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    let get = |id: &str| found.iter().find(|(i, _)| *i == id).map(|(_, e)| *e);
+
+    println!("\n== {GROUP}: mean time per run of {N} tasks (95% CI) ==");
+    for (id, (mean, lo, hi)) in &found {
+        println!(
+            "{id:<24} {:>10.3} ms  [{:.3} .. {:.3}]  {:>8.3} us/task",
+            mean * 1e3,
+            lo * 1e3,
+            hi * 1e3,
+            mean * 1e6 / N as f64
+        );
+    }
+
+    println!("\n== ratios (point estimate; range from the CI bounds) ==");
+    let ratios: [(&str, &str, Option<f64>); 4] = [
+        ("durable_dag", "serial_insert_flush", Some(0.2)),
+        ("cached_dag", "raw_dagx_sled_gets", Some(1.5)),
+        ("memory_dag", "raw_dagx", Some(1.15)),
+        ("raw_dagx_sled_gets", "raw_dagx", None),
+    ];
+    for (num, den, target) in ratios {
+        let (Some((a, a_lo, a_hi)), Some((b, b_lo, b_hi))) = (get(num), get(den)) else {
+            continue;
+        };
+        let verdict = match target {
+            Some(t) if a / b <= t => format!("target <= {t:.2}: MET"),
+            Some(t) => format!("target <= {t:.2}: MISSED"),
+            None => String::new(),
+        };
+        println!(
+            "{:<42} {:>7.3}x  [{:.3} .. {:.3}]  {verdict}",
+            format!("{num} / {den}"),
+            a / b,
+            a_lo / b_hi,
+            a_hi / b_lo
+        );
+    }
+}
+
+fn main() {
+    let since = SystemTime::now();
+    let mut criterion = Criterion::default().configure_from_args();
+    sled_2k(&mut criterion);
+    criterion.final_summary();
+    print_summary(since);
+}
