@@ -26,7 +26,9 @@
 //! Every variant uses flat sampling (each sample is a few whole iterations), so criterion's
 //! estimate is a plain mean per iteration and the variants are comparable.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -412,53 +414,7 @@ fn wide_10k(c: &mut Criterion) {
 // Summary: ratios from the estimates criterion wrote during this run.
 // ---------------------------------------------------------------------------------------
 
-/// Where criterion writes its results: `$CRITERION_HOME`, `$CARGO_TARGET_DIR/criterion`, or
-/// the `criterion` directory of the target directory this benchmark was built in.
-fn criterion_dir() -> Option<PathBuf> {
-    if let Some(home) = std::env::var_os("CRITERION_HOME") {
-        return Some(PathBuf::from(home));
-    }
-    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
-        return Some(PathBuf::from(target).join("criterion"));
-    }
-    let exe = std::env::current_exe().ok()?;
-    exe.ancestors()
-        .map(|dir| dir.join("criterion"))
-        .find(|dir| dir.is_dir())
-}
-
-/// Mean time per iteration of `id` and its 95 % confidence interval, in seconds, if criterion
-/// wrote it after `since`.
-fn estimate(dir: &Path, id: &str, since: SystemTime) -> Option<(f64, f64, f64)> {
-    let path = dir.join(GROUP).join(id).join("new").join("estimates.json");
-    let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
-    if modified < since {
-        return None; // left over from an earlier run (e.g. filtered out of this one)
-    }
-    let json = std::fs::read_to_string(&path).ok()?;
-    // {"mean":{"confidence_interval":{..,"lower_bound":L,"upper_bound":U},"point_estimate":P,..},"median":..}
-    let mean = json
-        .split("\"mean\":")
-        .nth(1)?
-        .split("\"median\":")
-        .next()?;
-    let number = |field: &str| -> Option<f64> {
-        let rest = mean.split(&format!("\"{field}\":")).nth(1)?;
-        let end = rest.find([',', '}'])?;
-        rest[..end].trim().parse::<f64>().ok()
-    };
-    let ns = 1e-9;
-    Some((
-        number("point_estimate")? * ns,
-        number("lower_bound")? * ns,
-        number("upper_bound")? * ns,
-    ))
-}
-
 fn print_summary(since: SystemTime) {
-    let Some(dir) = criterion_dir() else {
-        return;
-    };
     let ids = [
         "raw_dagx",
         "memory_v2",
@@ -470,28 +426,7 @@ fn print_summary(since: SystemTime) {
         "file_v1_write",
         "file_v2_durable_write",
     ];
-    let found: Vec<(&str, (f64, f64, f64))> = ids
-        .iter()
-        .filter_map(|id| Some((*id, estimate(&dir, id, since)?)))
-        .collect();
-    if found.is_empty() {
-        return;
-    }
-    let get = |id: &str| found.iter().find(|(i, _)| *i == id).map(|(_, e)| *e);
-
-    println!("\n== {GROUP}: mean time per run of {N} tasks (95% CI) ==");
-    for (id, (mean, lo, hi)) in &found {
-        println!(
-            "{id:<24} {:>10.3} ms  [{:.3} .. {:.3}]  {:>7.3} us/task",
-            mean * 1e3,
-            lo * 1e3,
-            hi * 1e3,
-            mean * 1e6 / N as f64
-        );
-    }
-
-    println!("\n== ratios (point estimate; range from the CI bounds) ==");
-    let ratios: [(&str, &str, Option<f64>); 7] = [
+    let ratios = [
         ("memory_v2", "raw_dagx", Some(1.15)),
         ("memory_v1", "raw_dagx", None),
         ("file_v2_cached", "file_v1_cached", Some(1.0)),
@@ -500,23 +435,7 @@ fn print_summary(since: SystemTime) {
         ("memory_v2_cached", "raw_dagx", None),
         ("file_v2_durable_write", "file_v1_write", None),
     ];
-    for (num, den, target) in ratios {
-        let (Some((a, a_lo, a_hi)), Some((b, b_lo, b_hi))) = (get(num), get(den)) else {
-            continue;
-        };
-        let verdict = match target {
-            Some(t) if a / b <= t => format!("target <= {t:.2}: MET"),
-            Some(t) => format!("target <= {t:.2}: MISSED"),
-            None => String::new(),
-        };
-        println!(
-            "{:<42} {:>7.3}x  [{:.3} .. {:.3}]  {verdict}",
-            format!("{num} / {den}"),
-            a / b,
-            a_lo / b_hi,
-            a_hi / b_lo
-        );
-    }
+    support::print_summary(GROUP, N, &ids, &ratios, since);
 }
 
 fn main() {

@@ -1,0 +1,99 @@
+//! Shared by the benchmarks: reading back the estimates criterion wrote in this run.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Where criterion writes its results: `$CRITERION_HOME`, `$CARGO_TARGET_DIR/criterion`, or
+/// the `criterion` directory of the target directory this benchmark was built in.
+pub fn criterion_dir() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return Some(PathBuf::from(home));
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Some(PathBuf::from(target).join("criterion"));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .map(|dir| dir.join("criterion"))
+        .find(|dir| dir.is_dir())
+}
+
+/// Mean time per iteration of `id` and its 95 % confidence interval, in seconds, if criterion
+/// wrote it after `since`.
+pub fn estimate(dir: &Path, group: &str, id: &str, since: SystemTime) -> Option<(f64, f64, f64)> {
+    let path = dir.join(group).join(id).join("new").join("estimates.json");
+    let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if modified < since {
+        return None; // left over from an earlier run (e.g. filtered out of this one)
+    }
+    let json = std::fs::read_to_string(&path).ok()?;
+    // {"mean":{"confidence_interval":{..,"lower_bound":L,"upper_bound":U},"point_estimate":P,..},"median":..}
+    let mean = json
+        .split("\"mean\":")
+        .nth(1)?
+        .split("\"median\":")
+        .next()?;
+    let number = |field: &str| -> Option<f64> {
+        let rest = mean.split(&format!("\"{field}\":")).nth(1)?;
+        let end = rest.find([',', '}'])?;
+        rest[..end].trim().parse::<f64>().ok()
+    };
+    let ns = 1e-9;
+    Some((
+        number("point_estimate")? * ns,
+        number("lower_bound")? * ns,
+        number("upper_bound")? * ns,
+    ))
+}
+
+/// Prints every estimate of `ids` criterion wrote in this run (since `since`) and the
+/// `(numerator, denominator, target)` ratios between them.
+pub fn print_summary(
+    group: &str,
+    tasks: usize,
+    ids: &[&str],
+    ratios: &[(&str, &str, Option<f64>)],
+    since: SystemTime,
+) {
+    let Some(dir) = criterion_dir() else {
+        return;
+    };
+    let found: Vec<(&str, (f64, f64, f64))> = ids
+        .iter()
+        .filter_map(|id| Some((*id, estimate(&dir, group, id, since)?)))
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    let get = |id: &str| found.iter().find(|(i, _)| *i == id).map(|(_, e)| *e);
+
+    println!("\n== {group}: mean time per run of {tasks} tasks (95% CI) ==");
+    for (id, (mean, lo, hi)) in &found {
+        println!(
+            "{id:<24} {:>10.3} ms  [{:.3} .. {:.3}]  {:>7.3} us/task",
+            mean * 1e3,
+            lo * 1e3,
+            hi * 1e3,
+            mean * 1e6 / tasks as f64
+        );
+    }
+
+    println!("\n== ratios (point estimate; range from the CI bounds) ==");
+    for &(num, den, target) in ratios {
+        let (Some((a, a_lo, a_hi)), Some((b, b_lo, b_hi))) = (get(num), get(den)) else {
+            continue;
+        };
+        let verdict = match target {
+            Some(t) if a / b <= t => format!("target <= {t:.2}: MET"),
+            Some(t) => format!("target <= {t:.2}: MISSED"),
+            None => String::new(),
+        };
+        println!(
+            "{:<42} {:>7.3}x  [{:.3} .. {:.3}]  {verdict}",
+            format!("{num} / {den}"),
+            a / b,
+            a_lo / b_hi,
+            a_hi / b_lo
+        );
+    }
+}
