@@ -103,18 +103,12 @@ struct Trees {
     outputs: sled::Tree,
     runs: sled::Tree,
     attempts: sled::Tree,
-    history: sled::Tree,
 }
 
 enum Op {
     Output(String, Vec<u8>),
     Run(RunId, Vec<u8>),
-    Attempt {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        /// The key's history entry: written with the attempt's final record only.
-        history: Option<Vec<u8>>,
-    },
+    Attempt { key: Vec<u8>, value: Vec<u8> },
 }
 
 struct Msg {
@@ -247,7 +241,6 @@ impl SledStore {
             outputs: db.open_tree("outputs").map_err(io)?,
             runs: db.open_tree("runs").map_err(io)?,
             attempts: db.open_tree("attempts").map_err(io)?,
-            history: db.open_tree("history").map_err(io)?,
         };
         let last_run = mark_interrupted(&trees).map_err(io)?;
         db.flush().map_err(io)?;
@@ -337,27 +330,17 @@ impl SledStore {
     /// from the database.
     pub fn attempts_of(&self, key: &str) -> Result<Vec<AttemptRecord>, DuraflowError> {
         validate_key(key)?;
-        let mut prefix = key.as_bytes().to_vec();
-        prefix.push(SEP);
+        let io = |e| sled_error(&self.path, e);
         let mut out = Vec::new();
-        for entry in self.trees.history.scan_prefix(&prefix).keys() {
-            let hkey = entry.map_err(|e| sled_error(&self.path, e))?;
-            let tail = &hkey[prefix.len()..];
-            if tail.len() != 12 {
-                continue;
-            }
-            let mut run = [0u8; 8];
-            run.copy_from_slice(&tail[..8]);
-            let mut attempt = [0u8; 4];
-            attempt.copy_from_slice(&tail[8..]);
-            let akey = attempt_key(u64::from_be_bytes(run), key, u32::from_be_bytes(attempt));
-            if let Some(v) = self
-                .trees
-                .attempts
-                .get(akey)
-                .map_err(|e| sled_error(&self.path, e))?
-            {
-                out.push(decode_record(&self.path, "attempt", &v)?);
+        // One prefix scan per run: runs are few next to attempts, and no second index has to
+        // be written with every attempt.
+        for run in self.trees.runs.iter().keys() {
+            let run = run.map_err(io)?;
+            let mut prefix = run.to_vec();
+            prefix.extend_from_slice(key.as_bytes());
+            prefix.push(SEP);
+            for v in self.trees.attempts.scan_prefix(&prefix).values() {
+                out.push(decode_record(&self.path, "attempt", &v.map_err(io)?)?);
             }
         }
         Ok(out)
@@ -515,15 +498,8 @@ fn apply(trees: &Trees, group: &[Msg]) -> Result<(), TransactionError<()>> {
             Op::Run(id, value) => {
                 trees.runs.insert(id.to_be_bytes(), value.as_slice())?;
             }
-            Op::Attempt {
-                key,
-                value,
-                history: hkey,
-            } => {
+            Op::Attempt { key, value } => {
                 trees.attempts.insert(key.as_slice(), value.as_slice())?;
-                if let Some(hkey) = hkey {
-                    trees.history.insert(hkey.as_slice(), &[][..])?;
-                }
             }
         }
     }
@@ -531,21 +507,14 @@ fn apply(trees: &Trees, group: &[Msg]) -> Result<(), TransactionError<()>> {
     if commits.is_empty() {
         return Ok(());
     }
-    (&trees.outputs, &trees.attempts, &trees.history).transaction(|(outputs, attempts, history)| {
+    (&trees.outputs, &trees.attempts).transaction(|(outputs, attempts)| {
         for op in commits.iter().flat_map(|m| &m.ops) {
             match op {
                 Op::Output(key, value) => {
                     outputs.insert(key.as_bytes(), value.as_slice())?;
                 }
-                Op::Attempt {
-                    key,
-                    value,
-                    history: hkey,
-                } => {
+                Op::Attempt { key, value } => {
                     attempts.insert(key.as_slice(), value.as_slice())?;
-                    if let Some(hkey) = hkey {
-                        history.insert(hkey.as_slice(), &[][..])?;
-                    }
                 }
                 Op::Run(..) => {}
             }
@@ -588,8 +557,6 @@ fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
                 attempt.finished_ms = Some(now);
                 if let Ok(bytes) = rmp_serde::to_vec_named(&attempt) {
                     trees.attempts.insert(ak, bytes)?;
-                    let hkey = history_key(attempt.run, &attempt.key, attempt.attempt);
-                    trees.history.insert(hkey, &[][..])?;
                 }
             }
         }
@@ -610,22 +577,10 @@ fn attempt_key(run: RunId, key: &str, attempt: u32) -> Vec<u8> {
     k
 }
 
-/// `key | 0xFF | run (u64 BE) | attempt (u32 BE)`: a key's attempts are one prefix scan.
-fn history_key(run: RunId, key: &str, attempt: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 13);
-    k.extend_from_slice(key.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(&run.to_be_bytes());
-    k.extend_from_slice(&attempt.to_be_bytes());
-    k
-}
-
 fn attempt_op(attempt: &AttemptRecord) -> Result<Op, DuraflowError> {
     Ok(Op::Attempt {
         key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
         value: encode_record(attempt)?,
-        history: (attempt.outcome != AttemptOutcome::Running)
-            .then(|| history_key(attempt.run, &attempt.key, attempt.attempt)),
     })
 }
 
