@@ -38,8 +38,9 @@ pub enum DuraflowError {
     },
 
     /// The bytes stored under `key` failed their integrity check (checksum, framing, or the
-    /// key recorded inside the file); they are never returned as a value.
-    #[error("value stored under {key:?} is corrupt{}: {reason}", path_suffix(path))]
+    /// key recorded inside the file); they are never returned as a value. An empty `key`
+    /// means the store as a whole (its database at `path`) is damaged.
+    #[error("{}", corrupt_message(key, path, reason))]
     Corrupt {
         /// The key that was read.
         key: String,
@@ -132,10 +133,15 @@ pub enum DuraflowError {
     },
 }
 
-fn path_suffix(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| format!(" (file {})", p.display()))
-        .unwrap_or_default()
+fn corrupt_message(key: &str, path: &Option<PathBuf>, reason: &str) -> String {
+    match (key.is_empty(), path) {
+        (true, Some(path)) => format!("store at {} is corrupt: {reason}", path.display()),
+        (_, Some(path)) => format!(
+            "value stored under {key:?} is corrupt (file {}): {reason}",
+            path.display()
+        ),
+        (_, None) => format!("value stored under {key:?} is corrupt: {reason}"),
+    }
 }
 
 /// Keys can be 4 KiB; a message shows the first 80 characters and the length.

@@ -220,7 +220,10 @@ fn a_damaged_database_is_corrupt_not_a_panic_nor_an_empty_store() {
     }
     std::fs::write(&db_file, &bytes).unwrap();
     match std::panic::catch_unwind(|| SledStore::open(&path)) {
-        Ok(Err(DuraflowError::Corrupt { path: Some(p), .. })) => assert_eq!(p, path),
+        Ok(Err(e @ DuraflowError::Corrupt { .. })) => {
+            assert!(e.to_string().starts_with("store at "), "{e}");
+            assert!(matches!(e, DuraflowError::Corrupt { path: Some(ref p), .. } if *p == path));
+        }
         Ok(other) => panic!("expected Corrupt, got {:?}", other.map(|_| "an open store")),
         Err(_) => panic!("sled's panic escaped SledStore::open"),
     }
