@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 
 use dagx::{task, DagRunner, Task, TaskHandle};
 use duraflow_rs::{
-    AttemptOutcome, Context, DurableDag, DuraflowError, MemoryStore, RunRecord, RunStatus,
-    SledStore, Storage,
+    AttemptOutcome, Context, DurableDag, MemoryStore, RunRecord, RunStatus, SledStore, Storage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,8 +53,6 @@ const MAX_NEW_DONE: usize = 2;
 const EARLY_KILL_EVERY: usize = 5;
 const EARLY_KILL_WINDOW_US: u64 = 40_000;
 const SIGKILL: i32 = 9;
-/// How long [`open_store`] waits for a dropped handle's lock to go away.
-const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Every line the child reports starts with this marker; libtest prints `test NAME ... `
 /// without a newline before the first one, so lines are split on it.
 const MARKER: &str = "@@ ";
@@ -394,12 +391,7 @@ fn sled_child() {
         .parse()
         .expect("sled_child: child seed is a number");
     CHILD_SEED.set(seed).expect("sled_child: seed set once");
-    let (store, waits) = open_store(Path::new(&dir), "sled_child");
-    if waits > 0 {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{MARKER}lockwait {waits}").expect("sled_child: print lockwait");
-        out.flush().expect("sled_child: flush lockwait");
-    }
+    let store = open_store(Path::new(&dir), "sled_child");
     let ctx = Arc::new(Context::new(store));
     let dag = DagRunner::new();
     let d = DurableDag::new(&dag, ctx.clone()).with_progress(|id, completed| {
@@ -449,8 +441,6 @@ struct Observed<'a> {
     /// Done reports of tasks whose output was not stored before this child.
     new_done: usize,
     summary: Option<(usize, usize, usize)>,
-    /// How often the child found the store still locked by the parent's dropped handle.
-    lock_waits: usize,
 }
 
 impl Observed<'_> {
@@ -493,11 +483,6 @@ impl Observed<'_> {
                         self.new_done += 1;
                     }
                 }
-                (Some("lockwait"), Some(n)) => {
-                    self.lock_waits += n
-                        .parse::<usize>()
-                        .unwrap_or_else(|e| panic!("{ctx}: bad lockwait line {line:?}: {e}"));
-                }
                 (Some("summary"), Some(executed)) => {
                     let n = |s: Option<&str>| -> usize {
                         s.and_then(|s| s.parse().ok())
@@ -534,27 +519,12 @@ fn spawn_child(exe: &Path, dir: &Path, child_seed: u64, stderr: &Path, ctx: &str
     )
 }
 
-/// Opens the store, waiting while it is still locked by a handle this process or the previous
-/// one dropped; returns it with the number of `StoreLocked` errors seen first.
-///
-/// Working around a bug: dropping a `SledStore` does not wait for sled to close its database
-/// file, whose flock sled's own I/O threads can hold a little longer (spacejam/sled#1234), so
-/// an immediate `SledStore::open` of the same path — in this process or the next — can fail
-/// with `StoreLocked` although no handle is open. A killed child's lock, in contrast, is gone
-/// once `wait` returns.
-fn open_store(dir: &Path, ctx: &str) -> (SledStore, usize) {
-    let deadline = Instant::now() + LOCK_WAIT;
-    let mut waits = 0;
-    loop {
-        match SledStore::open(dir) {
-            Ok(store) => return (store, waits),
-            Err(DuraflowError::StoreLocked { .. }) if Instant::now() < deadline => {
-                waits += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("{ctx}: open the store {dir:?} (after {waits} lock waits): {e}"),
-        }
-    }
+/// Opens the store. Right after the parent dropped its handle (the child's open) or after a
+/// child was killed (the parent's): neither may find it locked, since dropping a `SledStore`
+/// returns only once sled has released the database's lock, and a killed child's lock is
+/// gone once `wait` returns.
+fn open_store(dir: &Path, ctx: &str) -> SledStore {
+    SledStore::open(dir).unwrap_or_else(|e| panic!("{ctx}: open the store {dir:?}: {e}"))
 }
 
 fn read_stderr(path: &Path) -> String {
@@ -674,8 +644,6 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
     let mut startup_kills = 0usize;
     let mut finished_before_kill = 0usize;
     let mut interrupted_attempts = 0usize;
-    // StoreLocked errors seen (and waited out) on opening the store; see `open_store`.
-    let mut lock_waits = 0usize;
     let mut iteration = 0usize;
 
     while midrun_kills < TARGET_MIDRUN_KILLS && iteration < MAX_ITERATIONS && stored.len() < TASKS {
@@ -703,7 +671,6 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
             done: BTreeSet::new(),
             new_done: 0,
             summary: None,
-            lock_waits: 0,
         };
         if early {
             std::thread::sleep(Duration::from_micros(rng.u64(0..EARLY_KILL_WINDOW_US)));
@@ -728,10 +695,8 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
             done,
             summary,
             new_done,
-            lock_waits: child_waits,
             ..
         } = seen;
-        lock_waits += child_waits;
         let finished = summary.is_some();
         if finished {
             assert!(
@@ -760,8 +725,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
         ever_exec.extend(exec.iter().cloned());
 
         // The child is dead, so its lock is released: open, check, drop.
-        let (store, waits) = open_store(&dir, &ctx);
-        lock_waits += waits;
+        let store = open_store(&dir, &ctx);
         let (now_runs, now_stored) = check_store(&store, &ids, &clean, &ctx);
         assert!(
             now_runs.starts_with(&runs),
@@ -894,7 +858,6 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
         done: BTreeSet::new(),
         new_done: 0,
         summary: None,
-        lock_waits: 0,
     };
     while seen.next(&mut lines) {}
     let status = child
@@ -905,8 +868,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
         "{ctx}: the child failed ({status}); stderr:\n{}",
         read_stderr(&stderr_path)
     );
-    let (exec, done, summary, seen_lock_waits) =
-        (seen.exec, seen.done, seen.summary, seen.lock_waits);
+    let (exec, done, summary) = (seen.exec, seen.done, seen.summary);
     let missing: BTreeSet<String> = ids
         .iter()
         .map(|(id, _)| id.clone())
@@ -925,8 +887,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
     executions += exec.len();
     ever_exec.extend(exec.iter().cloned());
 
-    let (store, waits) = open_store(&dir, &ctx);
-    lock_waits += waits + seen_lock_waits;
+    let store = open_store(&dir, &ctx);
     let (final_runs, final_stored) = check_store(&store, &ids, &clean, &ctx);
     assert_eq!(final_stored.len(), TASKS, "{ctx}: every output is stored");
     let last = final_runs.last().expect("the final run is recorded");
@@ -966,7 +927,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
          {startup_kills} before any task ran, {finished_before_kill} after the run finished), {} runs, \
          {executions} executions ({} re-executions of unfinished tasks), \
          {interrupted_attempts} Interrupted attempts, {} left for the final run, \
-         {lock_waits} waits for a dropped handle's lock, seed {seed}, {:?}",
+         seed {seed}, {:?}",
         final_runs.len(),
         executions - TASKS,
         missing.len(),

@@ -1,16 +1,21 @@
 //! Promises of the sled store: outputs survive reopening (tasks never run again), every run
-//! and attempt is recorded and queryable, one handle at a time, and paths that are not a
-//! duraflow store are refused untouched.
+//! and attempt is recorded and queryable (cached attempts too, which the store keeps many to
+//! a value), one handle at a time (and the store opens again as soon as the handle is
+//! dropped), paths that are not a duraflow store are refused untouched, and a value over the
+//! configured maximum size is a `Persist` error that keeps the previous value.
 
 mod common;
 
+use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::{multi_thread_rt, Boom};
+use common::{current_thread_rt, multi_thread_rt, Boom};
 use dagx::{task, DagRunner, Task};
 use duraflow_rs::{
-    AttemptOutcome, Context, DurableDag, DuraflowError, RunStats, RunStatus, SledStore, Storage,
+    AttemptOutcome, Context, Durable, DurableDag, DuraflowError, RunStats, RunStatus, SledConfig,
+    SledStore, Storage,
 };
 
 /// A task that counts how often its body runs.
@@ -137,17 +142,58 @@ fn runs_and_attempts_are_recorded_and_queryable() {
     assert!(store.attempts_of("never-ran").unwrap().is_empty());
 }
 
+/// Far longer than a prompt `StoreLocked` takes, far shorter than the 2 s an open waits
+/// for the lock of a handle this process just dropped.
+const PROMPT: Duration = Duration::from_millis(1500);
+
 #[test]
 fn a_second_open_of_the_same_path_is_store_locked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("locked.db");
     let first = SledStore::open(&path).unwrap();
-    match SledStore::open(&path) {
-        Err(DuraflowError::StoreLocked { path: p }) => assert_eq!(p, path),
-        other => panic!("expected StoreLocked, got {other:?}"),
+    // Also under another spelling of the same path.
+    let other_spelling = dir.path().join(".").join("locked.db");
+    for p in [&path, &other_spelling] {
+        let start = Instant::now();
+        match SledStore::open(p) {
+            Err(DuraflowError::StoreLocked { path: locked }) => assert_eq!(&locked, p),
+            other => panic!("expected StoreLocked, got {other:?}"),
+        }
+        assert!(start.elapsed() < PROMPT, "took {:?}", start.elapsed());
     }
     drop(first);
     SledStore::open(&path).expect("released on drop");
+}
+
+#[test]
+fn a_dropped_store_opens_again_at_once_in_the_same_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reopen.db");
+    let other_spelling = dir.path().join(".").join("reopen.db");
+    let runs = Arc::new(AtomicUsize::new(0));
+    for round in 0..20 {
+        // Every round writes (a run, its records, a flush), so sled's threads have work in
+        // flight when the handle is dropped.
+        let p = if round % 2 == 0 {
+            &path
+        } else {
+            &other_spelling
+        };
+        let store = SledStore::open(p)
+            .unwrap_or_else(|e| panic!("round {round}: reopen right after the drop: {e}"));
+        let stats = run_round_in(store, &runs, false);
+        assert_eq!(stats.completed(), TASKS as usize);
+        // `run_round_in` dropped the store (its only handle) before returning; sled's lock
+        // on its `db` file is free for anyone, another process too, once the drop returned.
+        let lock = std::fs::File::open(path.join("db")).unwrap();
+        lock.try_lock().unwrap_or_else(|e| {
+            panic!("round {round}: sled's lock still held after the drop: {e}")
+        });
+        lock.unlock().unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), TASKS as usize);
+    let store = SledStore::open(&path).unwrap();
+    assert_eq!(store.runs().unwrap().len(), 20);
 }
 
 #[test]
@@ -263,10 +309,12 @@ fn a_store_open_in_another_process_is_store_locked() {
         .unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     assert!(stdout.lines().map(|l| l.unwrap()).any(|l| l.contains(HELD)));
+    let start = Instant::now();
     assert!(matches!(
         SledStore::open(&path),
         Err(DuraflowError::StoreLocked { .. })
     ));
+    assert!(start.elapsed() < PROMPT, "took {:?}", start.elapsed());
     child.kill().unwrap();
     child.wait().unwrap();
     SledStore::open(&path).expect("the lock dies with the process");
@@ -292,4 +340,232 @@ fn periodic_durability_persists_and_resumes_like_immediate() {
         assert_eq!((stats.executed, stats.cached), expected);
     }
     assert_eq!(runs.load(Ordering::SeqCst), TASKS as usize);
+}
+
+/// A task whose output is `len` bytes of text.
+#[derive(Clone)]
+struct Text {
+    len: usize,
+    runs: Arc<AtomicUsize>,
+}
+#[task]
+impl Text {
+    async fn run(&self) -> String {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        "x".repeat(self.len)
+    }
+}
+
+/// Checks `result` is `Persist` for `key`, its source naming both sizes.
+fn assert_too_large<T: std::fmt::Debug>(result: Result<T, DuraflowError>, key: &str, limit: usize) {
+    match result {
+        Err(DuraflowError::Persist { key: k, source }) => {
+            assert_eq!(k, key);
+            let text = source.to_string();
+            assert!(
+                text.contains("maximum value size") && text.contains(&format!("{limit} bytes")),
+                "{text}"
+            );
+        }
+        other => panic!("expected Persist for {key:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_value_over_the_maximum_size_is_a_persist_error_and_the_old_value_stays() {
+    const LIMIT: usize = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limit.db");
+    let store = Arc::new(SledConfig::new(&path).max_value_size(LIMIT).open().unwrap());
+
+    // The store's own write: the limit is on the stored bytes, inclusive.
+    store.write("raw", b"old").unwrap();
+    store.write("raw", &[7; LIMIT]).unwrap();
+    assert_too_large(store.write("raw", &[8; LIMIT + 1]), "raw", LIMIT);
+    assert_eq!(store.read("raw").unwrap().unwrap(), vec![7; LIMIT]);
+
+    // Through a context and a task: the previous value (of another type, so the task runs
+    // and tries to replace it) stays.
+    let ctx = Arc::new(Context {
+        db: store.clone(),
+        completed_count: Arc::default(),
+    });
+    ctx.save("big", &42u64).unwrap();
+    assert_too_large(ctx.save("big", &"y".repeat(2 * LIMIT)), "big", LIMIT);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let big = Text {
+        len: 4 * LIMIT,
+        runs: runs.clone(),
+    };
+    let result = current_thread_rt()
+        .block_on(Durable::new("big", ctx.clone(), big.clone(), None).run_result(()));
+    assert_too_large(result, "big", LIMIT);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(ctx.try_get::<u64>("big").unwrap(), Some(42));
+
+    // In a DAG: the task fails (its attempt says why), the others persist, the value stays.
+    let dag = DagRunner::new();
+    let d = DurableDag::new(&dag, ctx.clone());
+    d.add("big", big);
+    d.add(
+        "small",
+        Text {
+            len: 10,
+            runs: runs.clone(),
+        },
+    );
+    let _ = multi_thread_rt().block_on(dag.run(|f| {
+        tokio::spawn(f);
+    }));
+    let stats = d.stats();
+    assert_eq!((stats.executed, stats.failed), (1, 1));
+    assert_eq!(ctx.try_get::<u64>("big").unwrap(), Some(42));
+    assert_eq!(
+        ctx.try_get::<String>("small").unwrap(),
+        Some("x".repeat(10))
+    );
+    let last = store.runs().unwrap().pop().unwrap();
+    assert_eq!(last.status, RunStatus::Failed);
+    let attempts = store.run(last.id).unwrap().unwrap().attempts;
+    let failed = attempts.iter().find(|a| a.key == "big").unwrap();
+    match &failed.outcome {
+        AttemptOutcome::Failed { error } => {
+            assert!(error.contains("maximum value size"), "{error}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_default_maximum_value_size_is_16_mib() {
+    let limit = SledConfig::DEFAULT_MAX_VALUE_SIZE;
+    assert_eq!(limit, 16 * 1024 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path().join("default.db")).unwrap();
+    store.write("k", b"old").unwrap();
+    let over = store.write("k", &vec![0; limit + 1]);
+    assert_too_large(over, "k", limit);
+    assert_eq!(store.read("k").unwrap().unwrap(), b"old");
+    // The source is an `io::Error` of kind `InvalidInput`.
+    match store.write("k", &vec![0; limit + 1]) {
+        Err(e @ DuraflowError::Persist { .. }) => {
+            let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+            assert_eq!(
+                io.map(|io| io.kind()),
+                Some(std::io::ErrorKind::InvalidInput)
+            );
+        }
+        other => panic!("expected Persist, got {other:?}"),
+    }
+}
+
+/// A task that says it started, then never finishes.
+#[derive(Clone)]
+struct Stuck(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+#[task]
+impl Stuck {
+    async fn run(&self) -> u64 {
+        if let Some(started) = self.0.lock().unwrap().take() {
+            let _ = started.send(());
+        }
+        std::future::pending().await
+    }
+}
+
+#[test]
+fn cached_attempts_are_queryable_in_order_and_counted_when_a_run_is_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cached.db");
+    let runs = Arc::new(AtomicUsize::new(0));
+    run_round(&path, &runs, false); // every task executes: the next run finds them cached
+
+    // A run whose cached tasks all complete while one task runs and never ends; the
+    // process "stops" (runtime and store dropped) before the run is closed.
+    let store = SledStore::open(&path).unwrap();
+    let ctx = Arc::new(Context::new(store));
+    let dag = DagRunner::new();
+    let (all_cached, cached_done) = tokio::sync::oneshot::channel::<()>();
+    let all_cached = std::sync::Mutex::new(Some(all_cached));
+    let d = DurableDag::new(&dag, ctx.clone()).with_progress(move |_, completed| {
+        if completed == TASKS as usize {
+            if let Some(tx) = all_cached.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        }
+    });
+    for n in 0..TASKS {
+        d.add(
+            &format!("t/{n}"),
+            Counted {
+                n,
+                runs: runs.clone(),
+            },
+        );
+    }
+    let (started, stuck_started) = tokio::sync::oneshot::channel::<()>();
+    d.add(
+        "stuck",
+        Stuck(Arc::new(std::sync::Mutex::new(Some(started)))),
+    );
+    let rt = multi_thread_rt();
+    rt.block_on(async {
+        let both = async {
+            cached_done.await.unwrap();
+            stuck_started.await.unwrap(); // so its attempt was recorded `Running`
+        };
+        tokio::select! {
+            _ = dag.run(|f| { tokio::spawn(f); }) => panic!("the run cannot finish"),
+            () = both => {}
+        }
+    });
+    drop(rt); // drops the stuck task
+    drop(d);
+    drop(dag);
+    drop(ctx); // the last handle: the store applies what is queued and closes
+
+    let store = SledStore::open(&path).unwrap();
+    let all = store.runs().unwrap();
+    let interrupted = all.last().unwrap();
+    assert_eq!(interrupted.status, RunStatus::Interrupted);
+    assert_eq!(
+        (interrupted.executed, interrupted.cached, interrupted.failed),
+        (0, TASKS, 0),
+        "counts rebuilt from the attempts at open, cached ones included"
+    );
+    let attempts = store.run(interrupted.id).unwrap().unwrap().attempts;
+    let keys: Vec<&str> = attempts.iter().map(|a| a.key.as_str()).collect();
+    let mut expected: Vec<String> = (0..TASKS).map(|n| format!("t/{n}")).collect();
+    expected.push("stuck".to_owned());
+    // The order of the records' keys: by `key | 0xFF`, so "t/10" comes before "t/1".
+    expected.sort_by(|a, b| a.bytes().chain([0xFF]).cmp(b.bytes().chain([0xFF])));
+    assert_eq!(keys, expected);
+    for a in &attempts {
+        assert_eq!((a.run, a.attempt), (interrupted.id, 1));
+        if a.key == "stuck" {
+            assert_eq!(a.outcome, AttemptOutcome::Interrupted);
+        } else {
+            assert_eq!(a.outcome, AttemptOutcome::Cached, "{a:?}");
+            assert!(a.output_size.unwrap() > 0, "{a:?}");
+            assert!(a.finished_ms.unwrap() >= a.started_ms, "{a:?}");
+            assert!(a.duration_us.is_some(), "{a:?}");
+        }
+    }
+    let history: Vec<_> = store
+        .attempts_of("t/7")
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.run, a.outcome))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (all[0].id, AttemptOutcome::Succeeded),
+            (interrupted.id, AttemptOutcome::Cached)
+        ]
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        TASKS as usize,
+        "no task ran twice"
+    );
 }

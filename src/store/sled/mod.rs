@@ -1,34 +1,36 @@
 //! [`SledStore`]: outputs, runs and attempts in one sled database, committed by one writer
 //! thread in groups.
 
+mod layout;
+mod registry;
+mod writer;
+
 use std::fs;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
-
+use self::layout::{
+    attempt_key, decode_record, encode_record, key_attempts, run_attempts, OnUndecodable, Trees,
+    FORMAT_KEY, FORMAT_VERSION,
+};
+use self::writer::{Commit, Failure, Msg, Record, Reply, Shared, Tree, Writer};
 use crate::record::{now_ms, AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
-use crate::runlog::{Ticket, TicketSender};
+use crate::runlog::Ticket;
 use crate::{validate_key, DuraflowError, RunLog, Storage};
 
-/// The on-disk format this code writes; kept in the `meta` tree.
-const FORMAT_VERSION: u64 = 1;
-/// Key of the format version in the `meta` tree: its presence marks a duraflow store.
-const FORMAT_KEY: &[u8] = b"duraflow.format";
 /// A file beside sled's own, written when the store is created: if it exists but sled
 /// recovers no duraflow metadata, sled discarded damaged data and the store is `Corrupt`.
 const MARKER_FILE: &str = "duraflow-store";
-/// Separates a key from what follows it in record keys; never occurs in UTF-8.
-const SEP: u8 = 0xFF;
-/// The most messages one group commit takes.
-const MAX_GROUP: usize = 4096;
 /// sled's page cache by default here (sled's own default is 1 GiB).
 const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
+/// Longest pause between two tries of sled's lock while a handle this process closed lets
+/// go of it.
+const MAX_LOCK_BACKOFF: Duration = Duration::from_millis(50);
 
 /// When a [`SledStore`] makes committed outputs durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,15 +52,24 @@ pub struct SledConfig {
     path: PathBuf,
     cache_capacity: u64,
     durability: Durability,
+    max_value_size: usize,
 }
 
 impl SledConfig {
-    /// Options for the store at `path`: a 64 MiB page cache and [`Durability::Immediate`].
+    /// The largest output a store accepts unless
+    /// [`max_value_size`](SledConfig::max_value_size) says otherwise: 16 MiB. sled keeps a
+    /// value whole in its page cache and rewrites it whenever its page is rewritten, so
+    /// outputs of many megabytes are better kept in files, with their paths as the output.
+    pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
+
+    /// Options for the store at `path`: a 64 MiB page cache, [`Durability::Immediate`], and
+    /// values up to [`SledConfig::DEFAULT_MAX_VALUE_SIZE`].
     pub fn new(path: impl AsRef<Path>) -> SledConfig {
         SledConfig {
             path: path.as_ref().to_owned(),
             cache_capacity: DEFAULT_CACHE,
             durability: Durability::Immediate,
+            max_value_size: SledConfig::DEFAULT_MAX_VALUE_SIZE,
         }
     }
 
@@ -74,12 +85,25 @@ impl SledConfig {
         self
     }
 
+    /// Sets the largest value the store accepts, in bytes: the encoded output plus
+    /// duraflow's envelope of a few dozen bytes (the type name and a checksum). A larger
+    /// output is refused with [`DuraflowError::Persist`] naming its key (its source gives
+    /// both sizes), and the value stored before, if any, stays.
+    pub fn max_value_size(mut self, bytes: usize) -> SledConfig {
+        self.max_value_size = bytes;
+        self
+    }
+
     /// Opens (creating if needed) the store. Runs and attempts a killed process left
     /// `Running` are marked `Interrupted`.
     ///
+    /// A store that this process closed (dropped) a moment ago opens again: sled releases
+    /// its lock a little after the drop, and the open waits for that (up to 2 s).
+    ///
     /// # Errors
     /// [`DuraflowError::StoreLocked`] when another handle (in this process or another)
-    /// has the store open; [`DuraflowError::NotAStore`] when `path` is a plain file, a
+    /// has the store open, or a handle of this process stopped after a failed write (its
+    /// database stays open until the process exits); [`DuraflowError::NotAStore`] when `path` is a plain file, a
     /// non-empty directory without a sled database, or a sled database that is not a
     /// duraflow store (nothing in it is changed); [`DuraflowError::Corrupt`] when sled finds
     /// the database damaged; [`DuraflowError::Io`] for other I/O failures.
@@ -98,25 +122,6 @@ pub struct RunDetails {
     pub attempts: Vec<AttemptRecord>,
 }
 
-#[derive(Clone)]
-struct Trees {
-    outputs: sled::Tree,
-    runs: sled::Tree,
-    attempts: sled::Tree,
-}
-
-enum Op {
-    Output(String, Vec<u8>),
-    Run(RunId, Vec<u8>),
-    Attempt { key: Vec<u8>, value: Vec<u8> },
-}
-
-struct Msg {
-    ops: Vec<Op>,
-    durable: bool,
-    reply: Option<TicketSender>,
-}
-
 /// A [`Storage`] and [`RunLog`] in one sled database (sled 0.34), reused across process
 /// restarts.
 ///
@@ -126,8 +131,18 @@ struct Msg {
 /// - With [`Durability::Immediate`] (the default) a commit is on disk (flushed) before it
 ///   is acknowledged, so a task whose progress was reported is never executed again after
 ///   a crash. Concurrent commits are applied and flushed together by one writer thread.
+/// - Other attempt records are durable no later than the next commit: those of cached
+///   tasks are stored many to a value, so a cached re-run costs little more than its reads.
 /// - One handle at a time: a second open of the same path fails with
-///   [`DuraflowError::StoreLocked`].
+///   [`DuraflowError::StoreLocked`]; once the handle is dropped, the store can be opened
+///   again at once.
+/// - A value larger than [`SledConfig::max_value_size`] is refused and the previous value
+///   kept.
+/// - A write the disk refuses (full, failing) is an error ([`DuraflowError::Persist`] for a
+///   task's output) and the previous value stays. sled does not always recover from such a
+///   failure, so the handle then refuses every later write with the same error, and dropping
+///   it leaves sled's database open (its lock held) until the process exits: reopen the
+///   store in a new process once the disk has room.
 /// - The executor is never blocked: reads run on duraflow's I/O threads, writes on the
 ///   writer thread.
 pub struct SledStore {
@@ -135,8 +150,16 @@ pub struct SledStore {
     db: sled::Db,
     trees: Trees,
     next_run: AtomicU64,
+    max_value_size: usize,
+    /// Whether commits wait for a flush.
+    flush_commits: bool,
+    /// What the store shares with its writer thread.
+    shared: Arc<Shared>,
     writer: Option<crossbeam_channel::Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
+    /// This process's claim on the store; the last field, so it is dropped after the
+    /// database, and marks the store closed.
+    _claim: registry::Claim,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -164,6 +187,14 @@ impl SledStore {
     fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
         let path = config.path.clone();
         check_path(&path)?;
+        // The directory is created here rather than by sled, so that it has a canonical
+        // path to register the open store under.
+        let canonical = fs::create_dir_all(&path)
+            .and_then(|()| fs::canonicalize(&path))
+            .map_err(|e| DuraflowError::io(&path, e))?;
+        let Some((mut claim, release_by)) = registry::claim(&canonical) else {
+            return Err(DuraflowError::StoreLocked { path });
+        };
         let sled_config = sled::Config::new()
             .path(&path)
             .cache_capacity(config.cache_capacity)
@@ -171,20 +202,9 @@ impl SledStore {
                 Durability::Immediate => Some(500),
                 Durability::Periodic(every) => Some(every.as_millis().max(1) as u64),
             });
-        let db = match catch_unwind(AssertUnwindSafe(|| sled_config.open())) {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(open_error(&path, e)),
-            Err(panic) => {
-                return Err(DuraflowError::Corrupt {
-                    key: String::new(),
-                    path: Some(path),
-                    reason: format!(
-                        "sled panicked opening the database: {}",
-                        panic_text(&*panic)
-                    ),
-                })
-            }
-        };
+        let db = open_sled(&sled_config, &path, release_by)?;
+        // From here on sled has held the lock: dropping the claim records a close.
+        claim.opened();
         let io = |e: sled::Error| sled_error(&path, e);
         // Look before touching: opening a tree creates it.
         let names = db.tree_names();
@@ -242,37 +262,38 @@ impl SledStore {
             runs: db.open_tree("runs").map_err(io)?,
             attempts: db.open_tree("attempts").map_err(io)?,
         };
-        let last_run = mark_interrupted(&trees).map_err(io)?;
+        let last_run = mark_interrupted(&trees, &path)?;
         db.flush().map_err(io)?;
 
         let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
-        let durable_flush = config.durability == Durability::Immediate;
-        let (w_db, w_trees, w_path) = (db.clone(), trees.clone(), path.clone());
+        let shared = Arc::new(Shared::default());
+        let writer = Writer::new(db.clone(), trees.clone(), path.clone(), Arc::clone(&shared))
+            .map_err(io)?;
         let thread = std::thread::Builder::new()
             .name("duraflow-sled-writer".to_owned())
-            .spawn(move || writer(w_db, w_trees, w_path, rx, durable_flush))
+            .spawn(move || writer.run(rx))
             .map_err(|e| DuraflowError::io(&path, e))?;
         Ok(SledStore {
             path,
             db,
             trees,
             next_run: AtomicU64::new(last_run + 1),
+            max_value_size: config.max_value_size,
+            flush_commits: config.durability == Durability::Immediate,
+            shared,
             writer: Some(tx),
             thread: Some(thread),
+            _claim: claim,
         })
     }
 
-    fn send(&self, ops: Vec<Op>, durable: bool) -> Result<Ticket, DuraflowError> {
-        let (ticket, reply) = Ticket::pending();
-        let sent = self.writer.as_ref().map(|w| {
-            w.send(Msg {
-                ops,
-                durable,
-                reply: Some(reply),
-            })
-        });
-        match sent {
-            Some(Ok(())) => Ok(ticket),
+    /// Hands `msg` to the writer thread; refused once the store has stopped after a failure.
+    fn send(&self, msg: Msg) -> Result<(), DuraflowError> {
+        if let Some(failure) = self.shared.failed.get() {
+            return Err(failure.error(&self.path, true));
+        }
+        match self.writer.as_ref().map(|w| w.send(msg)) {
+            Some(Ok(())) => Ok(()),
             _ => Err(DuraflowError::io(
                 &self.path,
                 io::Error::other("the store's writer thread has stopped"),
@@ -280,11 +301,53 @@ impl SledStore {
         }
     }
 
+    /// Hands a message that is answered to the writer; the ticket resolves with the answer.
+    fn send_acked(
+        &self,
+        msg: impl FnOnce(Reply) -> Msg,
+        flush: bool,
+    ) -> Result<Ticket, DuraflowError> {
+        let (ticket, to) = Ticket::pending();
+        self.send(msg(Reply { flush, to }))?;
+        Ok(ticket)
+    }
+
+    /// Refuses a value over the configured maximum.
+    fn check_size(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
+        if value.len() <= self.max_value_size {
+            return Ok(());
+        }
+        Err(DuraflowError::Persist {
+            key: key.to_owned(),
+            source: Box::new(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the value is {} bytes, over this store's maximum value size of {} bytes \
+                     (SledConfig::max_value_size)",
+                    value.len(),
+                    self.max_value_size
+                ),
+            )),
+        })
+    }
+
+    /// Refuses a query once the store has stopped after a failed write: sled may hold
+    /// records of the failed group in memory that never reached the disk.
+    fn queryable(&self) -> Result<(), DuraflowError> {
+        match self.shared.failed.get() {
+            Some(failure) => Err(failure.error(&self.path, true)),
+            None => Ok(()),
+        }
+    }
+
     /// Every run, oldest first.
     ///
     /// # Errors
-    /// [`DuraflowError::Io`] or [`DuraflowError::Corrupt`] from the database.
+    /// [`DuraflowError::Io`] or [`DuraflowError::Corrupt`] from the database;
+    /// [`DuraflowError::Io`] once the store has stopped after a failed write (reopen it in a
+    /// new process).
     pub fn runs(&self) -> Result<Vec<RunRecord>, DuraflowError> {
+        self.queryable()?;
         self.trees
             .runs
             .iter()
@@ -296,11 +359,14 @@ impl SledStore {
             .collect()
     }
 
-    /// One run and its attempts, or `None` if there is no run `id`.
+    /// One run and its attempts, or `None` if there is no run `id`. Attempt records reach
+    /// the database in the background: those of a finished run (one whose `dag.run`
+    /// returned) are all there.
     ///
     /// # Errors
-    /// [`DuraflowError::Io`] or [`DuraflowError::Corrupt`] from the database.
+    /// As [`runs`](SledStore::runs).
     pub fn run(&self, id: RunId) -> Result<Option<RunDetails>, DuraflowError> {
+        self.queryable()?;
         let Some(run) = self
             .trees
             .runs
@@ -310,38 +376,31 @@ impl SledStore {
             return Ok(None);
         };
         let run: RunRecord = decode_record(&self.path, "run", &run)?;
-        let attempts = self
-            .trees
-            .attempts
-            .scan_prefix(id.to_be_bytes())
-            .values()
-            .map(|v| {
-                let v = v.map_err(|e| sled_error(&self.path, e))?;
-                decode_record(&self.path, "attempt", &v)
-            })
-            .collect::<Result<_, _>>()?;
+        let attempts = run_attempts(&self.trees, &self.path, id, OnUndecodable::Fail)?;
         Ok(Some(RunDetails { run, attempts }))
     }
 
     /// Every attempt at task `key`, over all runs, oldest first.
     ///
     /// # Errors
-    /// [`DuraflowError::InvalidKey`]; [`DuraflowError::Io`] or [`DuraflowError::Corrupt`]
-    /// from the database.
+    /// [`DuraflowError::InvalidKey`]; otherwise as [`runs`](SledStore::runs).
     pub fn attempts_of(&self, key: &str) -> Result<Vec<AttemptRecord>, DuraflowError> {
         validate_key(key)?;
-        let io = |e| sled_error(&self.path, e);
+        self.queryable()?;
         let mut out = Vec::new();
-        // One prefix scan per run: runs are few next to attempts, and no second index has to
-        // be written with every attempt.
+        // A scan per run: runs are few next to attempts, and no second index has to be
+        // written with every attempt.
         for run in self.trees.runs.iter().keys() {
-            let run = run.map_err(io)?;
-            let mut prefix = run.to_vec();
-            prefix.extend_from_slice(key.as_bytes());
-            prefix.push(SEP);
-            for v in self.trees.attempts.scan_prefix(&prefix).values() {
-                out.push(decode_record(&self.path, "attempt", &v.map_err(io)?)?);
-            }
+            let run = run.map_err(|e| sled_error(&self.path, e))?;
+            let Ok(run) = <[u8; 8]>::try_from(run.as_ref()) else {
+                continue;
+            };
+            out.extend(key_attempts(
+                &self.trees,
+                &self.path,
+                RunId::from_be_bytes(run),
+                key,
+            )?);
         }
         Ok(out)
     }
@@ -354,13 +413,29 @@ impl Drop for SledStore {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        if self.shared.failed.get().is_some() {
+            // sled may not recover from the failure, and dropping its last handle flushes,
+            // which can then wait forever: leave the database open (and its lock held)
+            // until the process exits.
+            std::mem::forget(self.db.clone());
+            std::mem::forget(self.trees.clone());
+            self._claim.leaked();
+            return;
+        }
         let _ = self.db.flush();
     }
 }
 
 impl Storage for SledStore {
+    /// Once the store has stopped after a failed write, an output that write did not
+    /// store reads as its value before it (never as the value that failed).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
+        if self.shared.failed.get().is_some() {
+            if let Some(prior) = self.shared.shadowed(key) {
+                return Ok(prior);
+            }
+        }
         Ok(self
             .trees
             .outputs
@@ -369,16 +444,34 @@ impl Storage for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    /// Writes durably (flushed, whatever the [`Durability`]) before returning.
+    /// Writes durably (flushed, whatever the [`Durability`]) before returning. A value over
+    /// [`SledConfig::max_value_size`] is refused with [`DuraflowError::Persist`].
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
         validate_key(key)?;
-        let ticket = self.send(vec![Op::Output(key.to_owned(), value.to_vec())], true)?;
+        self.check_size(key, value)?;
+        let output = (key.to_owned(), value.to_vec());
+        let ticket = self.send_acked(
+            |reply| {
+                Msg::Commit(Box::new(Commit {
+                    output,
+                    attempt: None,
+                    reply,
+                }))
+            },
+            true,
+        )?;
         futures::executor::block_on(ticket)
     }
 
     fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
         validate_key(key)?;
-        let io = |e| sled_error(&self.path, e);
+        if let Some(failure) = self.shared.failed.get() {
+            return Err(failure.error(&self.path, true));
+        }
+        let io = |e: sled::Error| {
+            self.shared.failed.get_or_init(|| Failure::of(&e));
+            sled_error(&self.path, e)
+        };
         let removed = self.trees.outputs.remove(key).map_err(io)?.is_some();
         self.db.flush().map_err(io)?;
         Ok(removed)
@@ -422,14 +515,27 @@ impl RunLog for SledStore {
             failed: 0,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let bytes = encode_record(&record)?;
-        self.send(vec![Op::Run(id, bytes)], false)?;
+        self.send(Msg::Record(Record {
+            tree: Tree::Runs,
+            key: id.to_be_bytes().to_vec(),
+            value: encode_record(&record)?,
+        }))?;
         Ok(id)
     }
 
+    /// A `Cached` attempt is stored later in a batch with others (still before the next
+    /// commit's ticket resolves); any other is queued as its own record.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError> {
-        let op = attempt_op(&attempt)?;
-        self.send(vec![op], false).map(drop)
+        if attempt.outcome == AttemptOutcome::Cached {
+            if self.writer.is_none() {
+                return self.send(Msg::CachedKept); // the error
+            }
+            if self.shared.cached.push(attempt) {
+                self.send(Msg::CachedKept)?;
+            }
+            return Ok(());
+        }
+        self.send(Msg::Record(attempt_record(&attempt)?))
     }
 
     fn commit(
@@ -439,96 +545,93 @@ impl RunLog for SledStore {
         attempt: AttemptRecord,
     ) -> Result<Ticket, DuraflowError> {
         validate_key(key)?;
-        let op = attempt_op(&attempt)?;
-        self.send(vec![Op::Output(key.to_owned(), value), op], true)
+        self.check_size(key, &value)?;
+        let Record {
+            key: attempt_key,
+            value: attempt_value,
+            ..
+        } = attempt_record(&attempt)?;
+        let output = (key.to_owned(), value);
+        self.send_acked(
+            |reply| {
+                Msg::Commit(Box::new(Commit {
+                    output,
+                    attempt: Some((attempt_key, attempt_value)),
+                    reply,
+                }))
+            },
+            self.flush_commits,
+        )
     }
 
     fn finish_run(&self, run: RunRecord) -> Result<Ticket, DuraflowError> {
-        let bytes = encode_record(&run)?;
-        self.send(vec![Op::Run(run.id, bytes)], true)
+        let record = Record {
+            tree: Tree::Runs,
+            key: run.id.to_be_bytes().to_vec(),
+            value: encode_record(&run)?,
+        };
+        self.send_acked(
+            |reply| Msg::Acked(Box::new((record, reply))),
+            self.flush_commits,
+        )
     }
 }
 
-/// The writer thread: applies queued messages in groups, one transaction per group, and
-/// flushes once per group that holds a durable message.
-fn writer(
-    db: sled::Db,
-    trees: Trees,
-    path: PathBuf,
-    rx: crossbeam_channel::Receiver<Msg>,
-    flush_durable: bool,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(msg) => group.push(msg),
-                Err(_) => break,
-            }
-        }
-        let mut result = apply(&trees, &group).map_err(|e| match e {
-            TransactionError::Storage(e) => e.to_string(),
-            TransactionError::Abort(()) => "transaction aborted".to_owned(),
-        });
-        if result.is_ok() && flush_durable && group.iter().any(|m| m.durable) {
-            result = db.flush().map(drop).map_err(|e| e.to_string());
-        }
-        for msg in group {
-            if let Some(reply) = msg.reply {
-                reply.send(
-                    result
-                        .clone()
-                        .map_err(|reason| DuraflowError::io(&path, io::Error::other(reason))),
-                );
-            }
-        }
-    }
-    let _ = db.flush();
-}
-
-/// Applies a group: records that stand alone are plain inserts (a sled batch or
-/// transaction costs tens of microseconds per call, an insert a few); every commit (an
-/// output with its attempt) goes in one transaction for the group, so no output exists
-/// without its record.
-fn apply(trees: &Trees, group: &[Msg]) -> Result<(), TransactionError<()>> {
-    let is_commit = |m: &&Msg| m.ops.iter().any(|op| matches!(op, Op::Output(..)));
-    for op in group.iter().filter(|m| !is_commit(m)).flat_map(|m| &m.ops) {
-        match op {
-            Op::Output(..) => {}
-            Op::Run(id, value) => {
-                trees.runs.insert(id.to_be_bytes(), value.as_slice())?;
-            }
-            Op::Attempt { key, value } => {
-                trees.attempts.insert(key.as_slice(), value.as_slice())?;
-            }
-        }
-    }
-    let commits: Vec<&Msg> = group.iter().filter(is_commit).collect();
-    if commits.is_empty() {
-        return Ok(());
-    }
-    (&trees.outputs, &trees.attempts).transaction(|(outputs, attempts)| {
-        for op in commits.iter().flat_map(|m| &m.ops) {
-            match op {
-                Op::Output(key, value) => {
-                    outputs.insert(key.as_bytes(), value.as_slice())?;
-                }
-                Op::Attempt { key, value } => {
-                    attempts.insert(key.as_slice(), value.as_slice())?;
-                }
-                Op::Run(..) => {}
-            }
-        }
-        Ok::<(), ConflictableTransactionError<()>>(())
+/// The record of `attempt`, under its key in the `attempts` tree.
+fn attempt_record(attempt: &AttemptRecord) -> Result<Record, DuraflowError> {
+    Ok(Record {
+        tree: Tree::Attempts,
+        key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
+        value: encode_record(attempt)?,
     })
 }
 
-/// Marks runs and attempts left `Running` as `Interrupted`; returns the highest run id.
-fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
+/// Opens sled's database, turning a panic into `Corrupt`. While `release_by` is in the
+/// future (this process closed the store a moment ago), a lock error is sled's lock not yet
+/// released and the open is tried again, with growing pauses, until then.
+fn open_sled(
+    config: &sled::Config,
+    path: &Path,
+    release_by: Option<Instant>,
+) -> Result<sled::Db, DuraflowError> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match catch_unwind(AssertUnwindSafe(|| config.open())) {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(e)) => match open_error(path, e) {
+                DuraflowError::StoreLocked { .. }
+                    if release_by.is_some_and(|by| Instant::now() < by) =>
+                {
+                    let left = release_by
+                        .map(|by| by.saturating_duration_since(Instant::now()))
+                        .unwrap_or_default();
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(MAX_LOCK_BACKOFF);
+                }
+                other => return Err(other),
+            },
+            Err(panic) => {
+                return Err(DuraflowError::Corrupt {
+                    key: String::new(),
+                    path: Some(path.to_owned()),
+                    reason: format!(
+                        "sled panicked opening the database: {}",
+                        panic_text(&*panic)
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Marks runs and attempts left `Running` as `Interrupted` (rebuilding a run's counts from
+/// its attempts); returns the highest run id.
+fn mark_interrupted(trees: &Trees, path: &Path) -> Result<RunId, DuraflowError> {
+    let io = |e| sled_error(path, e);
     let now = now_ms();
     let mut last = 0;
     for entry in trees.runs.iter() {
-        let (k, v) = entry?;
+        let (k, v) = entry.map_err(io)?;
         let Ok(mut run) = rmp_serde::from_slice::<RunRecord>(&v) else {
             continue;
         };
@@ -538,13 +641,7 @@ fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
         }
         run.status = RunStatus::Interrupted;
         run.finished_ms = Some(now);
-        let mut prefix = [0u8; 8];
-        prefix.copy_from_slice(&k[..8.min(k.len())]);
-        for a in trees.attempts.scan_prefix(prefix) {
-            let (ak, av) = a?;
-            let Ok(mut attempt) = rmp_serde::from_slice::<AttemptRecord>(&av) else {
-                continue;
-            };
+        for mut attempt in run_attempts(trees, path, run.id, OnUndecodable::Skip)? {
             // The run's counts were to be written at its end: rebuild them from its attempts.
             match attempt.outcome {
                 AttemptOutcome::Succeeded => run.executed += 1,
@@ -555,53 +652,19 @@ fn mark_interrupted(trees: &Trees) -> Result<RunId, sled::Error> {
             if attempt.outcome == AttemptOutcome::Running {
                 attempt.outcome = AttemptOutcome::Interrupted;
                 attempt.finished_ms = Some(now);
-                if let Ok(bytes) = rmp_serde::to_vec_named(&attempt) {
-                    trees.attempts.insert(ak, bytes)?;
+                if let Ok(record) = attempt_record(&attempt) {
+                    trees
+                        .attempts
+                        .insert(record.key, record.value)
+                        .map_err(io)?;
                 }
             }
         }
         if let Ok(bytes) = rmp_serde::to_vec_named(&run) {
-            trees.runs.insert(k, bytes)?;
+            trees.runs.insert(k, bytes).map_err(io)?;
         }
     }
     Ok(last)
-}
-
-/// `run (u64 BE) | key | 0xFF | attempt (u32 BE)`: a run's attempts are one prefix scan.
-fn attempt_key(run: RunId, key: &str, attempt: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len() + 5);
-    k.extend_from_slice(&run.to_be_bytes());
-    k.extend_from_slice(key.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(&attempt.to_be_bytes());
-    k
-}
-
-fn attempt_op(attempt: &AttemptRecord) -> Result<Op, DuraflowError> {
-    Ok(Op::Attempt {
-        key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
-        value: encode_record(attempt)?,
-    })
-}
-
-fn encode_record<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, DuraflowError> {
-    rmp_serde::to_vec_named(record).map_err(|source| DuraflowError::Encode {
-        key: "<record>".to_owned(),
-        type_name: std::any::type_name::<T>(),
-        source,
-    })
-}
-
-fn decode_record<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    what: &str,
-    bytes: &[u8],
-) -> Result<T, DuraflowError> {
-    rmp_serde::from_slice(bytes).map_err(|e| DuraflowError::Corrupt {
-        key: String::new(),
-        path: Some(path.to_owned()),
-        reason: format!("unreadable {what} record: {e}"),
-    })
 }
 
 /// Refuses paths that are not (and cannot become) a duraflow store, before sled touches

@@ -1,0 +1,312 @@
+//! What the store keeps where: the trees, their keys, and how records are encoded.
+//!
+//! Trees of the sled database:
+//! - `meta`: [`FORMAT_KEY`] → the format version (u64 BE); its presence marks a duraflow
+//!   store.
+//! - `outputs`: task id (UTF-8) → the stored bytes of its output.
+//! - `runs`: run id (u64 BE) → a [`RunRecord`].
+//! - `attempts`, two kinds of entries, both under the run's id so that a run's attempts are
+//!   one prefix scan:
+//!   - `run (u64 BE) | key | 0xFF | attempt (u32 BE)` → one [`AttemptRecord`];
+//!   - `run (u64 BE) | 0xFF | epoch (u64 BE) | seq (u32 BE)` → a [`CachedBatch`]: many
+//!     `Cached` attempts of that run in one value (a cached task costs a few microseconds;
+//!     one sled insert per task would cost more than the task). A task id is non-empty UTF-8, whose first byte is
+//!     never 0xFF, so the two kinds never collide and a run's batches sort after its single
+//!     records.
+//!
+//! Every value is rmp-serde's named (map) encoding, so records can gain `#[serde(default)]`
+//! fields.
+
+use std::cmp::Ordering;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::{AttemptOutcome, AttemptRecord, RunId};
+use crate::DuraflowError;
+
+/// The on-disk format this code writes; kept in the `meta` tree.
+pub(super) const FORMAT_VERSION: u64 = 1;
+/// Key of the format version in the `meta` tree: its presence marks a duraflow store.
+pub(super) const FORMAT_KEY: &[u8] = b"duraflow.format";
+/// Separates a key from what follows it in record keys; never occurs in UTF-8.
+pub(super) const SEP: u8 = 0xFF;
+
+/// The trees a store uses besides `meta`.
+#[derive(Clone)]
+pub(super) struct Trees {
+    pub(super) outputs: sled::Tree,
+    pub(super) runs: sled::Tree,
+    pub(super) attempts: sled::Tree,
+}
+
+/// `run (u64 BE) | key | 0xFF | attempt (u32 BE)`: the key of one attempt record.
+pub(super) fn attempt_key(run: RunId, key: &str, attempt: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len() + 5);
+    k.extend_from_slice(&run.to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&attempt.to_be_bytes());
+    k
+}
+
+/// `run (u64 BE) | 0xFF`: the prefix of every cached batch of `run`.
+fn batch_prefix(run: RunId) -> [u8; 9] {
+    let mut k = [SEP; 9];
+    k[..8].copy_from_slice(&run.to_be_bytes());
+    k
+}
+
+/// `run (u64 BE) | 0xFF | epoch (u64 BE) | seq (u32 BE)`: the key of one cached batch.
+/// `epoch` is an id from sled's `generate_id` (unique over the database's life, taken by
+/// each writer), `seq` counts the writer's batches.
+pub(super) fn batch_key(run: RunId, epoch: u64, seq: u32) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[..9].copy_from_slice(&batch_prefix(run));
+    k[9..17].copy_from_slice(&epoch.to_be_bytes());
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Whether an `attempts` key (after its 8-byte run id) is a cached batch.
+fn is_batch_key(k: &[u8]) -> bool {
+    k.get(8) == Some(&SEP)
+}
+
+/// The order of single attempt records in the tree: by `key | 0xFF`, then attempt number.
+/// [`crate::store::SledStore::run`] returns attempts in this order.
+fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
+    let ka = a.key.bytes().chain(std::iter::once(SEP));
+    let kb = b.key.bytes().chain(std::iter::once(SEP));
+    ka.cmp(kb).then(a.attempt.cmp(&b.attempt))
+}
+
+/// Many `Cached` attempts of one run, stored as one value: an [`AttemptRecord`] without
+/// the fields they share, by column (entry `i` of every column is attempt `i`), so that
+/// field names are written once per batch rather than once per attempt.
+#[derive(Serialize, Deserialize)]
+pub(super) struct CachedBatch<K> {
+    /// The run every attempt belongs to.
+    pub(super) run: RunId,
+    /// [`AttemptRecord::key`] of each attempt.
+    pub(super) keys: Vec<K>,
+    /// [`AttemptRecord::attempt`].
+    pub(super) attempt: Vec<u32>,
+    /// [`AttemptRecord::started_ms`].
+    pub(super) started_ms: Vec<u64>,
+    /// [`AttemptRecord::finished_ms`].
+    pub(super) finished_ms: Vec<Option<u64>>,
+    /// [`AttemptRecord::duration_us`].
+    pub(super) duration_us: Vec<Option<u64>>,
+    /// [`AttemptRecord::output_size`].
+    pub(super) output_size: Vec<Option<u64>>,
+}
+
+impl<'a> CachedBatch<&'a str> {
+    /// The batch of `records`, which are `Cached` attempts of `run`.
+    pub(super) fn of(run: RunId, records: &'a [AttemptRecord]) -> Self {
+        CachedBatch {
+            run,
+            keys: records.iter().map(|r| r.key.as_str()).collect(),
+            attempt: records.iter().map(|r| r.attempt).collect(),
+            started_ms: records.iter().map(|r| r.started_ms).collect(),
+            finished_ms: records.iter().map(|r| r.finished_ms).collect(),
+            duration_us: records.iter().map(|r| r.duration_us).collect(),
+            output_size: records.iter().map(|r| r.output_size).collect(),
+        }
+    }
+}
+
+impl<K: AsRef<str>> CachedBatch<K> {
+    /// The number of attempts, or `None` if the columns differ in length.
+    fn len(&self) -> Option<usize> {
+        let n = self.keys.len();
+        let lens = [
+            self.attempt.len(),
+            self.started_ms.len(),
+            self.finished_ms.len(),
+            self.duration_us.len(),
+            self.output_size.len(),
+        ];
+        lens.iter().all(|&l| l == n).then_some(n)
+    }
+
+    /// Attempt `i` (`i` < [`len`](Self::len)).
+    fn record(&self, i: usize) -> Option<AttemptRecord> {
+        Some(AttemptRecord {
+            run: self.run,
+            key: self.keys.get(i)?.as_ref().to_owned(),
+            attempt: *self.attempt.get(i)?,
+            started_ms: *self.started_ms.get(i)?,
+            finished_ms: *self.finished_ms.get(i)?,
+            outcome: AttemptOutcome::Cached,
+            duration_us: *self.duration_us.get(i)?,
+            output_size: *self.output_size.get(i)?,
+        })
+    }
+
+    /// The attempts whose key passes `keep`.
+    fn records<'s>(
+        &'s self,
+        keep: impl Fn(&str) -> bool + 's,
+    ) -> impl Iterator<Item = AttemptRecord> + 's {
+        self.keys
+            .iter()
+            .enumerate()
+            .filter(move |(_, k)| keep(k.as_ref()))
+            .filter_map(|(i, _)| self.record(i))
+    }
+}
+
+/// Decodes a cached batch; one that does not decode or whose columns differ in length is
+/// `Corrupt`.
+fn decode_batch<'a>(path: &Path, bytes: &'a [u8]) -> Result<CachedBatch<&'a str>, DuraflowError> {
+    let batch: CachedBatch<&str> = decode_record(path, "cached attempts", bytes)?;
+    match batch.len() {
+        Some(_) => Ok(batch),
+        None => Err(DuraflowError::Corrupt {
+            key: String::new(),
+            path: Some(path.to_owned()),
+            reason: "unreadable cached attempts record: its columns differ in length".to_owned(),
+        }),
+    }
+}
+
+/// Encodes a record (rmp-serde, named).
+pub(super) fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>, DuraflowError> {
+    rmp_serde::to_vec_named(record).map_err(|source| DuraflowError::Encode {
+        key: "<record>".to_owned(),
+        type_name: std::any::type_name::<T>(),
+        source,
+    })
+}
+
+/// Decodes a record; an undecodable one is `Corrupt`.
+pub(super) fn decode_record<'a, T: Deserialize<'a>>(
+    path: &Path,
+    what: &str,
+    bytes: &'a [u8],
+) -> Result<T, DuraflowError> {
+    rmp_serde::from_slice(bytes).map_err(|e| DuraflowError::Corrupt {
+        key: String::new(),
+        path: Some(path.to_owned()),
+        reason: format!("unreadable {what} record: {e}"),
+    })
+}
+
+/// What to do with a record that does not decode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnUndecodable {
+    /// Fail with `Corrupt` (queries).
+    Fail,
+    /// Leave it out (marking interrupted runs at open: a damaged record must not stop the
+    /// store from opening).
+    Skip,
+}
+
+/// Every attempt of run `run`: its single records and the entries of its cached batches,
+/// ordered by key, then attempt number (the order of the single records' keys). A `Cached`
+/// attempt is final, so when a batch and a single record hold the same attempt (not done by
+/// this crate), the batch's wins.
+pub(super) fn run_attempts(
+    trees: &Trees,
+    path: &Path,
+    run: RunId,
+    on_undecodable: OnUndecodable,
+) -> Result<Vec<AttemptRecord>, DuraflowError> {
+    let io = |e| super::sled_error(path, e);
+    let mut singles = Vec::new();
+    let mut batched = Vec::new();
+    for entry in trees.attempts.scan_prefix(run.to_be_bytes()) {
+        let (k, v) = entry.map_err(io)?;
+        let decoded = if is_batch_key(&k) {
+            decode_batch(path, &v).map(|batch| batched.extend(batch.records(|_| true)))
+        } else {
+            decode_record::<AttemptRecord>(path, "attempt", &v).map(|a| singles.push(a))
+        };
+        if let Err(e) = decoded {
+            if on_undecodable == OnUndecodable::Fail {
+                return Err(e);
+            }
+        }
+    }
+    if batched.is_empty() {
+        return Ok(singles); // already in key order
+    }
+    // Batches first, so the stable sort keeps a batch's record ahead of a single one for the
+    // same attempt, and `dedup_by` keeps the first.
+    batched.append(&mut singles);
+    batched.sort_by(record_order);
+    batched.dedup_by(|later, first| record_order(later, first) == Ordering::Equal);
+    Ok(batched)
+}
+
+/// Every attempt at task `key` in run `run`, by attempt number (see [`run_attempts`] for
+/// attempts held twice).
+pub(super) fn key_attempts(
+    trees: &Trees,
+    path: &Path,
+    run: RunId,
+    key: &str,
+) -> Result<Vec<AttemptRecord>, DuraflowError> {
+    let io = |e| super::sled_error(path, e);
+    let mut prefix = run.to_be_bytes().to_vec();
+    prefix.extend_from_slice(key.as_bytes());
+    prefix.push(SEP);
+    let mut found = Vec::new();
+    for v in trees.attempts.scan_prefix(batch_prefix(run)).values() {
+        let v = v.map_err(io)?;
+        found.extend(decode_batch(path, &v)?.records(|k| k == key));
+    }
+    for v in trees.attempts.scan_prefix(&prefix).values() {
+        found.push(decode_record(path, "attempt", &v.map_err(io)?)?);
+    }
+    found.sort_by_key(|a| a.attempt);
+    found.dedup_by_key(|a| a.attempt);
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_named_msgpack_and_round_trips() {
+        let record = AttemptRecord {
+            run: 7,
+            key: "t/1".to_owned(),
+            attempt: 1,
+            started_ms: 10,
+            finished_ms: Some(11),
+            outcome: AttemptOutcome::Cached,
+            duration_us: Some(3),
+            output_size: Some(9),
+        };
+        let records = [record.clone(), record.clone()];
+        let bytes = rmp_serde::to_vec_named(&CachedBatch::of(7, &records)).unwrap();
+        // A map (named encoding), not an array.
+        assert_eq!(bytes[0] & 0xf0, 0x80, "{bytes:x?}");
+        let back = decode_batch(Path::new("x"), &bytes).unwrap();
+        assert_eq!(back.records(|_| true).collect::<Vec<_>>(), records);
+    }
+
+    #[test]
+    fn a_batch_with_uneven_columns_is_corrupt() {
+        let mut batch = CachedBatch::of(7, &[]);
+        batch.attempt.push(1);
+        let bytes = rmp_serde::to_vec_named(&batch).unwrap();
+        assert!(matches!(
+            decode_batch(Path::new("x"), &bytes),
+            Err(DuraflowError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn batch_keys_sort_after_every_single_record_of_their_run() {
+        let single = attempt_key(7, "\u{10FFFF}", u32::MAX);
+        let batch = batch_key(7, 0, 0);
+        assert!(single < batch.to_vec());
+        assert!(batch.to_vec() < attempt_key(8, "a", 0));
+        assert!(is_batch_key(&batch) && !is_batch_key(&single));
+    }
+}

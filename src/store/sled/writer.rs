@@ -1,0 +1,430 @@
+//! The writer thread: the only writer of a store's records and outputs. It applies queued
+//! messages in groups — plain inserts for records that stand alone, one transaction for the
+//! group's commits — and flushes once per group that holds a message waiting for it.
+//!
+//! `Cached` attempt records do not go through the queue one by one: the store appends them
+//! to a [`CachedRecords`] buffer shared with the writer, and only the first record of an
+//! empty buffer (and every [`FULL`]-th) sends the writer a nudge. The writer stores the
+//! buffer as [`CachedBatch`] values, many records to a value: before it applies a group
+//! that someone waits for (what [`RunLog::record`](crate::RunLog::record) promises), once
+//! [`FULL`] records are kept, [`IDLE_WRITE`] after a nudge, and when the store closes. A
+//! cached task thus costs neither a sled insert nor a thread wake-up.
+//!
+//! The first error sled returns to the writer (a full disk, say) fails its group and stops
+//! the store for good: every later message is answered with that error, without calling
+//! sled again. sled 0.34 does not always recover from a failed write — after a failed blob
+//! write (a value or page over 128 KiB) its next flush waits forever — so a failed store
+//! never flushes again, and [`SledStore`](super::SledStore)'s drop leaves sled's database
+//! open rather than let sled's own drop (which flushes) hang.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::layout::{batch_key, encode_record, CachedBatch, Trees};
+use crate::record::{AttemptRecord, RunId};
+use crate::runlog::TicketSender;
+use crate::DuraflowError;
+
+/// The most messages one group takes.
+const MAX_GROUP: usize = 4096;
+/// How many kept `Cached` records make the writer store them at once.
+pub(super) const FULL: usize = 4096;
+/// A cached batch is cut when its entries' keys reach this many bytes: sled writes a leaf
+/// of up to 16 entries as one log message, and a message over 128 KiB becomes a separate
+/// blob file, so a batch value stays a few KiB.
+const BATCH_KEY_BYTES: usize = 4 * 1024;
+/// ... or when it holds this many entries.
+const BATCH_ENTRIES: usize = 256;
+/// How long the queue may stay idle before kept `Cached` records are stored anyway.
+pub(super) const IDLE_WRITE: Duration = Duration::from_millis(20);
+
+/// Which tree a record goes to.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Tree {
+    Runs,
+    Attempts,
+}
+
+/// One record: tree, key, encoded value.
+pub(super) struct Record {
+    pub(super) tree: Tree,
+    pub(super) key: Vec<u8>,
+    pub(super) value: Vec<u8>,
+}
+
+/// What the store asks its writer to do.
+pub(super) enum Msg {
+    /// Store a record on its own; nobody waits for it.
+    Record(Record),
+    /// `Cached` records were added to the shared buffer: store them, soon.
+    CachedKept,
+    /// Store an output, with its attempt record if any, then answer.
+    Commit(Box<Commit>),
+    /// Store a record, then answer.
+    Acked(Box<(Record, Reply)>),
+}
+
+/// How a waiting message is answered.
+pub(super) struct Reply {
+    /// Flush before answering.
+    pub(super) flush: bool,
+    pub(super) to: TicketSender,
+}
+
+/// An output and its attempt record, written in one transaction.
+pub(super) struct Commit {
+    /// The task id and the stored bytes.
+    pub(super) output: (String, Vec<u8>),
+    /// The attempt record's key and value (in the `attempts` tree).
+    pub(super) attempt: Option<(Vec<u8>, Vec<u8>)>,
+    pub(super) reply: Reply,
+}
+
+/// What a store shares with its writer thread.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// `Cached` attempt records on their way to the writer.
+    pub(super) cached: CachedRecords,
+    /// The first error sled returned, once it did: the store has stopped.
+    pub(super) failed: OnceLock<Failure>,
+    /// Once the store has stopped: the values the outputs of the failed group had before
+    /// it (`None`: no value). sled may hold the group's values in memory although they
+    /// never reached the disk; reads answer these instead.
+    shadow: Mutex<HashMap<String, Option<sled::IVec>>>,
+}
+
+impl Shared {
+    /// The value `key` had before the failed group, if the failed group wrote it.
+    pub(super) fn shadowed(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        let shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
+        shadow.get(key).map(|v| v.as_ref().map(|v| v.to_vec()))
+    }
+}
+
+/// A failure of sled, kept to answer with (an `io::Error` is not `Clone`).
+#[derive(Debug, Clone)]
+pub(super) struct Failure {
+    kind: io::ErrorKind,
+    text: String,
+}
+
+impl Failure {
+    pub(super) fn of(e: &sled::Error) -> Failure {
+        match e {
+            sled::Error::Io(io) => Failure {
+                kind: io.kind(),
+                text: io.to_string(),
+            },
+            other => Failure {
+                kind: io::ErrorKind::Other,
+                text: other.to_string(),
+            },
+        }
+    }
+
+    fn encoding(e: &DuraflowError) -> Failure {
+        Failure {
+            kind: io::ErrorKind::InvalidData,
+            text: e.to_string(),
+        }
+    }
+
+    /// The error to answer with, for the store at `path`. `earlier` says the store had
+    /// stopped before the work was tried.
+    pub(super) fn error(&self, path: &std::path::Path, earlier: bool) -> DuraflowError {
+        let text = if earlier {
+            format!("the store stopped after an earlier failure: {}", self.text)
+        } else {
+            self.text.clone()
+        };
+        DuraflowError::io(path, io::Error::new(self.kind, text))
+    }
+}
+
+/// `Cached` attempt records not stored yet, in arrival order; shared by the store, which
+/// adds to it, and its writer, which takes them.
+#[derive(Default)]
+pub(super) struct CachedRecords(Mutex<Vec<AttemptRecord>>);
+
+impl CachedRecords {
+    /// Adds `record`; returns whether the writer needs a nudge ([`Msg::CachedKept`]): the
+    /// buffer was empty, or holds a multiple of [`FULL`] records now.
+    pub(super) fn push(&self, record: AttemptRecord) -> bool {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.push(record);
+        kept.len() == 1 || kept.len().is_multiple_of(FULL)
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn take(&self) -> Vec<AttemptRecord> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// The writer's state between groups.
+pub(super) struct Writer {
+    pub(super) db: sled::Db,
+    pub(super) trees: Trees,
+    pub(super) path: PathBuf,
+    shared: Arc<Shared>,
+    /// When the kept `Cached` records are to be stored at the latest.
+    store_by: Option<Instant>,
+    /// This writer's batch keys: an id unique over the database's life, and a count.
+    epoch: u64,
+    seq: u32,
+}
+
+impl Writer {
+    /// A writer for `db`.
+    ///
+    /// # Errors
+    /// sled's, taking an id for the writer's batch keys.
+    pub(super) fn new(
+        db: sled::Db,
+        trees: Trees,
+        path: PathBuf,
+        shared: Arc<Shared>,
+    ) -> Result<Writer, sled::Error> {
+        Ok(Writer {
+            epoch: db.generate_id()?,
+            seq: 0,
+            db,
+            trees,
+            path,
+            shared,
+            store_by: None,
+        })
+    }
+
+    /// Applies messages from `rx` until every sender is gone, then stores what is kept and
+    /// flushes.
+    pub(super) fn run(mut self, rx: Receiver<Msg>) {
+        let mut group = Vec::new();
+        loop {
+            let first = match self.store_by {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(by) => rx.recv_deadline(by),
+            };
+            match first {
+                Ok(msg) => group.push(msg),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.store_kept();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(msg) => group.push(msg),
+                    Err(_) => break,
+                }
+            }
+            self.apply(&mut group);
+        }
+        if self.shared.failed.get().is_none() {
+            self.store_kept();
+            if let Err(e) = self.db.flush() {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Records `e` as the failure that stopped the store (the first one wins).
+    fn fail(&self, e: &sled::Error) -> Failure {
+        let failure = Failure::of(e);
+        tracing::error!(store = %self.path.display(), error = %failure.text, "sled failed; the store accepts no more writes");
+        self.shared.failed.get_or_init(|| failure).clone()
+    }
+
+    /// Applies one group and answers whoever waits.
+    fn apply(&mut self, group: &mut Vec<Msg>) {
+        if let Some(failure) = self.shared.failed.get() {
+            // Stopped: answer without touching sled.
+            self.shared.cached.take();
+            for msg in group.drain(..) {
+                let reply = match msg {
+                    Msg::Commit(commit) => commit.reply,
+                    Msg::Acked(acked) => acked.1,
+                    Msg::Record(_) | Msg::CachedKept => continue,
+                };
+                reply.to.send(Err(failure.error(&self.path, true)));
+            }
+            return;
+        }
+        let mut commits = Vec::new();
+        let mut replies = Vec::new();
+        let mut result = Ok(());
+        for msg in group.drain(..) {
+            match msg {
+                Msg::Record(record) => {
+                    if result.is_ok() {
+                        result = self.insert(&record);
+                    }
+                }
+                Msg::CachedKept => {
+                    self.store_by
+                        .get_or_insert_with(|| Instant::now() + IDLE_WRITE);
+                }
+                Msg::Commit(commit) => commits.push(commit),
+                Msg::Acked(acked) => {
+                    let (record, reply) = *acked;
+                    if result.is_ok() {
+                        result = self.insert(&record);
+                    }
+                    replies.push(reply);
+                }
+            }
+        }
+        if commits.is_empty() && replies.is_empty() && self.shared.cached.len() < FULL {
+            return; // a failure is recorded and logged by `fail`
+        }
+        // Whoever waits for a commit may rely on every record sent before it.
+        if result.is_ok() {
+            result = self.store_batches();
+        }
+        let prior = RefCell::new(Vec::new());
+        if result.is_ok() {
+            result = self.commit(&commits, &prior);
+        }
+        if result.is_ok()
+            && (replies.iter().chain(commits.iter().map(|c| &c.reply))).any(|r| r.flush)
+        {
+            result = self.db.flush().map(drop).map_err(|e| self.fail(&e));
+        }
+        if result.is_err() && self.shared.failed.get().is_some() {
+            self.shadow(&commits, &prior.into_inner());
+        }
+        replies.extend(commits.into_iter().map(|c| c.reply));
+        for reply in replies {
+            reply
+                .to
+                .send(result.clone().map_err(|f| f.error(&self.path, false)));
+        }
+    }
+
+    /// Stores every kept `Cached` record now (when they were due, or at the end).
+    fn store_kept(&mut self) {
+        if self.shared.failed.get().is_none() {
+            // A failure is recorded and logged by `store_batches`.
+            let _ = self.store_batches();
+        }
+    }
+
+    fn insert(&self, record: &Record) -> Result<(), Failure> {
+        let tree = match record.tree {
+            Tree::Runs => &self.trees.runs,
+            Tree::Attempts => &self.trees.attempts,
+        };
+        tree.insert(record.key.as_slice(), record.value.as_slice())
+            .map(drop)
+            .map_err(|e| self.fail(&e))
+    }
+
+    /// Stores the kept `Cached` records as batches, one run at a time (records of one run
+    /// arrive together, so a run's records stay in few batches).
+    fn store_batches(&mut self) -> Result<(), Failure> {
+        self.store_by = None;
+        let kept = self.shared.cached.take();
+        let mut rest = kept.as_slice();
+        while let Some(first) = rest.first() {
+            let run: RunId = first.run;
+            let mut len = 0;
+            let mut key_bytes = 0;
+            while let Some(r) = rest.get(len) {
+                if r.run != run
+                    || len == BATCH_ENTRIES
+                    || (len > 0 && key_bytes + r.key.len() > BATCH_KEY_BYTES)
+                {
+                    break;
+                }
+                key_bytes += r.key.len();
+                len += 1;
+            }
+            let (batch, tail) = rest.split_at(len);
+            rest = tail;
+            let value =
+                encode_record(&CachedBatch::of(run, batch)).map_err(|e| Failure::encoding(&e))?;
+            if self.seq == u32::MAX {
+                self.epoch = self.db.generate_id().map_err(|e| self.fail(&e))?;
+                self.seq = 0;
+            }
+            self.seq += 1;
+            self.trees
+                .attempts
+                .insert(batch_key(run, self.epoch, self.seq), value)
+                .map_err(|e| self.fail(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Keeps what the outputs of a failed group were before it (see [`Shared`]'s `shadow`),
+    /// from `prior` (as [`commit`](Self::commit) found them; an output it did not reach kept
+    /// its value, which is read now).
+    fn shadow(&self, commits: &[Box<Commit>], prior: &[Option<sled::IVec>]) {
+        let mut shadow = self
+            .shared
+            .shadow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (i, commit) in commits.iter().enumerate() {
+            let key = &commit.output.0;
+            if shadow.contains_key(key) {
+                continue; // an earlier commit of the group wrote it: its prior value stands
+            }
+            let value = match prior.get(i) {
+                Some(value) => value.clone(),
+                None => match self.trees.outputs.get(key) {
+                    Ok(value) => value,
+                    Err(_) => continue, // unknown: the read goes to sled
+                },
+            };
+            shadow.insert(key.clone(), value);
+        }
+    }
+
+    /// Applies the group's commits in one transaction, so no output exists without its
+    /// attempt record (records that stand alone are plain inserts: a sled transaction costs
+    /// tens of microseconds per call, an insert a few). Leaves in `prior` the value each
+    /// output had before.
+    fn commit(
+        &self,
+        commits: &[Box<Commit>],
+        prior: &RefCell<Vec<Option<sled::IVec>>>,
+    ) -> Result<(), Failure> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        (&self.trees.outputs, &self.trees.attempts)
+            .transaction(|(outputs, attempts)| {
+                // sled runs this again after a conflict: start over.
+                let mut prior = prior.borrow_mut();
+                prior.clear();
+                for commit in commits {
+                    let (key, value) = &commit.output;
+                    prior.push(outputs.insert(key.as_bytes(), value.as_slice())?);
+                    if let Some((key, value)) = &commit.attempt {
+                        attempts.insert(key.as_slice(), value.as_slice())?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => self.fail(&e),
+                TransactionError::Abort(()) => Failure {
+                    kind: io::ErrorKind::Other,
+                    text: "transaction aborted".to_owned(),
+                },
+            })
+    }
+}
