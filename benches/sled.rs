@@ -30,6 +30,13 @@
 //!
 //! Every variant uses flat sampling (each sample is a few whole iterations), so criterion's
 //! estimate is a plain mean per iteration and the variants are comparable.
+//!
+//! Criterion measures one variant after the other, so on a shared machine a burst of load
+//! can land on one side of a ratio. The run therefore ends (unless criterion runs as a smoke
+//! test or a filter leaves either cached variant out) with an interleaved measurement of
+//! the cached ratio: [`INTERLEAVED_ROUNDS`] rounds, each timing one `raw_dagx_sled_gets`
+//! iteration and one `cached_dag` iteration back to back, in alternating order; it prints
+//! the median of each and the ratio of the medians.
 
 mod support;
 
@@ -53,6 +60,8 @@ const N_SMOKE: usize = 100;
 const GROUP: &str = "sled_2k";
 /// sled's page cache as `SledStore` configures it.
 const CACHE: u64 = 64 * 1024 * 1024;
+/// Rounds of the interleaved cached measurement.
+const INTERLEAVED_ROUNDS: usize = 200;
 
 /// A trivial task: returns the number it holds.
 struct Val(u64);
@@ -93,13 +102,7 @@ fn runtime() -> Runtime {
 /// The task ids: `N` of them when benchmarking, `N_SMOKE` in criterion's test mode (same
 /// rule as criterion: test mode unless `--bench` is given without `--test`).
 fn task_ids() -> Vec<Arc<str>> {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    let n = if has("--bench") && !has("--test") {
-        N
-    } else {
-        N_SMOKE
-    };
+    let n = if smoke_test() { N_SMOKE } else { N };
     (0..n).map(|i| Arc::from(format!("task-{i}"))).collect()
 }
 
@@ -404,10 +407,96 @@ fn print_summary(since: SystemTime) {
     support::print_summary(GROUP, N, &ids, &ratios, since);
 }
 
+/// Whether criterion runs every benchmark once as a test (see [`task_ids`]).
+fn smoke_test() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    !has("--bench") || has("--test")
+}
+
+/// Whether the command line's filter (criterion's first free argument, a regex; matched
+/// here as a plain substring or `a|b` alternatives, which is how this benchmark's ids are
+/// selected) leaves `id` in.
+fn selected(id: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut free = args.iter().filter(|a| !a.starts_with('-'));
+    match free.next() {
+        None => true,
+        Some(filter) => filter.split('|').any(|alt| {
+            format!("{GROUP}/{id}").contains(alt.trim_matches(|c| c == '^' || c == '$'))
+        }),
+    }
+}
+
+/// The median of `times`, in milliseconds.
+fn median_ms(times: &mut [Duration]) -> f64 {
+    times.sort();
+    times[times.len() / 2].as_secs_f64() * 1e3
+}
+
+/// The interleaved cached measurement (see the module docs).
+fn interleaved_cached(rounds: usize) {
+    let rt = runtime();
+    let ids = task_ids();
+    let n = ids.len();
+    let raw_dir = temp_dir();
+    let db = raw_sled(raw_dir.path());
+    for (i, id) in ids.iter().enumerate() {
+        db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
+            .expect("sled insert");
+    }
+    db.flush().expect("sled flush");
+    let (dir, ctx) = fresh_sled();
+    let (_, _, stats) = run_durable(&rt, &ctx, &ids);
+    check_fresh(&ctx, stats, n);
+    // Warm both up.
+    for _ in 0..5 {
+        drop(run_raw_gets(&rt, &db, &ids));
+        drop(run_durable(&rt, &ctx, &ids));
+    }
+    let (mut raw, mut cached) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut time_raw = || {
+            let (elapsed, dag) = run_raw_gets(&rt, &db, &ids);
+            drop(dag);
+            raw.push(elapsed);
+        };
+        let mut time_cached = || {
+            let (elapsed, dag, stats) = run_durable(&rt, &ctx, &ids);
+            check_cached(stats, n);
+            drop(dag);
+            cached.push(elapsed);
+        };
+        if round % 2 == 0 {
+            time_raw();
+            time_cached();
+        } else {
+            time_cached();
+            time_raw();
+        }
+    }
+    let (raw_ms, cached_ms) = (median_ms(&mut raw), median_ms(&mut cached));
+    println!(
+        "\n== interleaved: {rounds} rounds of raw_dagx_sled_gets and cached_dag back to back =="
+    );
+    println!("raw_dagx_sled_gets       {raw_ms:>10.3} ms  (median)");
+    println!("cached_dag               {cached_ms:>10.3} ms  (median)");
+    let ratio = cached_ms / raw_ms;
+    let verdict = if ratio <= 1.5 { "MET" } else { "MISSED" };
+    println!(
+        "{:<42} {ratio:>7.3}x  target <= 1.50: {verdict}",
+        "cached_dag / raw_dagx_sled_gets"
+    );
+    drop((ctx, dir, db, raw_dir));
+}
+
 fn main() {
     let since = SystemTime::now();
     let mut criterion = Criterion::default().configure_from_args();
     sled_2k(&mut criterion);
     criterion.final_summary();
     print_summary(since);
+    if !smoke_test() && selected("raw_dagx_sled_gets") && selected("cached_dag") {
+        interleaved_cached(INTERLEAVED_ROUNDS);
+    }
 }

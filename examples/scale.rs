@@ -19,7 +19,14 @@
 //! cargo run --release --example scale                  # store in a temporary directory
 //! cargo run --release --example scale -- DIR           # store in DIR (must not hold one)
 //! cargo run --release --example scale -- DIR 20000     # another number of tasks
+//! cargo run --release --example scale -- --raw         # the floor: raw dagx, no duraflow
+//! cargo run --release --example scale -- --memory      # duraflow over a MemoryStore
 //! ```
+//!
+//! `--raw` builds and runs the same DAG with dagx alone (twice, like the two runs above), and
+//! `--memory` through duraflow over a `MemoryStore` (a fresh run, then a cached one): their
+//! peak RSS is what the DAG itself and duraflow without sled cost, the floor under the
+//! `SledStore` figure. Each mode runs in a process of its own, since the peak is per process.
 //!
 //! The DAG runs on a multi-thread tokio runtime with 2 worker threads, as in the benchmarks.
 
@@ -29,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagx::{task, DagRunner, Task};
-use duraflow_rs::{Context, DurableDag, RunStats, SledStore};
+use duraflow_rs::{Context, DurableDag, MemoryStore, RunStats, SledStore};
 
 /// Tasks in the wide DAG.
 const N: usize = 100_000;
@@ -146,8 +153,64 @@ fn du(path: &std::path::Path) -> u64 {
     walk(path)
 }
 
+/// Builds and runs the wide DAG of `n` tasks with dagx alone.
+fn run_raw(rt: &tokio::runtime::Runtime, n: usize) -> Duration {
+    let start = Instant::now();
+    rt.block_on(async {
+        let dag = DagRunner::new();
+        for i in 0..n {
+            dag.add_task(Val(i as u64));
+        }
+        dag.run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+        .expect("raw dag run");
+    });
+    start.elapsed()
+}
+
+/// The floors: raw dagx (`raw`), or duraflow over a `MemoryStore`.
+fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
+    let what = if raw {
+        "raw dagx"
+    } else {
+        "DurableDag + MemoryStore"
+    };
+    println!("{what}: {n} independent trivial tasks");
+    memory("start");
+    if raw {
+        for label in ["first run:", "second run:"] {
+            let took = run_raw(rt, n);
+            println!("{label:<21}{took:>10.3?}");
+            memory(label.trim_end_matches(':'));
+        }
+    } else {
+        let ctx = Arc::new(Context::new(MemoryStore::new()));
+        for label in ["fresh run:", "cached run:"] {
+            let r = run(rt, &ctx, n);
+            print_run(label, &r, n);
+            memory(label.trim_end_matches(':'));
+        }
+    }
+    println!("\npeak RSS (VmHWM)     {:>10}", mib(status_kib("VmHWM")));
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    let mode = args.next_if(|a| a == "--raw" || a == "--memory");
+    if mode.is_some() {
+        let n = match args.next() {
+            Some(n) => n.parse()?,
+            None => N,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        floor(&rt, mode.as_deref() == Some("--raw"), n);
+        return Ok(());
+    }
     let (_temp, path) = match args.next() {
         Some(dir) => (None, PathBuf::from(dir)),
         None => {
