@@ -85,7 +85,7 @@ impl Context {
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DuraflowError> {
         validate_key(key)
             .and_then(|()| codec::encode(key, value))
-            .and_then(|bytes| self.db.write(key, &bytes))
+            .and_then(|bytes| self.db.write_owned(key, bytes))
             .map_err(|e| e.into_persist(key))
     }
 

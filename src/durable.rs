@@ -7,7 +7,7 @@ use std::sync::Arc;
 use dagx::Task;
 use futures::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
-use tracing::Instrument;
+use tracing::{instrument::WithSubscriber, Instrument};
 
 use crate::run::{Ending, ProgressFn, RunState};
 use crate::{AttemptOutcome, Context, DuraflowError};
@@ -78,22 +78,24 @@ where
     async fn execute(self, inputs: Inputs<Tk::Input>) -> Outcome<Tk::Output> {
         let Durable { id, inner, run } = self;
         let ctx = &run.ctx;
-        let span = tracing::info_span!(
-            "duraflow.task",
-            task.id = %id,
-            store = ctx.db.kind(),
-            outcome = tracing::field::Empty,
-        );
+        let span = run.task_span(&id, ATTEMPT);
+        let dispatch = run.dispatch().cloned();
         let body = async {
             let finish = |ending: Ending| {
                 tracing::Span::current().record("outcome", ending.as_str());
                 run.finish(&id, ending)
             };
-            let attempt = run.start_attempt(&id);
+            // Awaits the close of the run when `finish` found this task to be its last.
+            async fn closed(close: Option<futures::future::BoxFuture<'_, ()>>) {
+                if let Some(close) = close {
+                    close.await;
+                }
+            }
+            let attempt = run.start_attempt(&id, ATTEMPT);
 
             if let Some((value, size)) = ctx.load_output::<Tk::Output>(&id).await {
                 run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
-                finish(Ending::Cached).await;
+                closed(finish(Ending::Cached)).await;
                 return Outcome::Done(value);
             }
 
@@ -115,32 +117,36 @@ where
                         message,
                     };
                     run.end_attempt(&attempt, failed(&error.to_string()), None);
-                    finish(Ending::Failed).await;
+                    closed(finish(Ending::Failed)).await;
                     return Outcome::Failed(error);
                 }
                 Err(panic) => {
                     let message = panic_message(&*panic);
                     tracing::error!(key = %id, panic = message, "task panicked; nothing persisted");
                     run.end_attempt(&attempt, failed(&format!("panicked: {message}")), None);
-                    finish(Ending::Failed).await;
+                    closed(finish(Ending::Failed)).await;
                     std::panic::resume_unwind(panic);
                 }
             };
 
             match run.persist(&id, &value, &attempt).await {
                 Ok(()) => {
-                    finish(Ending::Executed).await;
+                    closed(finish(Ending::Executed)).await;
                     Outcome::Done(value)
                 }
                 Err(error) => {
                     tracing::error!(key = %id, %error, "task output not persisted");
                     run.end_attempt(&attempt, failed(&error.to_string()), None);
-                    finish(Ending::Failed).await;
+                    closed(finish(Ending::Failed)).await;
                     Outcome::NotPersisted(value, error)
                 }
             }
         };
-        body.instrument(span).await
+        let body = body.instrument(span);
+        match dispatch {
+            Some(dispatch) => body.with_subscriber(dispatch).await,
+            None => body.await,
+        }
     }
 }
 
@@ -173,6 +179,9 @@ where
             .map_err(|e| e.to_string())
     }
 }
+
+/// The attempt number of every task's first (and, until retries exist, only) attempt.
+const ATTEMPT: u32 = 1;
 
 /// Where the inner task's input comes from.
 enum Inputs<I> {

@@ -9,6 +9,8 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
+use futures::future::{ready, BoxFuture, Either, Ready};
+
 use crate::{DuraflowError, Storage};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -80,32 +82,39 @@ async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) ->
     }
 }
 
+/// What [`off_executor`] returns: an already-finished result for a store that never
+/// blocks, or a boxed wait on the I/O pool. Boxing only the pool path keeps the future of
+/// every task small when the store is in memory.
+pub(crate) type OffExecutor<R> =
+    Either<Ready<Result<R, DuraflowError>>, BoxFuture<'static, Result<R, DuraflowError>>>;
+
 /// Runs `op(db, key)` without blocking the async executor.
 ///
-/// Stores that say they never block ([`Storage::may_block`] is `false`) run inline. Others
-/// run on the I/O pool. A panic inside `op` is resumed in the caller.
-pub(crate) async fn off_executor<R, F>(
+/// Stores that say they never block ([`Storage::may_block`] is `false`) run inline, now.
+/// Others run on the I/O pool. A panic inside `op` is resumed in the caller.
+pub(crate) fn off_executor<R, F>(
     db: &Arc<dyn Storage + Send + Sync>,
     key: &str,
     op: F,
-) -> Result<R, DuraflowError>
+) -> OffExecutor<R>
 where
     R: Send + 'static,
     F: FnOnce(&dyn Storage, &str) -> Result<R, DuraflowError> + Send + 'static,
 {
     if !db.may_block() {
-        return op(db.as_ref(), key);
+        return Either::Left(ready(op(db.as_ref(), key)));
     }
     let db = Arc::clone(db);
     let owned_key = key.to_owned();
-    match on_pool(move || op(db.as_ref(), &owned_key)).await {
-        Ok(result) => result,
-        Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
-            key: key.to_owned(),
-            source: Box::new(e),
-        }),
-        Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown {
-            key: key.to_owned(),
-        }),
-    }
+    Either::Right(Box::pin(async move {
+        let key = owned_key.clone();
+        match on_pool(move || op(db.as_ref(), &owned_key)).await {
+            Ok(result) => result,
+            Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
+                key,
+                source: Box::new(e),
+            }),
+            Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown { key }),
+        }
+    }))
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use serde::Serialize;
 
 use crate::codec;
@@ -74,6 +75,18 @@ pub(crate) struct RunState {
     started_ms: u64,
     /// Set by the task that finds every task of the run final and closes the record.
     closed: AtomicBool,
+    /// Tasks claimed in this run: the run is over when this many have ended.
+    total: AtomicUsize,
+    /// The run's id in spans: its run-log id, or a process-wide sequence number when the
+    /// store keeps no run log.
+    span_id: u64,
+    /// The `duraflow.run` span, dropped (closed, once its tasks' spans close) when the run
+    /// ends. Task spans name it as their parent.
+    span: Mutex<Option<tracing::Span>>,
+    parent: Option<tracing::Id>,
+    /// The subscriber that was current when the run was made, if any: every task's future
+    /// is polled with it, so spans reach it from whatever worker thread runs the task.
+    dispatch: Option<tracing::Dispatch>,
 }
 
 const EXECUTED_ONE: u64 = 1;
@@ -87,10 +100,33 @@ impl RunState {
                 .map_err(|error| tracing::warn!(%error, "run not recorded"))
                 .ok()
         });
+        let span_id = match record {
+            Some(id) => id,
+            None => {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        let span = tracing::info_span!(
+            "duraflow.run",
+            run.id = span_id,
+            store = ctx.db.kind(),
+            executed = tracing::field::Empty,
+            cached = tracing::field::Empty,
+            failed = tracing::field::Empty,
+        );
+        let dispatch = tracing::dispatcher::get_default(|d| {
+            (!d.is::<tracing::subscriber::NoSubscriber>()).then(|| d.clone())
+        });
         RunState {
             record,
             started_ms,
             closed: AtomicBool::new(false),
+            total: AtomicUsize::new(0),
+            span_id,
+            parent: span.id(),
+            span: Mutex::new(Some(span)),
+            dispatch,
             ctx,
             ids: Mutex::default(),
             progress: progress.map(OnceLock::from).unwrap_or_default(),
@@ -119,6 +155,7 @@ impl RunState {
         }
         let id: Arc<str> = Arc::from(id);
         ids.insert(Arc::clone(&id));
+        self.total.fetch_add(1, Ordering::SeqCst);
         Ok(id)
     }
 
@@ -127,27 +164,27 @@ impl RunState {
     }
 
     /// Starts an attempt at task `id` (recorded only when it ends or starts running).
-    pub(crate) fn start_attempt(&self, id: &str) -> Attempt {
-        let record = self.log().map(|(_, run)| AttemptRecord {
-            run,
-            key: id.to_owned(),
-            attempt: 1,
-            started_ms: now_ms(),
-            finished_ms: None,
-            outcome: AttemptOutcome::Running,
-            duration_us: None,
-            output_size: None,
+    pub(crate) fn start_attempt(&self, id: &str, attempt: u32) -> Attempt {
+        let record = self.log().map(|(_, run)| {
+            Box::new(AttemptRecord {
+                run,
+                key: id.to_owned(),
+                attempt,
+                started_ms: now_ms(),
+                finished_ms: None,
+                outcome: AttemptOutcome::Running,
+                duration_us: None,
+                output_size: None,
+            })
         });
-        Attempt {
-            record,
-            started: Instant::now(),
-        }
+        let started = record.as_ref().map(|_| Instant::now());
+        Attempt { record, started }
     }
 
     /// Records the attempt as `Running`: the inner task is about to run, and a crash from
     /// here on leaves it `Interrupted`. (A cached task never runs and is recorded once.)
     pub(crate) fn mark_running(&self, attempt: &Attempt) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.clone()) {
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.as_deref().cloned()) {
             let key = record.key.clone();
             if let Err(error) = log.record(record) {
                 tracing::warn!(key, %error, "attempt not recorded");
@@ -188,15 +225,19 @@ impl RunState {
                 Ok(ticket) => ticket.await,
                 Err(e) => Err(e),
             },
-            _ => off_executor(&self.ctx.db, id, move |db, key| db.write(key, &bytes)).await,
+            _ => off_executor(&self.ctx.db, id, move |db, key| db.write_owned(key, bytes)).await,
         };
-        done.map_err(|e| e.into_persist(id))
+        done.map_err(|e| e.into_persist(id))?;
+        tracing::trace!(bytes = size, "output persisted");
+        Ok(())
     }
 
     /// Records how task `id` ended. A completed task (executed or cached) bumps the
-    /// context's and the run's counts and then calls the progress callback, once. The task
-    /// that finds every task of the run final closes the run's record.
-    pub(crate) async fn finish(&self, id: &str, ending: Ending) {
+    /// context's and the run's counts and then calls the progress callback, once.
+    ///
+    /// Returns the work left when this task is the last of the run to end: closing the
+    /// run's record. It is boxed, and only then, so the future of every task stays small.
+    pub(crate) fn finish(&self, id: &str, ending: Ending) -> Option<BoxFuture<'_, ()>> {
         match ending {
             Ending::Executed | Ending::Cached => {
                 let one = if ending == Ending::Executed {
@@ -215,24 +256,58 @@ impl RunState {
                 self.failed.fetch_add(1, Ordering::SeqCst);
             }
         }
-        if self.record.is_some() {
-            self.close_if_done().await;
+        let stats = self.stats();
+        let ended = stats.executed + stats.cached + stats.failed;
+        if ended < self.total.load(Ordering::SeqCst) || self.closed.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        self.close_span(stats);
+        self.record
+            .map(|id| Box::pin(self.close_record(id, stats)) as BoxFuture<'_, ()>)
+    }
+
+    /// Records the run's counts on its span and lets it close.
+    fn close_span(&self, stats: RunStats) {
+        let span = self
+            .span
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(span) = span {
+            span.record("executed", stats.executed);
+            span.record("cached", stats.cached);
+            span.record("failed", stats.failed);
         }
     }
 
-    async fn close_if_done(&self) {
-        let Some((log, id)) = self.log() else { return };
-        let stats = self.stats();
-        let total = self
-            .ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        if stats.executed + stats.cached + stats.failed < total
-            || self.closed.swap(true, Ordering::SeqCst)
-        {
-            return;
+    /// A span for one attempt at task `id`, a child of the run's span.
+    pub(crate) fn task_span(&self, id: &str, attempt: u32) -> tracing::Span {
+        let make = || {
+            tracing::info_span!(
+                parent: self.parent.clone(),
+                "duraflow.task",
+                task.id = id,
+                run.id = self.span_id,
+                attempt,
+                outcome = tracing::field::Empty,
+            )
+        };
+        match &self.dispatch {
+            Some(dispatch) => tracing::dispatcher::with_default(dispatch, make),
+            None => make(),
         }
+    }
+
+    /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
+    pub(crate) fn dispatch(&self) -> Option<&tracing::Dispatch> {
+        self.dispatch.as_ref()
+    }
+
+    /// Writes the run's final record, durably.
+    async fn close_record(&self, id: RunId, stats: RunStats) {
+        let Some(log) = self.ctx.db.run_log() else {
+            return;
+        };
         let record = RunRecord {
             id,
             started_ms: self.started_ms,
@@ -266,6 +341,16 @@ impl RunState {
     }
 }
 
+impl Drop for RunState {
+    /// A run dropped before all its tasks ended (never run, or its runner dropped) still
+    /// gets its counts on its span.
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.close_span(self.stats());
+        }
+    }
+}
+
 /// Unpacks [`RunState::done`] into (executed, cached).
 fn split(done: u64) -> (usize, usize) {
     ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
@@ -273,16 +358,17 @@ fn split(done: u64) -> (usize, usize) {
 
 /// One attempt at one task, as the run log will record it.
 pub(crate) struct Attempt {
-    record: Option<AttemptRecord>,
-    started: Instant,
+    /// `None` when the store keeps no run log: nothing to record, nothing to time.
+    record: Option<Box<AttemptRecord>>,
+    started: Option<Instant>,
 }
 
 impl Attempt {
     /// The record of this attempt ending now with `outcome` (`None` without a run log).
     fn ended(&self, outcome: AttemptOutcome, size: Option<usize>) -> Option<AttemptRecord> {
-        let mut record = self.record.clone()?;
+        let mut record = AttemptRecord::clone(self.record.as_deref()?);
         record.finished_ms = Some(now_ms());
-        record.duration_us = Some(self.started.elapsed().as_micros() as u64);
+        record.duration_us = self.started.map(|t| t.elapsed().as_micros() as u64);
         record.outcome = outcome;
         record.output_size = size.map(|s| s as u64);
         Some(record)
