@@ -107,16 +107,23 @@ impl RunState {
                 NEXT.fetch_add(1, Ordering::Relaxed)
             }
         };
-        let span = tracing::info_span!(
-            "duraflow.run",
-            run.id = span_id,
-            store = ctx.db.kind(),
-            executed = tracing::field::Empty,
-            cached = tracing::field::Empty,
-            failed = tracing::field::Empty,
-        );
+        // `--cfg duraflow_no_spans` builds the crate without spans, as the baseline the
+        // span-overhead benchmark compares against; it is not a supported configuration.
+        let span = if cfg!(duraflow_no_spans) {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "duraflow.run",
+                run.id = span_id,
+                store = ctx.db.kind(),
+                executed = tracing::field::Empty,
+                cached = tracing::field::Empty,
+                failed = tracing::field::Empty,
+            )
+        };
         let dispatch = tracing::dispatcher::get_default(|d| {
-            (!d.is::<tracing::subscriber::NoSubscriber>()).then(|| d.clone())
+            let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
+            (!none).then(|| d.clone())
         });
         RunState {
             record,
@@ -282,6 +289,9 @@ impl RunState {
 
     /// A span for one attempt at task `id`, a child of the run's span.
     pub(crate) fn task_span(&self, id: &str, attempt: u32) -> tracing::Span {
+        if cfg!(duraflow_no_spans) {
+            return tracing::Span::none();
+        }
         let make = || {
             tracing::info_span!(
                 parent: self.parent.clone(),
