@@ -6,7 +6,6 @@ use std::sync::Arc;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};
-use crate::offload::off_executor;
 use crate::{validate_key, DuraflowError, Storage};
 
 /// The store a pipeline persists into, plus a counter of completed tasks.
@@ -89,12 +88,14 @@ impl Context {
             .map_err(|e| e.into_persist(key))
     }
 
-    /// The stored output of task `key` and its size in bytes, if it can be handed to the
-    /// task's dependents: present, intact and written by the same type. Anything else is
-    /// logged and treated as absent, so the task runs again and overwrites it. Runs the store
-    /// read off the executor.
-    pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<(T, usize)> {
-        let read = off_executor(&self.db, key, |db, key| db.read(key)).await;
+    /// The stored output of task `key` and its size in bytes, given what reading `key`
+    /// returned, if it can be handed to the task's dependents: present, intact and written
+    /// by the same type. Anything else is logged and treated as absent, so the task runs
+    /// again and overwrites it.
+    pub(crate) fn usable_output<T: DeserializeOwned>(
+        key: &str,
+        read: Result<Option<Vec<u8>>, DuraflowError>,
+    ) -> Option<(T, usize)> {
         let found = read.and_then(|bytes| match bytes {
             None => Ok(None),
             Some(bytes) => {

@@ -88,8 +88,8 @@ impl<'a> DurableDag<'a> {
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         validate_key(id)?;
-        let id = self.run.claim(id)?;
-        let durable = Durable::in_run(id, task, self.run.clone());
+        let (id, pending) = self.run.claim(id)?;
+        let durable = Durable::in_run(id, task, self.run.clone(), pending);
         Ok(self.dag.add_task(durable))
     }
 

@@ -9,6 +9,7 @@ use futures::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::{instrument::WithSubscriber, Instrument};
 
+use crate::readahead::Pending;
 use crate::run::{Ending, ProgressFn, RunState};
 use crate::{AttemptOutcome, Context, DuraflowError};
 
@@ -25,6 +26,8 @@ pub struct Durable<Tk> {
     id: Arc<str>,
     inner: Tk,
     run: Arc<RunState>,
+    /// This task's read in the run's read-ahead, if any.
+    pending: Option<Pending>,
 }
 
 impl<Tk> std::fmt::Debug for Durable<Tk> {
@@ -46,11 +49,26 @@ impl<Tk> Durable<Tk> {
         progress: Option<ProgressFn>,
     ) -> Self {
         let id: String = id.into();
-        Self::in_run(id.into(), inner, Arc::new(RunState::new(ctx, progress)))
+        Self::in_run(
+            id.into(),
+            inner,
+            Arc::new(RunState::new(ctx, progress)),
+            None,
+        )
     }
 
-    pub(crate) fn in_run(id: Arc<str>, inner: Tk, run: Arc<RunState>) -> Self {
-        Durable { id, inner, run }
+    pub(crate) fn in_run(
+        id: Arc<str>,
+        inner: Tk,
+        run: Arc<RunState>,
+        pending: Option<Pending>,
+    ) -> Self {
+        Durable {
+            id,
+            inner,
+            run,
+            pending,
+        }
     }
 
     /// The key this task's output is stored under.
@@ -76,8 +94,12 @@ where
 
     /// The one path every output takes: cache check → run → persist → report.
     async fn execute(self, inputs: Inputs<Tk::Input>) -> Outcome<Tk::Output> {
-        let Durable { id, inner, run } = self;
-        let ctx = &run.ctx;
+        let Durable {
+            id,
+            inner,
+            run,
+            pending,
+        } = self;
         let span = run.task_span(&id, ATTEMPT);
         let dispatch = run.dispatch().cloned();
         let body = async {
@@ -93,7 +115,8 @@ where
             }
             let attempt = run.start_attempt(&id, ATTEMPT);
 
-            if let Some((value, size)) = ctx.load_output::<Tk::Output>(&id).await {
+            let stored = run.read_stored(&id, pending).await;
+            if let Some((value, size)) = Context::usable_output::<Tk::Output>(&id, stored) {
                 run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
                 closed(finish(Ending::Cached)).await;
                 return Outcome::Done(value);

@@ -11,6 +11,7 @@ mod durable;
 mod error;
 mod key;
 mod offload;
+mod readahead;
 mod record;
 mod run;
 mod runlog;

@@ -13,7 +13,8 @@ use futures::future::{ready, BoxFuture, Either, Ready};
 
 use crate::{DuraflowError, Storage};
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// Work for an I/O thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Environment variable that sets the number of I/O threads (default [`DEFAULT_THREADS`]).
 const THREADS_VAR: &str = "DURAFLOW_IO_THREADS";
@@ -45,6 +46,16 @@ fn pool() -> &'static Option<crossbeam_channel::Sender<Job>> {
             .count();
         (started > 0).then_some(tx)
     })
+}
+
+/// Queues `job` on the I/O pool without waiting for it; returns whether it was queued
+/// (`false` when no pool thread could be started: `job` is then dropped unrun). A panic in
+/// `job` is caught and leaves the thread serving the pool.
+pub(crate) fn submit(job: Job) -> bool {
+    let job: Job = Box::new(move || {
+        let _ = catch_unwind(AssertUnwindSafe(job));
+    });
+    matches!(pool(), Some(queue) if queue.send(job).is_ok())
 }
 
 /// Why a job handed to the pool produced no result.

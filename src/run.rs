@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::codec;
 use crate::offload::off_executor;
+use crate::readahead::{Pending, ReadAhead, ReadResult};
 use crate::record::now_ms;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
@@ -84,6 +85,8 @@ pub(crate) struct RunState {
     /// ends. Task spans name it as their parent.
     span: Mutex<Option<tracing::Span>>,
     parent: Option<tracing::Id>,
+    /// Reads the run's stored outputs ahead of its tasks, for stores whose reads block.
+    readahead: Option<ReadAhead>,
     /// The subscriber that was current when the run was made, if any: every task's future
     /// is polled with it, so spans reach it from whatever worker thread runs the task.
     dispatch: Option<tracing::Dispatch>,
@@ -130,6 +133,7 @@ impl RunState {
             started_ms,
             closed: AtomicBool::new(false),
             total: AtomicUsize::new(0),
+            readahead: ctx.db.may_block().then(ReadAhead::new),
             span_id,
             parent: span.id(),
             span: Mutex::new(Some(span)),
@@ -155,15 +159,34 @@ impl RunState {
     }
 
     /// Claims `id` for one task of this run; the returned id is shared with the claim set.
-    pub(crate) fn claim(&self, id: &str) -> Result<Arc<str>, DuraflowError> {
+    /// With read-ahead, also returns what the task's stored-output read will arrive on.
+    pub(crate) fn claim(&self, id: &str) -> Result<(Arc<str>, Option<Pending>), DuraflowError> {
         let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
         if ids.contains(id) {
             return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
         }
         let id: Arc<str> = Arc::from(id);
         ids.insert(Arc::clone(&id));
+        drop(ids);
         self.total.fetch_add(1, Ordering::SeqCst);
-        Ok(id)
+        let pending = self.readahead.as_ref().map(|r| r.enqueue(Arc::clone(&id)));
+        Ok((id, pending))
+    }
+
+    /// Reads what the store holds under `id`, off the executor: from the run's read-ahead
+    /// when the task has a `pending` read there (starting the read-ahead if this is the
+    /// run's first task), otherwise with a read of its own.
+    pub(crate) async fn read_stored(&self, id: &str, pending: Option<Pending>) -> ReadResult {
+        if let (Some(readahead), Some(pending)) = (&self.readahead, pending) {
+            readahead.start(&self.ctx.db);
+            if let Ok(read) = pending.await {
+                if let Ok(Some(bytes)) = &read {
+                    readahead.taken(bytes.len());
+                }
+                return read;
+            }
+        }
+        off_executor(&self.ctx.db, id, |db, key| db.read(key)).await
     }
 
     fn log(&self) -> Option<(&dyn RunLog, RunId)> {
