@@ -101,10 +101,11 @@ where
             pending,
         } = self;
         let span = run.task_span(&id, ATTEMPT);
+        let outcome_span = span.clone();
         let dispatch = run.dispatch().cloned();
-        let body = async {
+        let body = async move {
             let finish = |ending: Ending| {
-                tracing::Span::current().record("outcome", ending.as_str());
+                outcome_span.record("outcome", ending.as_str());
                 run.finish(&id, ending)
             };
             // Awaits the close of the run when `finish` found this task to be its last.
@@ -152,8 +153,10 @@ where
                 }
             };
 
-            match run.persist(&id, &value, &attempt).await {
+            let persisted = run.persist(&id, &value, &attempt).await;
+            match persisted.map_err(|e| e.into_persist(&id)) {
                 Ok(()) => {
+                    tracing::trace!("output persisted");
                     closed(finish(Ending::Executed)).await;
                     Outcome::Done(value)
                 }
@@ -165,10 +168,13 @@ where
                 }
             }
         };
-        let body = body.instrument(span);
+        // The span must be dropped while `dispatch` is the default: closing the last task
+        // span makes the registry close the run span through the *current* default. An
+        // awaited future is dropped inside the poll that completes it, so inside the scope.
+        let traced = async move { body.instrument(span).await };
         match dispatch {
-            Some(dispatch) => body.with_subscriber(dispatch).await,
-            None => body.await,
+            Some(dispatch) => traced.with_subscriber(dispatch).await,
+            None => traced.await,
         }
     }
 }

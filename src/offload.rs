@@ -96,8 +96,8 @@ async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) ->
 /// What [`off_executor`] returns: an already-finished result for a store that never
 /// blocks, or a boxed wait on the I/O pool. Boxing only the pool path keeps the future of
 /// every task small when the store is in memory.
-pub(crate) type OffExecutor<R> =
-    Either<Ready<Result<R, DuraflowError>>, BoxFuture<'static, Result<R, DuraflowError>>>;
+pub(crate) type OffExecutor<'a, R> =
+    Either<Ready<Result<R, DuraflowError>>, BoxFuture<'a, Result<R, DuraflowError>>>;
 
 /// Runs `op(db, key)` without blocking the async executor.
 ///
@@ -107,7 +107,7 @@ pub(crate) fn off_executor<R, F>(
     db: &Arc<dyn Storage + Send + Sync>,
     key: &str,
     op: F,
-) -> OffExecutor<R>
+) -> OffExecutor<'static, R>
 where
     R: Send + 'static,
     F: FnOnce(&dyn Storage, &str) -> Result<R, DuraflowError> + Send + 'static,

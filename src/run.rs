@@ -5,15 +5,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use serde::Serialize;
 
 use crate::codec;
-use crate::offload::off_executor;
-use crate::readahead::{Pending, ReadAhead, ReadResult};
+use crate::offload::{off_executor, OffExecutor};
+use crate::readahead::{Pending, ReadAhead};
 use crate::record::now_ms;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
+    Ticket,
 };
 
 /// The progress callback: called with a task's id and how many tasks of the run have
@@ -176,17 +177,30 @@ impl RunState {
     /// Reads what the store holds under `id`, off the executor: from the run's read-ahead
     /// when the task has a `pending` read there (starting the read-ahead if this is the
     /// run's first task), otherwise with a read of its own.
-    pub(crate) async fn read_stored(&self, id: &str, pending: Option<Pending>) -> ReadResult {
-        if let (Some(readahead), Some(pending)) = (&self.readahead, pending) {
-            readahead.start(&self.ctx.db);
-            if let Ok(read) = pending.await {
-                if let Ok(Some(bytes)) = &read {
-                    readahead.taken(bytes.len());
-                }
-                return read;
+    pub(crate) fn read_stored(
+        &self,
+        id: &str,
+        pending: Option<Pending>,
+    ) -> OffExecutor<'_, Option<Vec<u8>>> {
+        match (&self.readahead, pending) {
+            (Some(readahead), Some(pending)) => {
+                readahead.start(&self.ctx.db);
+                let id = id.to_owned();
+                Either::Right(Box::pin(async move {
+                    match pending.await {
+                        Ok(read) => {
+                            if let Ok(Some(bytes)) = &read {
+                                readahead.taken(bytes.len());
+                            }
+                            read
+                        }
+                        // Not read ahead: read it now.
+                        Err(_) => off_executor(&self.ctx.db, &id, |db, key| db.read(key)).await,
+                    }
+                }))
             }
+            _ => off_executor(&self.ctx.db, id, |db, key| db.read(key)),
         }
-        off_executor(&self.ctx.db, id, |db, key| db.read(key)).await
     }
 
     fn log(&self) -> Option<(&dyn RunLog, RunId)> {
@@ -239,27 +253,32 @@ impl RunState {
 
     /// Persists the output of task `id`: with its `Succeeded` attempt in one atomic commit
     /// where the store keeps records, as a plain write otherwise. Returns once durable.
-    pub(crate) async fn persist<T: Serialize>(
+    /// The caller awaits the returned future and maps its error with
+    /// [`DuraflowError::into_persist`]: building the future does the encoding and queues the
+    /// write, so the future itself stays small.
+    pub(crate) fn persist<T: Serialize>(
         &self,
         id: &str,
         value: &T,
         attempt: &Attempt,
-    ) -> Result<(), DuraflowError> {
-        let bytes = codec::encode(id, value).map_err(|e| e.into_persist(id))?;
+    ) -> Either<OffExecutor<'static, ()>, Ticket> {
+        let bytes = match codec::encode(id, value) {
+            Ok(bytes) => bytes,
+            Err(e) => return Either::Right(Ticket::ready(Err(e))),
+        };
         let size = bytes.len();
-        let done = match (
+        match (
             self.log(),
             attempt.ended(AttemptOutcome::Succeeded, Some(size)),
         ) {
-            (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
-                Ok(ticket) => ticket.await,
-                Err(e) => Err(e),
-            },
-            _ => off_executor(&self.ctx.db, id, move |db, key| db.write_owned(key, bytes)).await,
-        };
-        done.map_err(|e| e.into_persist(id))?;
-        tracing::trace!(bytes = size, "output persisted");
-        Ok(())
+            (Some((log, _)), Some(record)) => Either::Right(
+                log.commit(id, bytes, record)
+                    .unwrap_or_else(|e| Ticket::ready(Err(e))),
+            ),
+            _ => Either::Left(off_executor(&self.ctx.db, id, move |db, key| {
+                db.write_owned(key, bytes)
+            })),
+        }
     }
 
     /// Records how task `id` ended. A completed task (executed or cached) bumps the
