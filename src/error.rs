@@ -124,6 +124,18 @@ pub enum DuraflowError {
         operation: &'static str,
     },
 
+    /// Every attempt at task `key` was cut off by the retry policy's timeout; the task has no
+    /// output and nothing was stored.
+    #[error("task {key:?} timed out after {timeout:?} on each of its {attempts} attempt(s)")]
+    TimedOut {
+        /// The task's id.
+        key: String,
+        /// The per-attempt timeout.
+        timeout: std::time::Duration,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+
     /// Store work for `key` was abandoned because its I/O thread went away (the process is
     /// shutting down).
     #[error("store work for key {key:?} was abandoned: the process is shutting down")]
