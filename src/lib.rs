@@ -6,6 +6,7 @@
 
 mod codec;
 mod context;
+mod copy;
 mod dag;
 mod durable;
 mod error;
@@ -20,6 +21,7 @@ mod runlog;
 mod store;
 
 pub use context::Context;
+pub use copy::copy;
 pub use dag::DurableDag;
 pub use durable::Durable;
 pub use error::{BoxError, DuraflowError};
