@@ -74,6 +74,7 @@ const STRIPES: usize = 64;
 /// A [`Storage`] that keeps each key in its own directory under a root directory.
 ///
 /// # Layout
+/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`);
 /// `ROOT/.lock` is held locked while the store is open. Key `k` lives in
 /// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
 /// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
@@ -94,6 +95,14 @@ const STRIPES: usize = 64;
 ///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
 ///   the process dies.
 /// - Nothing is written outside the root.
+///
+/// # Formats and duraflow-rs 1.x
+/// [`FileStore::new`] on a directory written by duraflow-rs 1.x (one JSON file per key)
+/// upgrades it in place, crash-safely: afterwards `Context::get::<T>` returns what 1.x
+/// returned for the same key. Keys are the 1.x file names: 1.x replaced every character
+/// outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found under `a_b`. Files
+/// that are not JSON are reported with `warn!` and left alone. A store of a newer format is
+/// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
@@ -103,9 +112,11 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Opens (creating if needed) the store rooted at `dir` and takes its lock.
+    /// Opens (creating if needed) the store rooted at `dir` and takes its lock, upgrading a
+    /// duraflow-rs 1.x directory first (see [Formats](FileStore#formats-and-duraflow-rs-1x)).
     ///
     /// # Errors
+    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format (left untouched);
     /// [`DuraflowError::StoreLocked`] when another handle holds the store;
     /// [`DuraflowError::Io`] naming the path when the directory cannot be created or opened
     /// (for example because `dir` is a plain file).
