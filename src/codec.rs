@@ -189,6 +189,30 @@ pub(crate) fn decode<T: DeserializeOwned>(
     Ok(value)
 }
 
+/// Decodes the value stored under `key` without knowing its type: the type name it was
+/// written with and the value as JSON (MessagePack is self-describing; binary strings become
+/// arrays of numbers).
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] for damaged bytes or a payload that is not MessagePack.
+pub(crate) fn inspect(
+    key: &str,
+    bytes: &[u8],
+) -> Result<(String, serde_json::Value), DuraflowError> {
+    let env = open(key, bytes)?;
+    let corrupt = |reason: String| DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: None,
+        reason,
+    };
+    let value = if env.json {
+        serde_json::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
+    } else {
+        rmp_serde::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
+    };
+    Ok((env.type_name.to_owned(), value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +227,29 @@ mod tests {
         a: u32,
         #[serde(default)]
         b: String,
+    }
+
+    #[test]
+    fn inspect_reads_any_value_as_json_with_its_type_name() {
+        let bytes = encode(
+            "k",
+            &V2 {
+                a: 3,
+                b: "x".into(),
+            },
+        )
+        .unwrap();
+        let (name, value) = inspect("k", &bytes).unwrap();
+        assert_eq!(name, std::any::type_name::<V2>());
+        assert_eq!(value, serde_json::json!({"a": 3, "b": "x"}));
+        let (name, value) = inspect("k", &encode_json(br#"[1,"two"]"#)).unwrap();
+        assert_eq!((name.as_str(), value), ("", serde_json::json!([1, "two"])));
+        let mut damaged = bytes.clone();
+        damaged[10] ^= 1;
+        assert!(matches!(
+            inspect("k", &damaged),
+            Err(DuraflowError::Corrupt { .. })
+        ));
     }
 
     #[test]

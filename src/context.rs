@@ -75,6 +75,26 @@ impl Context {
         }
     }
 
+    /// The value stored under `key` whatever its type, for inspection (the CLI's `get`):
+    /// the name of the type that wrote it (empty for values upgraded from duraflow-rs 1.x),
+    /// the value as JSON, and its size in bytes. `Ok(None)` if the key holds nothing.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Corrupt`] when the bytes fail their checksum or do not decode;
+    /// [`DuraflowError::InvalidKey`]; any error of the store.
+    pub fn inspect(&self, key: &str) -> Result<Option<StoredValue>, DuraflowError> {
+        validate_key(key)?;
+        let Some(bytes) = self.db.read(key)? else {
+            return Ok(None);
+        };
+        let (type_name, value) = codec::inspect(key, &bytes)?;
+        Ok(Some(StoredValue {
+            type_name,
+            value,
+            size: bytes.len(),
+        }))
+    }
+
     /// Stores `value` under `key`, replacing any previous value, with the store's durability
     /// guarantee. A task with id `key` will return this value instead of running.
     ///
@@ -110,4 +130,17 @@ impl Context {
             }
         }
     }
+}
+
+/// A stored value as [`Context::inspect`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StoredValue {
+    /// `std::any::type_name` of the type that wrote it; empty when unknown (values upgraded
+    /// from duraflow-rs 1.x).
+    pub type_name: String,
+    /// The value, as JSON.
+    pub value: serde_json::Value,
+    /// Its size in the store, envelope included, in bytes.
+    pub size: usize,
 }

@@ -20,7 +20,7 @@ mod run;
 mod runlog;
 mod store;
 
-pub use context::Context;
+pub use context::{Context, StoredValue};
 pub use copy::copy;
 pub use dag::DurableDag;
 pub use durable::Durable;
