@@ -4,7 +4,8 @@
 //! offset  size  field
 //! 0       2     magic "DF"
 //! 2       1     envelope version (1)
-//! 3       1     flags (0; reserved)
+//! 3       1     flags: bit 0 = the payload is JSON text (a value migrated from a
+//!               duraflow-rs 1.x store), not MessagePack; other bits reserved (0)
 //! 4       2     type-name length N (u16, little endian)
 //! 6       N     type name (UTF-8, `std::any::type_name` of the value; empty = untyped)
 //! 6+N     4     payload length P (u32, little endian)
@@ -24,6 +25,9 @@ const MAGIC: &[u8; 2] = b"DF";
 const VERSION: u8 = 1;
 const HEADER: usize = 6;
 const TRAILER: usize = 4;
+/// Flag: the payload is the JSON text duraflow-rs 1.x stored, kept as it was so that every
+/// type reads back exactly what 1.x's `serde_json::from_str` returned.
+const FLAG_JSON: u8 = 1;
 
 /// How strictly [`decode`] compares the stored type name with the requested type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +84,29 @@ pub(crate) fn encode_with_type_name<T: Serialize + ?Sized>(
     Ok(out)
 }
 
+/// Wraps `json` (a value as duraflow-rs 1.x stored it) in an untyped envelope whose payload
+/// is read with `serde_json`.
+pub(crate) fn encode_json(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 4 + json.len() + TRAILER);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(FLAG_JSON);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    // 1.x values are files read whole into memory: far below 4 GiB.
+    out.extend_from_slice(&(json.len().min(u32::MAX as usize) as u32).to_le_bytes());
+    out.extend_from_slice(json);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
 /// A checked envelope: the type name it records and its payload.
 #[derive(Debug)]
 pub(crate) struct Envelope<'a> {
     pub type_name: &'a str,
     pub payload: &'a [u8],
+    /// Whether the payload is JSON (see [`encode_json`]) rather than MessagePack.
+    pub json: bool,
 }
 
 /// Checks framing and checksum of `bytes` and returns the envelope's parts.
@@ -120,7 +142,14 @@ pub(crate) fn open<'a>(key: &str, bytes: &'a [u8]) -> Result<Envelope<'a>, Duraf
     if payload.len() != payload_len {
         return Err(corrupt("payload length does not match"));
     }
-    Ok(Envelope { type_name, payload })
+    if body[3] & !FLAG_JSON != 0 {
+        return Err(corrupt(&format!("unknown envelope flags {:#04x}", body[3])));
+    }
+    Ok(Envelope {
+        type_name,
+        payload,
+        json: body[3] & FLAG_JSON != 0,
+    })
 }
 
 /// Decodes the value stored under `key` as a `T`.
@@ -144,6 +173,9 @@ pub(crate) fn decode<T: DeserializeOwned>(
     if check == TypeCheck::Exact && !env.type_name.is_empty() && env.type_name != requested {
         return Err(mismatch("written by another type".to_owned()));
     }
+    if env.json {
+        return serde_json::from_slice(env.payload).map_err(|e| mismatch(e.to_string()));
+    }
     let mut cursor = std::io::Cursor::new(env.payload);
     let value = {
         let mut de = rmp_serde::Deserializer::new(&mut cursor);
@@ -155,6 +187,30 @@ pub(crate) fn decode<T: DeserializeOwned>(
         ));
     }
     Ok(value)
+}
+
+/// Decodes the value stored under `key` without knowing its type: the type name it was
+/// written with and the value as JSON (MessagePack is self-describing; binary strings become
+/// arrays of numbers).
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] for damaged bytes or a payload that is not MessagePack.
+pub(crate) fn inspect(
+    key: &str,
+    bytes: &[u8],
+) -> Result<(String, serde_json::Value), DuraflowError> {
+    let env = open(key, bytes)?;
+    let corrupt = |reason: String| DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: None,
+        reason,
+    };
+    let value = if env.json {
+        serde_json::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
+    } else {
+        rmp_serde::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
+    };
+    Ok((env.type_name.to_owned(), value))
 }
 
 #[cfg(test)]
@@ -171,6 +227,29 @@ mod tests {
         a: u32,
         #[serde(default)]
         b: String,
+    }
+
+    #[test]
+    fn inspect_reads_any_value_as_json_with_its_type_name() {
+        let bytes = encode(
+            "k",
+            &V2 {
+                a: 3,
+                b: "x".into(),
+            },
+        )
+        .unwrap();
+        let (name, value) = inspect("k", &bytes).unwrap();
+        assert_eq!(name, std::any::type_name::<V2>());
+        assert_eq!(value, serde_json::json!({"a": 3, "b": "x"}));
+        let (name, value) = inspect("k", &encode_json(br#"[1,"two"]"#)).unwrap();
+        assert_eq!((name.as_str(), value), ("", serde_json::json!([1, "two"])));
+        let mut damaged = bytes.clone();
+        damaged[10] ^= 1;
+        assert!(matches!(
+            inspect("k", &damaged),
+            Err(DuraflowError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};
-use crate::offload::off_executor;
 use crate::{validate_key, DuraflowError, Storage};
 
 /// The store a pipeline persists into, plus a counter of completed tasks.
@@ -76,6 +75,26 @@ impl Context {
         }
     }
 
+    /// The value stored under `key` whatever its type, for inspection (the CLI's `get`):
+    /// the name of the type that wrote it (empty for values upgraded from duraflow-rs 1.x),
+    /// the value as JSON, and its size in bytes. `Ok(None)` if the key holds nothing.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Corrupt`] when the bytes fail their checksum or do not decode;
+    /// [`DuraflowError::InvalidKey`]; any error of the store.
+    pub fn inspect(&self, key: &str) -> Result<Option<StoredValue>, DuraflowError> {
+        validate_key(key)?;
+        let Some(bytes) = self.db.read(key)? else {
+            return Ok(None);
+        };
+        let (type_name, value) = codec::inspect(key, &bytes)?;
+        Ok(Some(StoredValue {
+            type_name,
+            value,
+            size: bytes.len(),
+        }))
+    }
+
     /// Stores `value` under `key`, replacing any previous value, with the store's durability
     /// guarantee. A task with id `key` will return this value instead of running.
     ///
@@ -85,16 +104,18 @@ impl Context {
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DuraflowError> {
         validate_key(key)
             .and_then(|()| codec::encode(key, value))
-            .and_then(|bytes| self.db.write(key, &bytes))
+            .and_then(|bytes| self.db.write_owned(key, bytes))
             .map_err(|e| e.into_persist(key))
     }
 
-    /// The stored output of task `key` and its size in bytes, if it can be handed to the
-    /// task's dependents: present, intact and written by the same type. Anything else is
-    /// logged and treated as absent, so the task runs again and overwrites it. Runs the store
-    /// read off the executor.
-    pub(crate) async fn load_output<T: DeserializeOwned>(&self, key: &str) -> Option<(T, usize)> {
-        let read = off_executor(&self.db, key, |db, key| db.read(key)).await;
+    /// The stored output of task `key` and its size in bytes, given what reading `key`
+    /// returned, if it can be handed to the task's dependents: present, intact and written
+    /// by the same type. Anything else is logged and treated as absent, so the task runs
+    /// again and overwrites it.
+    pub(crate) fn usable_output<T: DeserializeOwned>(
+        key: &str,
+        read: Result<Option<Vec<u8>>, DuraflowError>,
+    ) -> Option<(T, usize)> {
         let found = read.and_then(|bytes| match bytes {
             None => Ok(None),
             Some(bytes) => {
@@ -109,4 +130,17 @@ impl Context {
             }
         }
     }
+}
+
+/// A stored value as [`Context::inspect`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StoredValue {
+    /// `std::any::type_name` of the type that wrote it; empty when unknown (values upgraded
+    /// from duraflow-rs 1.x).
+    pub type_name: String,
+    /// The value, as JSON.
+    pub value: serde_json::Value,
+    /// Its size in the store, envelope included, in bytes.
+    pub size: usize,
 }

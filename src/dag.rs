@@ -6,7 +6,10 @@ use dagx::{DagRunner, Pending, Task, TaskBuilder};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::run::{RunState, RunStats};
-use crate::{validate_key, Context, Durable, DuraflowError};
+use std::fmt::Display;
+
+use crate::durable::Retry;
+use crate::{validate_key, Context, Durable, DuraflowError, Fallible, OutputKind, RetryPolicy};
 
 /// Adds tasks to a dagx [`DagRunner`] so that each one's output is persisted in a
 /// [`Context`] under the id it is given, and reused instead of recomputed on a later run.
@@ -16,6 +19,8 @@ use crate::{validate_key, Context, Durable, DuraflowError};
 pub struct DurableDag<'a> {
     dag: &'a DagRunner,
     run: Arc<RunState>,
+    /// The policy of tasks added with `add_fallible`.
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for DurableDag<'_> {
@@ -33,6 +38,7 @@ impl<'a> DurableDag<'a> {
         DurableDag {
             dag,
             run: Arc::new(RunState::new(ctx, None)),
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -87,9 +93,112 @@ impl<'a> DurableDag<'a> {
         Tk::Input: Clone + 'static,
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
+        self.add_kind(id, task, None)
+    }
+
+    /// Sets the retry policy of tasks added from now on with
+    /// [`add_fallible`](DurableDag::add_fallible). The default makes one attempt.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Adds a task whose output is a `Result`: `Ok(T)` is persisted (as a `T`, so
+    /// `Context::get::<T>` reads it) and reused by later runs; an `Err` is recorded as a
+    /// failed attempt with the error's text, never persisted, and — once the attempts of this
+    /// DAG's [`RetryPolicy`] (see [`with_retry`](DurableDag::with_retry)) are spent — handed
+    /// to dependents as dagx would. A panic or a timeout is a failed attempt too. A later run
+    /// executes a task that ended in `Err` again.
+    ///
+    /// A dependent receives the `Result` itself. Make dependents fallible too and propagate
+    /// the error (as `Result::map` does): a dependent that turns an upstream `Err` into an
+    /// `Ok` output has that output stored and reused like any other.
+    ///
+    /// Retrying runs a fresh clone of the task on a clone of its input, hence the `Clone`
+    /// bounds. dagx hands a task with two or more dependencies its inputs in a form only the
+    /// task itself can unpack: such a task is attempted once (a `warn!` says so); give it
+    /// one dependency (a task that combines the others) to have it retried.
+    ///
+    /// # Panics
+    /// As [`add`](DurableDag::add), when `id` is used already or is not a valid key.
+    pub fn add_fallible<Tk, T, E>(
+        &self,
+        id: &str,
+        task: Tk,
+    ) -> TaskBuilder<'a, Durable<Tk, Fallible>, Pending>
+    where
+        Tk: Task<Output = Result<T, E>> + Clone + 'static,
+        Tk::Input: Clone + Sync + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Display + Clone + Send + Sync + 'static,
+    {
+        self.add_fallible_with(id, task, self.retry.clone())
+    }
+
+    /// [`add_fallible`](DurableDag::add_fallible) with a policy of its own for this task.
+    ///
+    /// # Panics
+    /// As [`add`](DurableDag::add).
+    pub fn add_fallible_with<Tk, T, E>(
+        &self,
+        id: &str,
+        task: Tk,
+        policy: RetryPolicy,
+    ) -> TaskBuilder<'a, Durable<Tk, Fallible>, Pending>
+    where
+        Tk: Task<Output = Result<T, E>> + Clone + 'static,
+        Tk::Input: Clone + Sync + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Display + Clone + Send + Sync + 'static,
+    {
+        let retry = Retry::of(task.clone(), policy);
+        match self.add_kind(id, task, Some(retry)) {
+            Ok(builder) => builder,
+            Err(error) => panic!("DurableDag::add_fallible: {error}"),
+        }
+    }
+
+    /// Adds an infallible task that is attempted again, under `policy`, when it panics or
+    /// times out; otherwise as [`add`](DurableDag::add). Retrying runs a fresh clone of the
+    /// task on a clone of its input (see [`add_fallible`](DurableDag::add_fallible) for tasks
+    /// with several dependencies).
+    ///
+    /// # Panics
+    /// As [`add`](DurableDag::add).
+    pub fn add_with_retry<Tk>(
+        &self,
+        id: &str,
+        task: Tk,
+        policy: RetryPolicy,
+    ) -> TaskBuilder<'a, Durable<Tk>, Pending>
+    where
+        Tk: Task + Clone + 'static,
+        Tk::Input: Clone + Sync + 'static,
+        Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let retry = Retry::of(task.clone(), policy);
+        match self.add_kind(id, task, Some(retry)) {
+            Ok(builder) => builder,
+            Err(error) => panic!("DurableDag::add_with_retry: {error}"),
+        }
+    }
+
+    /// Claims `id` and hands the wrapped task to dagx: the one place tasks are added.
+    fn add_kind<Tk, K>(
+        &self,
+        id: &str,
+        task: Tk,
+        retry: Option<Box<Retry<Tk::Input, Tk::Output>>>,
+    ) -> Result<TaskBuilder<'a, Durable<Tk, K>, Pending>, DuraflowError>
+    where
+        Tk: Task + 'static,
+        Tk::Input: Clone + 'static,
+        Tk::Output: Clone + Send + Sync + 'static,
+        K: OutputKind<Tk::Output>,
+    {
         validate_key(id)?;
-        let id = self.run.claim(id)?;
-        let durable = Durable::in_run(id, task, self.run.clone());
+        let (id, pending) = self.run.claim(id)?;
+        let durable = Durable::in_run(id, task, self.run.clone(), pending, retry);
         Ok(self.dag.add_task(durable))
     }
 

@@ -124,6 +124,32 @@ pub enum DuraflowError {
         operation: &'static str,
     },
 
+    /// The store at `path` was written in format `found`, newer than the `supported` one of
+    /// this version of the crate (upgrade the crate). Nothing in the store was modified.
+    #[error(
+        "store at {path:?} has format {found}; this duraflow-rs reads formats up to {supported}"
+    )]
+    UnsupportedFormat {
+        /// The store.
+        path: PathBuf,
+        /// The format the store records.
+        found: u32,
+        /// The newest format this crate reads.
+        supported: u32,
+    },
+
+    /// Every attempt at task `key` was cut off by the retry policy's timeout; the task has no
+    /// output and nothing was stored.
+    #[error("task {key:?} timed out after {timeout:?} on each of its {attempts} attempt(s)")]
+    TimedOut {
+        /// The task's id.
+        key: String,
+        /// The per-attempt timeout.
+        timeout: std::time::Duration,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+
     /// Store work for `key` was abandoned because its I/O thread went away (the process is
     /// shutting down).
     #[error("store work for key {key:?} was abandoned: the process is shutting down")]

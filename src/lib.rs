@@ -6,22 +6,29 @@
 
 mod codec;
 mod context;
+mod copy;
 mod dag;
 mod durable;
 mod error;
 mod key;
 mod offload;
+mod output;
+mod readahead;
 mod record;
+mod retry;
 mod run;
 mod runlog;
 mod store;
 
-pub use context::Context;
+pub use context::{Context, StoredValue};
+pub use copy::copy;
 pub use dag::DurableDag;
 pub use durable::Durable;
 pub use error::{BoxError, DuraflowError};
 pub use key::{validate_key, MAX_KEY_LEN};
+pub use output::{Fallible, OutputKind, Plain};
 pub use record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
+pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
 pub use runlog::{RunLog, Ticket, TicketSender};
 pub use store::{Durability, FileStore, MemoryStore, RunDetails, SledConfig, SledStore, Storage};

@@ -9,9 +9,12 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
+use futures::future::{ready, BoxFuture, Either, Ready};
+
 use crate::{DuraflowError, Storage};
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// Work for an I/O thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Environment variable that sets the number of I/O threads (default [`DEFAULT_THREADS`]).
 const THREADS_VAR: &str = "DURAFLOW_IO_THREADS";
@@ -43,6 +46,16 @@ fn pool() -> &'static Option<crossbeam_channel::Sender<Job>> {
             .count();
         (started > 0).then_some(tx)
     })
+}
+
+/// Queues `job` on the I/O pool without waiting for it; returns whether it was queued
+/// (`false` when no pool thread could be started: `job` is then dropped unrun). A panic in
+/// `job` is caught and leaves the thread serving the pool.
+pub(crate) fn submit(job: Job) -> bool {
+    let job: Job = Box::new(move || {
+        let _ = catch_unwind(AssertUnwindSafe(job));
+    });
+    matches!(pool(), Some(queue) if queue.send(job).is_ok())
 }
 
 /// Why a job handed to the pool produced no result.
@@ -80,32 +93,39 @@ async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) ->
     }
 }
 
+/// What [`off_executor`] returns: an already-finished result for a store that never
+/// blocks, or a boxed wait on the I/O pool. Boxing only the pool path keeps the future of
+/// every task small when the store is in memory.
+pub(crate) type OffExecutor<'a, R> =
+    Either<Ready<Result<R, DuraflowError>>, BoxFuture<'a, Result<R, DuraflowError>>>;
+
 /// Runs `op(db, key)` without blocking the async executor.
 ///
-/// Stores that say they never block ([`Storage::may_block`] is `false`) run inline. Others
-/// run on the I/O pool. A panic inside `op` is resumed in the caller.
-pub(crate) async fn off_executor<R, F>(
+/// Stores that say they never block ([`Storage::may_block`] is `false`) run inline, now.
+/// Others run on the I/O pool. A panic inside `op` is resumed in the caller.
+pub(crate) fn off_executor<R, F>(
     db: &Arc<dyn Storage + Send + Sync>,
     key: &str,
     op: F,
-) -> Result<R, DuraflowError>
+) -> OffExecutor<'static, R>
 where
     R: Send + 'static,
     F: FnOnce(&dyn Storage, &str) -> Result<R, DuraflowError> + Send + 'static,
 {
     if !db.may_block() {
-        return op(db.as_ref(), key);
+        return Either::Left(ready(op(db.as_ref(), key)));
     }
     let db = Arc::clone(db);
     let owned_key = key.to_owned();
-    match on_pool(move || op(db.as_ref(), &owned_key)).await {
-        Ok(result) => result,
-        Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
-            key: key.to_owned(),
-            source: Box::new(e),
-        }),
-        Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown {
-            key: key.to_owned(),
-        }),
-    }
+    Either::Right(Box::pin(async move {
+        let key = owned_key.clone();
+        match on_pool(move || op(db.as_ref(), &owned_key)).await {
+            Ok(result) => result,
+            Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
+                key,
+                source: Box::new(e),
+            }),
+            Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown { key }),
+        }
+    }))
 }

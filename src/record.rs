@@ -56,7 +56,8 @@ pub enum AttemptOutcome {
     Succeeded,
     /// Its stored output was reused.
     Cached,
-    /// It panicked, a dependency failed, or its output could not be persisted.
+    /// It returned `Err` (fallible tasks), panicked, timed out, a dependency failed, or its
+    /// output could not be persisted.
     Failed {
         /// The panic message or error text.
         error: String,

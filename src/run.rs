@@ -5,13 +5,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
+use futures::future::{BoxFuture, Either};
 use serde::Serialize;
 
 use crate::codec;
-use crate::offload::off_executor;
+use crate::offload::{off_executor, OffExecutor};
+use crate::readahead::{Pending, ReadAhead};
 use crate::record::now_ms;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
+    Ticket,
 };
 
 /// The progress callback: called with a task's id and how many tasks of the run have
@@ -74,6 +77,20 @@ pub(crate) struct RunState {
     started_ms: u64,
     /// Set by the task that finds every task of the run final and closes the record.
     closed: AtomicBool,
+    /// Tasks claimed in this run: the run is over when this many have ended.
+    total: AtomicUsize,
+    /// The run's id in spans: its run-log id, or a process-wide sequence number when the
+    /// store keeps no run log.
+    span_id: u64,
+    /// The `duraflow.run` span, dropped (closed, once its tasks' spans close) when the run
+    /// ends. Task spans name it as their parent.
+    span: Mutex<Option<tracing::Span>>,
+    parent: Option<tracing::Id>,
+    /// Reads the run's stored outputs ahead of its tasks, for stores whose reads block.
+    readahead: Option<ReadAhead>,
+    /// The subscriber that was current when the run was made, if any: every task's future
+    /// is polled with it, so spans reach it from whatever worker thread runs the task.
+    dispatch: Option<tracing::Dispatch>,
 }
 
 const EXECUTED_ONE: u64 = 1;
@@ -87,10 +104,41 @@ impl RunState {
                 .map_err(|error| tracing::warn!(%error, "run not recorded"))
                 .ok()
         });
+        let span_id = match record {
+            Some(id) => id,
+            None => {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        // `--cfg duraflow_no_spans` builds the crate without spans, as the baseline the
+        // span-overhead benchmark compares against; it is not a supported configuration.
+        let span = if cfg!(duraflow_no_spans) {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "duraflow.run",
+                run.id = span_id,
+                store = ctx.db.kind(),
+                executed = tracing::field::Empty,
+                cached = tracing::field::Empty,
+                failed = tracing::field::Empty,
+            )
+        };
+        let dispatch = tracing::dispatcher::get_default(|d| {
+            let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
+            (!none).then(|| d.clone())
+        });
         RunState {
             record,
             started_ms,
             closed: AtomicBool::new(false),
+            total: AtomicUsize::new(0),
+            readahead: ctx.db.may_block().then(ReadAhead::new),
+            span_id,
+            parent: span.id(),
+            span: Mutex::new(Some(span)),
+            dispatch,
             ctx,
             ids: Mutex::default(),
             progress: progress.map(OnceLock::from).unwrap_or_default(),
@@ -112,14 +160,47 @@ impl RunState {
     }
 
     /// Claims `id` for one task of this run; the returned id is shared with the claim set.
-    pub(crate) fn claim(&self, id: &str) -> Result<Arc<str>, DuraflowError> {
+    /// With read-ahead, also returns what the task's stored-output read will arrive on.
+    pub(crate) fn claim(&self, id: &str) -> Result<(Arc<str>, Option<Pending>), DuraflowError> {
         let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
         if ids.contains(id) {
             return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
         }
         let id: Arc<str> = Arc::from(id);
         ids.insert(Arc::clone(&id));
-        Ok(id)
+        drop(ids);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        let pending = self.readahead.as_ref().map(|r| r.enqueue(Arc::clone(&id)));
+        Ok((id, pending))
+    }
+
+    /// Reads what the store holds under `id`, off the executor: from the run's read-ahead
+    /// when the task has a `pending` read there (starting the read-ahead if this is the
+    /// run's first task), otherwise with a read of its own.
+    pub(crate) fn read_stored(
+        &self,
+        id: &str,
+        pending: Option<Pending>,
+    ) -> OffExecutor<'_, Option<Vec<u8>>> {
+        match (&self.readahead, pending) {
+            (Some(readahead), Some(pending)) => {
+                readahead.start(&self.ctx.db);
+                let id = id.to_owned();
+                Either::Right(Box::pin(async move {
+                    match pending.await {
+                        Ok(read) => {
+                            if let Ok(Some(bytes)) = &read {
+                                readahead.taken(bytes.len());
+                            }
+                            read
+                        }
+                        // Not read ahead: read it now.
+                        Err(_) => off_executor(&self.ctx.db, &id, |db, key| db.read(key)).await,
+                    }
+                }))
+            }
+            _ => off_executor(&self.ctx.db, id, |db, key| db.read(key)),
+        }
     }
 
     fn log(&self) -> Option<(&dyn RunLog, RunId)> {
@@ -127,27 +208,27 @@ impl RunState {
     }
 
     /// Starts an attempt at task `id` (recorded only when it ends or starts running).
-    pub(crate) fn start_attempt(&self, id: &str) -> Attempt {
-        let record = self.log().map(|(_, run)| AttemptRecord {
-            run,
-            key: id.to_owned(),
-            attempt: 1,
-            started_ms: now_ms(),
-            finished_ms: None,
-            outcome: AttemptOutcome::Running,
-            duration_us: None,
-            output_size: None,
+    pub(crate) fn start_attempt(&self, id: &str, attempt: u32) -> Attempt {
+        let record = self.log().map(|(_, run)| {
+            Box::new(AttemptRecord {
+                run,
+                key: id.to_owned(),
+                attempt,
+                started_ms: now_ms(),
+                finished_ms: None,
+                outcome: AttemptOutcome::Running,
+                duration_us: None,
+                output_size: None,
+            })
         });
-        Attempt {
-            record,
-            started: Instant::now(),
-        }
+        let started = record.as_ref().map(|_| Instant::now());
+        Attempt { record, started }
     }
 
     /// Records the attempt as `Running`: the inner task is about to run, and a crash from
     /// here on leaves it `Interrupted`. (A cached task never runs and is recorded once.)
     pub(crate) fn mark_running(&self, attempt: &Attempt) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.clone()) {
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.as_deref().cloned()) {
             let key = record.key.clone();
             if let Err(error) = log.record(record) {
                 tracing::warn!(key, %error, "attempt not recorded");
@@ -172,31 +253,40 @@ impl RunState {
 
     /// Persists the output of task `id`: with its `Succeeded` attempt in one atomic commit
     /// where the store keeps records, as a plain write otherwise. Returns once durable.
-    pub(crate) async fn persist<T: Serialize>(
+    /// The caller awaits the returned future and maps its error with
+    /// [`DuraflowError::into_persist`]: building the future does the encoding and queues the
+    /// write, so the future itself stays small.
+    pub(crate) fn persist<T: Serialize>(
         &self,
         id: &str,
         value: &T,
         attempt: &Attempt,
-    ) -> Result<(), DuraflowError> {
-        let bytes = codec::encode(id, value).map_err(|e| e.into_persist(id))?;
+    ) -> Either<OffExecutor<'static, ()>, Ticket> {
+        let bytes = match codec::encode(id, value) {
+            Ok(bytes) => bytes,
+            Err(e) => return Either::Right(Ticket::ready(Err(e))),
+        };
         let size = bytes.len();
-        let done = match (
+        match (
             self.log(),
             attempt.ended(AttemptOutcome::Succeeded, Some(size)),
         ) {
-            (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
-                Ok(ticket) => ticket.await,
-                Err(e) => Err(e),
-            },
-            _ => off_executor(&self.ctx.db, id, move |db, key| db.write(key, &bytes)).await,
-        };
-        done.map_err(|e| e.into_persist(id))
+            (Some((log, _)), Some(record)) => Either::Right(
+                log.commit(id, bytes, record)
+                    .unwrap_or_else(|e| Ticket::ready(Err(e))),
+            ),
+            _ => Either::Left(off_executor(&self.ctx.db, id, move |db, key| {
+                db.write_owned(key, bytes)
+            })),
+        }
     }
 
     /// Records how task `id` ended. A completed task (executed or cached) bumps the
-    /// context's and the run's counts and then calls the progress callback, once. The task
-    /// that finds every task of the run final closes the run's record.
-    pub(crate) async fn finish(&self, id: &str, ending: Ending) {
+    /// context's and the run's counts and then calls the progress callback, once.
+    ///
+    /// Returns the work left when this task is the last of the run to end: closing the
+    /// run's record. It is boxed, and only then, so the future of every task stays small.
+    pub(crate) fn finish(&self, id: &str, ending: Ending) -> Option<BoxFuture<'_, ()>> {
         match ending {
             Ending::Executed | Ending::Cached => {
                 let one = if ending == Ending::Executed {
@@ -215,24 +305,61 @@ impl RunState {
                 self.failed.fetch_add(1, Ordering::SeqCst);
             }
         }
-        if self.record.is_some() {
-            self.close_if_done().await;
+        let stats = self.stats();
+        let ended = stats.executed + stats.cached + stats.failed;
+        if ended < self.total.load(Ordering::SeqCst) || self.closed.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        self.close_span(stats);
+        self.record
+            .map(|id| Box::pin(self.close_record(id, stats)) as BoxFuture<'_, ()>)
+    }
+
+    /// Records the run's counts on its span and lets it close.
+    fn close_span(&self, stats: RunStats) {
+        let span = self
+            .span
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(span) = span {
+            span.record("executed", stats.executed);
+            span.record("cached", stats.cached);
+            span.record("failed", stats.failed);
         }
     }
 
-    async fn close_if_done(&self) {
-        let Some((log, id)) = self.log() else { return };
-        let stats = self.stats();
-        let total = self
-            .ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        if stats.executed + stats.cached + stats.failed < total
-            || self.closed.swap(true, Ordering::SeqCst)
-        {
-            return;
+    /// A span for one attempt at task `id`, a child of the run's span.
+    pub(crate) fn task_span(&self, id: &str, attempt: u32) -> tracing::Span {
+        if cfg!(duraflow_no_spans) {
+            return tracing::Span::none();
         }
+        let make = || {
+            tracing::info_span!(
+                parent: self.parent.clone(),
+                "duraflow.task",
+                task.id = id,
+                run.id = self.span_id,
+                attempt,
+                outcome = tracing::field::Empty,
+            )
+        };
+        match &self.dispatch {
+            Some(dispatch) => tracing::dispatcher::with_default(dispatch, make),
+            None => make(),
+        }
+    }
+
+    /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
+    pub(crate) fn dispatch(&self) -> Option<&tracing::Dispatch> {
+        self.dispatch.as_ref()
+    }
+
+    /// Writes the run's final record, durably.
+    async fn close_record(&self, id: RunId, stats: RunStats) {
+        let Some(log) = self.ctx.db.run_log() else {
+            return;
+        };
         let record = RunRecord {
             id,
             started_ms: self.started_ms,
@@ -266,6 +393,16 @@ impl RunState {
     }
 }
 
+impl Drop for RunState {
+    /// A run dropped before all its tasks ended (never run, or its runner dropped) still
+    /// gets its counts on its span.
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.close_span(self.stats());
+        }
+    }
+}
+
 /// Unpacks [`RunState::done`] into (executed, cached).
 fn split(done: u64) -> (usize, usize) {
     ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
@@ -273,16 +410,17 @@ fn split(done: u64) -> (usize, usize) {
 
 /// One attempt at one task, as the run log will record it.
 pub(crate) struct Attempt {
-    record: Option<AttemptRecord>,
-    started: Instant,
+    /// `None` when the store keeps no run log: nothing to record, nothing to time.
+    record: Option<Box<AttemptRecord>>,
+    started: Option<Instant>,
 }
 
 impl Attempt {
     /// The record of this attempt ending now with `outcome` (`None` without a run log).
     fn ended(&self, outcome: AttemptOutcome, size: Option<usize>) -> Option<AttemptRecord> {
-        let mut record = self.record.clone()?;
+        let mut record = AttemptRecord::clone(self.record.as_deref()?);
         record.finished_ms = Some(now_ms());
-        record.duration_us = Some(self.started.elapsed().as_micros() as u64);
+        record.duration_us = self.started.map(|t| t.elapsed().as_micros() as u64);
         record.outcome = outcome;
         record.output_size = size.map(|s| s as u64);
         Some(record)

@@ -11,6 +11,55 @@ use crate::{validate_key, DuraflowError, Storage};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
 const LOCK_FILE: &str = ".lock";
+/// The manifest at the root: [`manifest`] with the store's format.
+const MANIFEST: &str = ".duraflow-format";
+/// The format this version writes and reads (older ones are upgraded on open; see
+/// `migrations/`).
+pub(crate) const FORMAT: u32 = 1;
+/// While a 1.x upgrade finishes: the 1.x files still to delete.
+const UPGRADE_LIST: &str = ".duraflow-upgrade";
+
+#[path = "../../migrations/filestore/0001_from_duraflow_1x.rs"]
+mod from_1x;
+
+fn manifest() -> String {
+    format!("duraflow filestore format {FORMAT}\n")
+}
+
+/// The format the manifest at `root` records, `None` when there is no manifest.
+fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
+    let path = root.join(MANIFEST);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DuraflowError::io(&path, e)),
+    };
+    text.trim_end()
+        .strip_prefix("duraflow filestore format ")
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| DuraflowError::Corrupt {
+            key: String::new(),
+            path: Some(path.clone()),
+            reason: format!("unreadable format manifest {text:?}"),
+        })
+}
+
+/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, dir fsync.
+fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| DuraflowError::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| DuraflowError::io(path, e))?;
+    sync_dir(dir)
+}
 /// The file inside a key's directory that holds its value.
 const VALUE_FILE: &str = "value";
 /// Where a new value is written before it is renamed over [`VALUE_FILE`].
@@ -25,6 +74,7 @@ const STRIPES: usize = 64;
 /// A [`Storage`] that keeps each key in its own directory under a root directory.
 ///
 /// # Layout
+/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`);
 /// `ROOT/.lock` is held locked while the store is open. Key `k` lives in
 /// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
 /// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
@@ -45,6 +95,14 @@ const STRIPES: usize = 64;
 ///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
 ///   the process dies.
 /// - Nothing is written outside the root.
+///
+/// # Formats and duraflow-rs 1.x
+/// [`FileStore::new`] on a directory written by duraflow-rs 1.x (one JSON file per key)
+/// upgrades it in place, crash-safely: afterwards `Context::get::<T>` returns what 1.x
+/// returned for the same key. Keys are the 1.x file names: 1.x replaced every character
+/// outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found under `a_b`. Files
+/// that are not JSON are reported with `warn!` and left alone. A store of a newer format is
+/// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
@@ -54,9 +112,11 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Opens (creating if needed) the store rooted at `dir` and takes its lock.
+    /// Opens (creating if needed) the store rooted at `dir` and takes its lock, upgrading a
+    /// duraflow-rs 1.x directory first (see [Formats](FileStore#formats-and-duraflow-rs-1x)).
     ///
     /// # Errors
+    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format (left untouched);
     /// [`DuraflowError::StoreLocked`] when another handle holds the store;
     /// [`DuraflowError::Io`] naming the path when the directory cannot be created or opened
     /// (for example because `dir` is a plain file).
@@ -64,6 +124,34 @@ impl FileStore {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
         let root = fs::canonicalize(dir).map_err(|e| DuraflowError::io(dir, e))?;
+        // A newer format is refused before anything (even the lock file) is written.
+        let found = read_manifest(&root)?;
+        if let Some(found) = found.filter(|&f| f > FORMAT) {
+            return Err(DuraflowError::UnsupportedFormat {
+                path: root,
+                found,
+                supported: FORMAT,
+            });
+        }
+        let store = FileStore::lock(root)?;
+        match found {
+            Some(_) => from_1x::finish(&store.root)?,
+            None => {
+                let legacy = from_1x::legacy_files(&store.root)?;
+                let commit = || write_small_file(&store.root.join(MANIFEST), manifest().as_bytes());
+                if legacy.is_empty() {
+                    commit()?;
+                } else {
+                    tracing::info!(root = %store.root.display(), files = legacy.len(), "upgrading a duraflow-rs 1.x directory");
+                    from_1x::upgrade(&store, &legacy, commit)?;
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Takes the lock of the store at `root`.
+    fn lock(root: PathBuf) -> Result<FileStore, DuraflowError> {
         let lock_path = root.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)

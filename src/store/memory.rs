@@ -79,9 +79,15 @@ impl Storage for MemoryStore {
     }
 
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
+        self.write_owned(key, value.to_vec())
+    }
+
+    fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
         validate_key(key)?;
-        let value = value.to_vec();
-        self.shard(key).insert(key.to_owned(), value);
+        let key = key.to_owned();
+        // The old value is dropped after the lock is released.
+        let old = self.shard(&key).insert(key, value);
+        drop(old);
         Ok(())
     }
 

@@ -41,6 +41,17 @@ pub trait Storage: Send + Sync {
     /// replaced, such as a full disk, leaves the previous value).
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError>;
 
+    /// Like [`write`](Storage::write), with the same guarantees, but takes the value by
+    /// ownership: duraflow-rs persists every output through this method, so a store that
+    /// keeps the bytes as they are (such as [`MemoryStore`]) can override it to avoid a
+    /// copy. Defaults to calling `write`.
+    ///
+    /// # Errors
+    /// As [`write`](Storage::write).
+    fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
+        self.write(key, &value)
+    }
+
     /// Removes `key`; returns whether it was present.
     ///
     /// # Errors

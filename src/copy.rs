@@ -1,0 +1,37 @@
+//! [`copy`]: moving every output from one store to another.
+
+use crate::{codec, DuraflowError, Storage};
+
+/// Copies every output stored in `from` into `to` (for example a [`FileStore`] into a
+/// [`SledStore`]), replacing what `to` holds under the same keys, and returns how many
+/// outputs were copied. Values travel as stored — type name, payload and checksum — so `to`
+/// returns exactly what `from` did, and each is checked before it is written: a damaged
+/// value stops the copy instead of spreading. Each write has `to`'s own durability; outputs
+/// already copied stay copied if a later one fails. `from` is only read.
+///
+/// Blocks on both stores: from async code, call it through your runtime's blocking
+/// facility (e.g. `tokio::task::spawn_blocking`).
+///
+/// # Errors
+/// [`DuraflowError::Unsupported`] when `from` cannot list its keys;
+/// [`DuraflowError::Corrupt`] naming the key of a damaged value; any error of either store
+/// (a failed write as [`DuraflowError::Persist`] naming the key).
+///
+/// [`FileStore`]: crate::FileStore
+/// [`SledStore`]: crate::SledStore
+pub fn copy(from: &dyn Storage, to: &dyn Storage) -> Result<usize, DuraflowError> {
+    let mut keys = from.keys()?;
+    keys.sort();
+    let mut copied = 0;
+    for key in keys {
+        // A key removed since it was listed is simply not copied.
+        let Some(bytes) = from.read(&key)? else {
+            continue;
+        };
+        codec::open(&key, &bytes)?;
+        to.write_owned(&key, bytes)
+            .map_err(|e| e.into_persist(&key))?;
+        copied += 1;
+    }
+    Ok(copied)
+}

@@ -1,0 +1,104 @@
+//! Read-ahead of a run's stored outputs, for stores whose reads block.
+//!
+//! A task of a cached re-run spends most of its time waiting for its store read to come
+//! back from the I/O pool: two thread hand-overs for a few microseconds of reading. So when
+//! the first task of a run starts, every task id of the run is handed to the pool in
+//! chunks, in the order the tasks were added; each task then takes its read from there
+//! instead of queueing its own. A run therefore sees the outputs stored when it started,
+//! as it would if its tasks all started at once.
+//!
+//! Read-ahead is bounded: once [`MAX_AHEAD_BYTES`] of read but not yet taken outputs are
+//! held, the rest of the ids are dropped and those tasks read for themselves.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::channel::oneshot;
+
+use crate::offload::submit;
+use crate::{DuraflowError, Storage};
+
+/// What a read of one key gives.
+pub(crate) type ReadResult = Result<Option<Vec<u8>>, DuraflowError>;
+
+/// The receiving end a task waits on for its read. A dropped sender means "read it
+/// yourself".
+pub(crate) type Pending = oneshot::Receiver<ReadResult>;
+
+/// Bytes of read-ahead outputs not yet taken by their tasks, above which reading ahead stops.
+const MAX_AHEAD_BYTES: usize = 32 << 20;
+/// Keys per pool job: enough to amortise the hand-over, few enough to spread over threads.
+const CHUNK: usize = 32;
+
+/// The read-ahead state of one run.
+pub(crate) struct ReadAhead {
+    /// Keys waiting for the run to start, with the sender their task waits on.
+    queued: Mutex<Vec<(Arc<str>, oneshot::Sender<ReadResult>)>>,
+    started: AtomicBool,
+    /// Shared with the pool jobs: bytes read ahead and not yet taken.
+    ahead: Arc<AtomicUsize>,
+}
+
+impl ReadAhead {
+    pub(crate) fn new() -> ReadAhead {
+        ReadAhead {
+            queued: Mutex::default(),
+            started: AtomicBool::new(false),
+            ahead: Arc::default(),
+        }
+    }
+
+    /// Queues `key` for reading ahead; its task waits on the returned receiver.
+    pub(crate) fn enqueue(&self, key: Arc<str>) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        self.queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((key, tx));
+        rx
+    }
+
+    /// Starts reading every queued key from `db` on the I/O pool; does nothing after the
+    /// first call. Keys queued later are not read ahead (their receivers report that).
+    pub(crate) fn start(&self, db: &Arc<dyn Storage + Send + Sync>) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut queued =
+            std::mem::take(&mut *self.queued.lock().unwrap_or_else(PoisonError::into_inner));
+        while !queued.is_empty() {
+            let rest = queued.split_off(queued.len().min(CHUNK));
+            let chunk = std::mem::replace(&mut queued, rest);
+            let db = Arc::clone(db);
+            let ahead = Arc::clone(&self.ahead);
+            // A job that cannot be queued drops its senders: those tasks read for themselves.
+            submit(Box::new(move || read_chunk(&*db, &ahead, chunk)));
+        }
+    }
+
+    /// Accounts for a task having taken `bytes` of read-ahead output.
+    pub(crate) fn taken(&self, bytes: usize) {
+        self.ahead.fetch_sub(bytes, Ordering::SeqCst);
+    }
+}
+
+fn read_chunk(
+    db: &dyn Storage,
+    ahead: &AtomicUsize,
+    chunk: Vec<(Arc<str>, oneshot::Sender<ReadResult>)>,
+) {
+    for (key, tx) in chunk {
+        if ahead.load(Ordering::SeqCst) > MAX_AHEAD_BYTES || tx.is_canceled() {
+            continue; // dropping `tx` sends the task to read for itself
+        }
+        let result = db.read(&key);
+        let len = match &result {
+            Ok(Some(bytes)) => bytes.len(),
+            _ => 0,
+        };
+        ahead.fetch_add(len, Ordering::SeqCst);
+        if tx.send(result).is_err() {
+            ahead.fetch_sub(len, Ordering::SeqCst);
+        }
+    }
+}
