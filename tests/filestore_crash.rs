@@ -381,7 +381,10 @@ fn check_layout(tmp: &Path, root: &Path, keys: &[String], seed: u64) {
             seen_dirs.insert(path);
             continue;
         }
-        if path == canon_root.join(".lock") {
+        // The lock file and the format manifest (and its temp file, if killed while the
+        // store was opening).
+        let own = [".lock", ".duraflow-format", ".duraflow-format.tmp"];
+        if own.iter().any(|name| path == canon_root.join(name)) {
             continue;
         }
         let parent = path.parent().expect("a file in the store has a parent");

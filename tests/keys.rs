@@ -81,12 +81,15 @@ fn tricky_keys_round_trip_distinctly_after_reopen() {
     for f in &files {
         assert!(f.starts_with(&root) || f.starts_with(&canonical), "{f:?}");
         let name = f.file_name().unwrap().to_str().unwrap();
-        assert!(name == "value" || name == ".lock", "unexpected file {f:?}");
+        assert!(
+            name == "value" || name == ".lock" || name == ".duraflow-format",
+            "unexpected file {f:?}"
+        );
     }
     assert_eq!(
         files.len(),
-        keys.len() + 1,
-        "one value file per key plus the lock"
+        keys.len() + 2,
+        "one value file per key plus the lock and the format manifest"
     );
 }
 

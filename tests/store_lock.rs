@@ -7,10 +7,20 @@ use std::process::{Command, Stdio};
 use duraflow_rs::{DuraflowError, FileStore};
 
 const ROOT_VAR: &str = "DURAFLOW_LOCK_HOLDER_ROOT";
+
+/// Serialises the tests of this file. Spawning a child forks this process, and until the
+/// child execs it shares every open file of the parent, the lock file of a store another
+/// test has just dropped included: `flock` locks belong to the open file, so for that
+/// instant the store still reads as locked.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 const LOCKED: &str = "duraflow-lock-holder: locked";
 
 #[test]
 fn a_second_store_in_the_same_process_is_refused_until_the_first_is_dropped() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let first = FileStore::new(dir.path()).unwrap();
     match FileStore::new(dir.path()) {
@@ -35,6 +45,7 @@ fn lock_holder() {
 
 #[test]
 fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([

@@ -145,6 +145,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_1x_directory_is_upgraded_in_place_and_reads_as_1x_did() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     write_v1_fixture(dir.path());
     std::fs::write(dir.path().join("garbage"), b"{not json").unwrap();
@@ -188,6 +189,7 @@ impl Count {
 
 #[test]
 fn a_dag_reuses_outputs_upgraded_from_1x() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     v1_context(dir.path()).save("count", &41i32).unwrap();
     let ctx = Arc::new(Context::new(FileStore::new(dir.path()).unwrap()));
@@ -225,6 +227,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     {
         let store = FileStore::new(dir.path()).unwrap();
@@ -251,6 +254,14 @@ fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
 }
 
 const UPGRADE_VAR: &str = "DURAFLOW_UPGRADE_DIR";
+
+/// Serialises the tests of this file: a child spawned by one test shares, until it execs,
+/// every open file of this process, the lock file of a store another test just dropped
+/// included (`flock` locks belong to the open file), which would make a reopen flaky.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Not a test of its own: the child process of `the_upgrade_survives_sigkill_at_any_moment`.
 #[test]
@@ -283,6 +294,7 @@ fn converted(dir: &Path) -> usize {
 
 #[test]
 fn the_upgrade_survives_sigkill_at_any_moment() {
+    let _serial = serial();
     const FILES: usize = 300;
     const ROUNDS: usize = 4;
     let mut rng = fastrand::Rng::with_seed(0x1f_2024);
@@ -329,6 +341,7 @@ fn the_upgrade_survives_sigkill_at_any_moment() {
 
 #[test]
 fn copy_moves_every_output_between_stores() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     write_v1_fixture(dir.path());
     let file = FileStore::new(dir.path()).unwrap();
