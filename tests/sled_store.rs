@@ -569,3 +569,48 @@ fn cached_attempts_are_queryable_in_order_and_counted_when_a_run_is_interrupted(
         "no task ran twice"
     );
 }
+
+/// Every file's name and bytes under `dir`, recursively.
+fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() {
+            for (k, v) in snapshot(&entry.path()) {
+                out.insert(format!("{name}/{k}"), v);
+            }
+        } else {
+            out.insert(name, std::fs::read(entry.path()).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let store = SledStore::open(&path).unwrap();
+        Context::new(store).save("k", &1u32).unwrap();
+    }
+    let marker = path.join("duraflow-store");
+    let text = std::fs::read_to_string(&marker).unwrap();
+    assert!(text.contains("format 1"), "{text}");
+    std::fs::write(&marker, text.replace("format 1", "format 7")).unwrap();
+    let before = snapshot(&path);
+    match SledStore::open(&path) {
+        Err(DuraflowError::UnsupportedFormat {
+            path: p,
+            found,
+            supported,
+        }) => assert_eq!((p, found, supported), (path.clone(), 7, 1)),
+        other => panic!("expected UnsupportedFormat, got {other:?}"),
+    }
+    assert_eq!(snapshot(&path), before, "nothing in the store changed");
+    // Back at format 1, the store opens and still holds its value.
+    std::fs::write(&marker, text).unwrap();
+    let ctx = Context::new(SledStore::open(&path).unwrap());
+    assert_eq!(ctx.get::<u32>("k"), Some(1));
+}

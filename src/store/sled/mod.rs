@@ -105,7 +105,9 @@ impl SledConfig {
     /// has the store open, or a handle of this process stopped after a failed write (its
     /// database stays open until the process exits); [`DuraflowError::NotAStore`] when `path` is a plain file, a
     /// non-empty directory without a sled database, or a sled database that is not a
-    /// duraflow store (nothing in it is changed); [`DuraflowError::Corrupt`] when sled finds
+    /// duraflow store (nothing in it is changed); [`DuraflowError::UnsupportedFormat`] for a
+    /// store written by a newer format (see `migrations/README.md`; refused before sled opens
+    /// it, so nothing in it is changed); [`DuraflowError::Corrupt`] when sled finds
     /// the database damaged; [`DuraflowError::Io`] for other I/O failures.
     pub fn open(self) -> Result<SledStore, DuraflowError> {
         SledStore::open_with(self)
@@ -225,13 +227,11 @@ impl SledStore {
                     .map(u64::from_be_bytes)
                     .unwrap_or(u64::MAX);
                 if found > FORMAT_VERSION {
-                    return Err(DuraflowError::NotAStore {
-                        path,
-                        reason: format!(
-                            "written by format {found}; this version reads up to {FORMAT_VERSION}"
-                        ),
-                    });
+                    return Err(unsupported(&path, found));
                 }
+                // Older formats would be upgraded here, one step per file of
+                // `migrations/sled/`, each in one transaction with the new version. Format 1
+                // is the first: there is none yet.
             }
             None if has_meta => {
                 return Err(DuraflowError::NotAStore {
@@ -674,6 +674,13 @@ fn check_path(path: &Path) -> Result<(), DuraflowError> {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
+    // A store of a newer format is refused before sled (which may write while it recovers)
+    // or anything else touches it; the marker says the format.
+    if let Some(found) = marker_format(path)? {
+        if found > FORMAT_VERSION {
+            return Err(unsupported(path, found));
+        }
+    }
     match fs::metadata(path) {
         Ok(m) if m.is_dir() => {
             let mut entries = fs::read_dir(path).map_err(|e| DuraflowError::io(path, e))?;
@@ -688,6 +695,40 @@ fn check_path(path: &Path) -> Result<(), DuraflowError> {
         Ok(_) => Err(not_a_store("a file, not a directory")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DuraflowError::io(path, e)),
+    }
+}
+
+/// The format the marker file at `path` records: `None` without a marker (or one of no
+/// format, as a damaged one), which the open then judges by sled's own metadata.
+fn marker_format(path: &Path) -> Result<Option<u64>, DuraflowError> {
+    let marker = path.join(MARKER_FILE);
+    let text = match fs::read_to_string(&marker) {
+        Ok(text) => text,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(DuraflowError::io(&marker, e)),
+    };
+    Ok(text
+        .split_once("format ")
+        .map(|(_, rest)| {
+            rest.bytes()
+                .take_while(u8::is_ascii_digit)
+                .collect::<Vec<u8>>()
+        })
+        .and_then(|digits| String::from_utf8(digits).ok()?.parse().ok()))
+}
+
+fn unsupported(path: &Path, found: u64) -> DuraflowError {
+    DuraflowError::UnsupportedFormat {
+        path: path.to_owned(),
+        found: u32::try_from(found).unwrap_or(u32::MAX),
+        supported: FORMAT_VERSION as u32,
     }
 }
 
