@@ -1,4 +1,5 @@
-//! Read-ahead of a run's stored outputs, for stores whose reads block.
+//! Read-ahead of a run's stored outputs, for stores that ask for it
+//! ([`Storage::read_ahead`](crate::Storage::read_ahead)).
 //!
 //! A task of a cached re-run spends most of its time waiting for its store read to come
 //! back from the I/O pool: two thread hand-overs for a few microseconds of reading. So when
@@ -7,8 +8,9 @@
 //! instead of queueing its own. A run therefore sees the outputs stored when it started,
 //! as it would if its tasks all started at once.
 //!
-//! Read-ahead is bounded: once [`MAX_AHEAD_BYTES`] of read but not yet taken outputs are
-//! held, the rest of the ids are dropped and those tasks read for themselves.
+//! Read-ahead is bounded: once [`MAX_AHEAD_BYTES`] of read but not yet taken outputs, or
+//! [`MAX_AHEAD_READS`] reads, are held, the rest of the ids are dropped and those tasks read
+//! for themselves.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,6 +29,9 @@ pub(crate) type Pending = oneshot::Receiver<ReadResult>;
 
 /// Bytes of read-ahead outputs not yet taken by their tasks, above which reading ahead stops.
 const MAX_AHEAD_BYTES: usize = 32 << 20;
+/// Reads done ahead and not yet taken, above which reading ahead stops: each holds a
+/// channel and a buffer, and a run of 100k tasks must not hold them all at once.
+const MAX_AHEAD_READS: usize = 4096;
 /// Keys per pool job: enough to amortise the hand-over, few enough to spread over threads.
 const CHUNK: usize = 32;
 
@@ -35,8 +40,8 @@ pub(crate) struct ReadAhead {
     /// Keys waiting for the run to start, with the sender their task waits on.
     queued: Mutex<Vec<(Arc<str>, oneshot::Sender<ReadResult>)>>,
     started: AtomicBool,
-    /// Shared with the pool jobs: bytes read ahead and not yet taken.
-    ahead: Arc<AtomicUsize>,
+    /// Shared with the pool jobs: bytes and reads done ahead and not yet taken.
+    ahead: Arc<Ahead>,
 }
 
 impl ReadAhead {
@@ -76,19 +81,29 @@ impl ReadAhead {
         }
     }
 
-    /// Accounts for a task having taken `bytes` of read-ahead output.
+    /// Accounts for a task having taken a read of `bytes` bytes.
     pub(crate) fn taken(&self, bytes: usize) {
-        self.ahead.fetch_sub(bytes, Ordering::SeqCst);
+        self.ahead.bytes.fetch_sub(bytes, Ordering::SeqCst);
+        self.ahead.reads.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// What the read-ahead of one run holds that its tasks have not taken yet.
+#[derive(Default)]
+struct Ahead {
+    bytes: AtomicUsize,
+    reads: AtomicUsize,
 }
 
 fn read_chunk(
     db: &dyn Storage,
-    ahead: &AtomicUsize,
+    ahead: &Ahead,
     chunk: Vec<(Arc<str>, oneshot::Sender<ReadResult>)>,
 ) {
     for (key, tx) in chunk {
-        if ahead.load(Ordering::SeqCst) > MAX_AHEAD_BYTES || tx.is_canceled() {
+        let full = ahead.bytes.load(Ordering::SeqCst) > MAX_AHEAD_BYTES
+            || ahead.reads.load(Ordering::SeqCst) >= MAX_AHEAD_READS;
+        if full || tx.is_canceled() {
             continue; // dropping `tx` sends the task to read for itself
         }
         let result = db.read(&key);
@@ -96,9 +111,11 @@ fn read_chunk(
             Ok(Some(bytes)) => bytes.len(),
             _ => 0,
         };
-        ahead.fetch_add(len, Ordering::SeqCst);
+        ahead.bytes.fetch_add(len, Ordering::SeqCst);
+        ahead.reads.fetch_add(1, Ordering::SeqCst);
         if tx.send(result).is_err() {
-            ahead.fetch_sub(len, Ordering::SeqCst);
+            ahead.bytes.fetch_sub(len, Ordering::SeqCst);
+            ahead.reads.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

@@ -134,7 +134,7 @@ impl RunState {
             started_ms,
             closed: AtomicBool::new(false),
             total: AtomicUsize::new(0),
-            readahead: ctx.db.may_block().then(ReadAhead::new),
+            readahead: (ctx.db.may_block() && ctx.db.read_ahead()).then(ReadAhead::new),
             span_id,
             parent: span.id(),
             span: Mutex::new(Some(span)),
@@ -189,9 +189,10 @@ impl RunState {
                 Either::Right(Box::pin(async move {
                     match pending.await {
                         Ok(read) => {
-                            if let Ok(Some(bytes)) = &read {
-                                readahead.taken(bytes.len());
-                            }
+                            readahead.taken(match &read {
+                                Ok(Some(bytes)) => bytes.len(),
+                                _ => 0,
+                            });
                             read
                         }
                         // Not read ahead: read it now.

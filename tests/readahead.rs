@@ -12,7 +12,7 @@ use common::{multi_thread_rt, Inc, Val};
 use dagx::{task, DagRunner, Task};
 use duraflow_rs::{Context, DurableDag, DuraflowError, MemoryStore, Storage};
 
-/// A store that may block (so reads go through the read-ahead) and counts reads per key.
+/// A store that may block and asks for read-ahead, and counts reads per key.
 #[derive(Default)]
 struct Counting {
     inner: MemoryStore,
@@ -30,6 +30,9 @@ impl Storage for Counting {
     }
     fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
         self.inner.write(key, value)
+    }
+    fn read_ahead(&self) -> bool {
+        true
     }
 }
 

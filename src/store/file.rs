@@ -327,6 +327,12 @@ impl Storage for FileStore {
     fn kind(&self) -> &'static str {
         "file"
     }
+
+    /// A read opens, reads and closes a file: reading a run's outputs in batches on the I/O
+    /// threads beats a hand-over per task.
+    fn read_ahead(&self) -> bool {
+        true
+    }
 }
 
 /// The directory name of `key` (see [`FileStore`]'s layout).

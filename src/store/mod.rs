@@ -87,6 +87,15 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// Whether duraflow-rs should read a run's stored outputs ahead of its tasks, in
+    /// batches on its I/O threads, rather than one read per task when it starts. Worth it
+    /// when a read costs more than handing it to another thread (a file, the network); it
+    /// holds a channel per task while the run lasts. Only consulted when
+    /// [`may_block`](Storage::may_block) is `true`. Defaults to `false`.
+    fn read_ahead(&self) -> bool {
+        false
+    }
+
     /// Whether the methods may block the calling thread (disk, network). When `true`, the
     /// default, duraflow-rs runs them on its I/O threads, never on the async executor.
     /// Return `false` only for stores that never wait on I/O or contended locks.
