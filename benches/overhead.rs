@@ -438,10 +438,66 @@ fn print_summary(since: SystemTime) {
     support::print_summary(GROUP, N, &ids, &ratios, since);
 }
 
+/// Rounds of the interleaved measurements.
+const INTERLEAVED_ROUNDS: usize = 40;
+
+/// The targets measured again with both sides interleaved (see [`support::interleaved`]).
+fn interleaved() {
+    let rt = runtime();
+    let ids = task_ids();
+    let n = ids.len();
+    if support::selected(GROUP, "memory_v2") && support::selected(GROUP, "raw_dagx") {
+        let (mem, raw) = support::interleaved(
+            INTERLEAVED_ROUNDS,
+            || {
+                let ctx = v2_memory();
+                let (elapsed, dag, stats) = run_v2(&rt, &ctx, &ids);
+                check_v2_fresh(&ctx, stats, n);
+                drop((dag, ctx));
+                elapsed
+            },
+            || {
+                let (elapsed, dag) = run_raw(&rt, n);
+                drop(dag);
+                elapsed
+            },
+        );
+        println!("\n== interleaved: {INTERLEAVED_ROUNDS} rounds of memory_v2 and raw_dagx ==");
+        println!("{:<24} {mem:>10.3} ms  (median)", "memory_v2");
+        support::print_interleaved(("memory_v2", mem), ("raw_dagx", raw), Some(1.15));
+    }
+    if support::selected(GROUP, "file_v2_cached") && support::selected(GROUP, "file_v1_cached") {
+        let (dir2, dir1) = (temp_dir(), temp_dir());
+        let (ctx2, ctx1) = (v2_file(dir2.path()), v1_file(dir1.path()));
+        let (_, _, stats) = run_v2(&rt, &ctx2, &ids);
+        check_v2_fresh(&ctx2, stats, n);
+        run_v1(&rt, &ctx1, &ids);
+        let (v2, v1) = support::interleaved(
+            INTERLEAVED_ROUNDS,
+            || {
+                let (elapsed, dag, stats) = run_v2(&rt, &ctx2, &ids);
+                check_v2_cached(stats, n);
+                drop(dag);
+                elapsed
+            },
+            || run_v1(&rt, &ctx1, &ids).0,
+        );
+        println!(
+            "\n== interleaved: {INTERLEAVED_ROUNDS} rounds of file_v2_cached and file_v1_cached =="
+        );
+        println!("{:<24} {v2:>10.3} ms  (median)", "file_v2_cached");
+        support::print_interleaved(("file_v2_cached", v2), ("file_v1_cached", v1), Some(1.0));
+        drop((ctx2, ctx1, dir2, dir1));
+    }
+}
+
 fn main() {
     let since = SystemTime::now();
     let mut criterion = Criterion::default().configure_from_args();
     wide_10k(&mut criterion);
     criterion.final_summary();
     print_summary(since);
+    if !support::smoke_test() {
+        interleaved();
+    }
 }

@@ -102,7 +102,7 @@ fn runtime() -> Runtime {
 /// The task ids: `N` of them when benchmarking, `N_SMOKE` in criterion's test mode (same
 /// rule as criterion: test mode unless `--bench` is given without `--test`).
 fn task_ids() -> Vec<Arc<str>> {
-    let n = if smoke_test() { N_SMOKE } else { N };
+    let n = if support::smoke_test() { N_SMOKE } else { N };
     (0..n).map(|i| Arc::from(format!("task-{i}"))).collect()
 }
 
@@ -407,33 +407,6 @@ fn print_summary(since: SystemTime) {
     support::print_summary(GROUP, N, &ids, &ratios, since);
 }
 
-/// Whether criterion runs every benchmark once as a test (see [`task_ids`]).
-fn smoke_test() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    !has("--bench") || has("--test")
-}
-
-/// Whether the command line's filter (criterion's first free argument, a regex; matched
-/// here as a plain substring or `a|b` alternatives, which is how this benchmark's ids are
-/// selected) leaves `id` in.
-fn selected(id: &str) -> bool {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut free = args.iter().filter(|a| !a.starts_with('-'));
-    match free.next() {
-        None => true,
-        Some(filter) => filter.split('|').any(|alt| {
-            format!("{GROUP}/{id}").contains(alt.trim_matches(|c| c == '^' || c == '$'))
-        }),
-    }
-}
-
-/// The median of `times`, in milliseconds.
-fn median_ms(times: &mut [Duration]) -> f64 {
-    times.sort();
-    times[times.len() / 2].as_secs_f64() * 1e3
-}
-
 /// The interleaved cached measurement (see the module docs).
 fn interleaved_cached(rounds: usize) {
     let rt = runtime();
@@ -449,43 +422,28 @@ fn interleaved_cached(rounds: usize) {
     let (dir, ctx) = fresh_sled();
     let (_, _, stats) = run_durable(&rt, &ctx, &ids);
     check_fresh(&ctx, stats, n);
-    // Warm both up.
-    for _ in 0..5 {
-        drop(run_raw_gets(&rt, &db, &ids));
-        drop(run_durable(&rt, &ctx, &ids));
-    }
-    let (mut raw, mut cached) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        let mut time_raw = || {
+    let (raw_ms, cached_ms) = support::interleaved(
+        rounds,
+        || {
             let (elapsed, dag) = run_raw_gets(&rt, &db, &ids);
             drop(dag);
-            raw.push(elapsed);
-        };
-        let mut time_cached = || {
+            elapsed
+        },
+        || {
             let (elapsed, dag, stats) = run_durable(&rt, &ctx, &ids);
             check_cached(stats, n);
             drop(dag);
-            cached.push(elapsed);
-        };
-        if round % 2 == 0 {
-            time_raw();
-            time_cached();
-        } else {
-            time_cached();
-            time_raw();
-        }
-    }
-    let (raw_ms, cached_ms) = (median_ms(&mut raw), median_ms(&mut cached));
+            elapsed
+        },
+    );
     println!(
         "\n== interleaved: {rounds} rounds of raw_dagx_sled_gets and cached_dag back to back =="
     );
-    println!("raw_dagx_sled_gets       {raw_ms:>10.3} ms  (median)");
-    println!("cached_dag               {cached_ms:>10.3} ms  (median)");
-    let ratio = cached_ms / raw_ms;
-    let verdict = if ratio <= 1.5 { "MET" } else { "MISSED" };
-    println!(
-        "{:<42} {ratio:>7.3}x  target <= 1.50: {verdict}",
-        "cached_dag / raw_dagx_sled_gets"
+    println!("{:<24} {cached_ms:>10.3} ms  (median)", "cached_dag");
+    support::print_interleaved(
+        ("cached_dag", cached_ms),
+        ("raw_dagx_sled_gets", raw_ms),
+        Some(1.5),
     );
     drop((ctx, dir, db, raw_dir));
 }
@@ -496,7 +454,10 @@ fn main() {
     sled_2k(&mut criterion);
     criterion.final_summary();
     print_summary(since);
-    if !smoke_test() && selected("raw_dagx_sled_gets") && selected("cached_dag") {
+    if !support::smoke_test()
+        && support::selected(GROUP, "raw_dagx_sled_gets")
+        && support::selected(GROUP, "cached_dag")
+    {
         interleaved_cached(INTERLEAVED_ROUNDS);
     }
 }

@@ -206,7 +206,10 @@ where
     let attempt = run.start_attempt(id, number);
 
     if let Some(pending) = pending {
-        let stored = run.read_stored(id, pending).await;
+        let stored = match run.read_stored(id, pending).now() {
+            Ok(stored) => stored,
+            Err(later) => later.await,
+        };
         if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
             run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
             closed(finish(Ending::Cached)).await;
@@ -217,8 +220,14 @@ where
     run.mark_running(&attempt);
     let last = number >= work.max_attempts();
     match work.run(id).await {
-        Ran::Output(value) => match K::stored(&value).map(|s| run.persist(id, s, &attempt)) {
-            Ok(persisting) => return persisted(run, id, &attempt, persisting, value, finish).await,
+        Ran::Output(value) => match K::stored(&value).map(|s| run.persist(id, s, &attempt).now()) {
+            Ok(persisting) => {
+                let result = match persisting {
+                    Ok(result) => result,
+                    Err(later) => later.await,
+                };
+                return persisted(run, id, &attempt, result, value, finish).await;
+            }
             Err(error) => {
                 tracing::warn!(key = id, attempt = number, %error, "task returned an error");
                 run.end_attempt(&attempt, failed(&error), None);
@@ -268,20 +277,20 @@ where
     Step::Again(work.backoff_before(number + 1))
 }
 
-/// Waits for `persisting` (the write of `value`'s stored part with the attempt's success),
-/// then ends the task.
+/// Ends the task after the write of `value`'s stored part (with the attempt's success)
+/// gave `result`.
 async fn persisted<'a, O, F>(
     run: &'a RunState,
     id: &str,
     attempt: &Attempt,
-    persisting: impl std::future::Future<Output = Result<(), DuraflowError>>,
+    result: Result<(), DuraflowError>,
     value: O,
     finish: F,
 ) -> Step<O>
 where
     F: Fn(Ending) -> Option<BoxFuture<'a, ()>>,
 {
-    match persisting.await.map_err(|e| e.into_persist(id)) {
+    match result.map_err(|e| e.into_persist(id)) {
         Ok(()) => {
             tracing::trace!("output persisted");
             closed(finish(Ending::Executed)).await;
@@ -369,78 +378,76 @@ where
         }
     }
 
-    /// Runs attempt `number`, catching a panic and applying the policy's timeout.
+    /// Runs the next attempt, catching a panic and applying the policy's timeout. A task
+    /// without a retry policy runs its own future in place; the retry path is boxed, so the
+    /// future of every other task stays small.
     async fn run(&mut self, id: &str) -> Ran<Tk::Output> {
-        let (attempt, timeout): (BoxFuture<'_, Result<Tk::Output, String>>, _) = match self {
+        match self {
             Work::Once(once) => match once.take() {
-                Some((inner, Inputs::Given(input))) => (Box::pin(inner.run(input).map(Ok)), None),
+                Some((inner, Inputs::Given(input))) => caught(inner.run(input).map(Ok)).await,
                 Some((inner, Inputs::Channels(receivers))) => {
-                    (Box::pin(inner.extract_and_run(receivers)), None)
+                    caught(inner.extract_and_run(receivers)).await
                 }
-                None => return Ran::NoInput("the task was already run".to_owned()),
+                None => Ran::NoInput("the task was already run".to_owned()),
             },
             Work::Retry {
                 retry,
                 inner,
                 inputs,
                 input,
-            } => {
-                if input.is_none() {
-                    match inputs.take() {
-                        Some(Inputs::Given(given)) => *input = Some(given),
-                        Some(Inputs::Channels(receivers)) => {
-                            match (retry.extract)(receivers).await {
-                                Extracted::Input(Ok(extracted)) => *input = Some(extracted),
-                                Extracted::Input(Err(message)) => return Ran::NoInput(message),
-                                Extracted::Unsupported(receivers) => {
-                                    // dagx hands two or more inputs over in a form only
-                                    // the task itself can unpack: one attempt, no retry.
-                                    tracing::warn!(
-                                        key = id,
-                                        "a task with several dependencies is attempted once"
-                                    );
-                                    let Some(inner) = inner.take() else {
-                                        return Ran::NoInput("the task was already run".into());
-                                    };
-                                    retry.policy = RetryPolicy::attempts(1);
-                                    return run_caught(
-                                        Box::pin(inner.extract_and_run(receivers)),
-                                        None,
-                                    )
-                                    .await;
-                                }
-                            }
-                        }
-                        None => return Ran::NoInput("the task's input is gone".to_owned()),
-                    }
-                }
-                let Some(given) = input.as_ref() else {
-                    return Ran::NoInput("the task's input is gone".to_owned());
-                };
-                (
-                    Box::pin((retry.attempt)(given).map(Ok)),
-                    retry.policy.attempt_timeout(),
-                )
-            }
-        };
-        run_caught(attempt, timeout).await
+            } => Box::pin(retry_attempt(id, retry, inner, inputs, input)).await,
+        }
     }
 }
 
-/// Runs one attempt's future, catching its panic and cutting it off after `timeout`.
-async fn run_caught<O>(
-    attempt: BoxFuture<'_, Result<O, String>>,
-    timeout: Option<std::time::Duration>,
-) -> Ran<O> {
-    let caught = AssertUnwindSafe(attempt).catch_unwind();
-    let ran = match timeout {
-        None => caught.await,
-        Some(limit) => match tokio::time::timeout(limit, caught).await {
-            Ok(ran) => ran,
-            Err(_) => return Ran::TimedOut(limit),
-        },
+/// One attempt of a task with a retry policy: its input is received once, then each attempt
+/// runs a fresh clone of the task on a clone of it, cut off after the policy's timeout.
+async fn retry_attempt<Tk: Task>(
+    id: &str,
+    retry: &mut Retry<Tk::Input, Tk::Output>,
+    inner: &mut Option<Tk>,
+    inputs: &mut Option<Inputs<Tk::Input>>,
+    input: &mut Option<Tk::Input>,
+) -> Ran<Tk::Output> {
+    if input.is_none() {
+        match inputs.take() {
+            Some(Inputs::Given(given)) => *input = Some(given),
+            Some(Inputs::Channels(receivers)) => match (retry.extract)(receivers).await {
+                Extracted::Input(Ok(extracted)) => *input = Some(extracted),
+                Extracted::Input(Err(message)) => return Ran::NoInput(message),
+                Extracted::Unsupported(receivers) => {
+                    // dagx hands two or more inputs over in a form only the task itself can
+                    // unpack: one attempt, no retry.
+                    tracing::warn!(
+                        key = id,
+                        "a task with several dependencies is attempted once"
+                    );
+                    let Some(inner) = inner.take() else {
+                        return Ran::NoInput("the task was already run".into());
+                    };
+                    retry.policy = RetryPolicy::attempts(1);
+                    return caught(inner.extract_and_run(receivers)).await;
+                }
+            },
+            None => return Ran::NoInput("the task's input is gone".to_owned()),
+        }
+    }
+    let Some(given) = input.as_ref() else {
+        return Ran::NoInput("the task's input is gone".to_owned());
     };
-    match ran {
+    let attempt = (retry.attempt)(given).map(Ok);
+    match retry.policy.attempt_timeout() {
+        None => caught(attempt).await,
+        Some(limit) => match tokio::time::timeout(limit, caught(attempt)).await {
+            Ok(ran) => ran,
+            Err(_) => Ran::TimedOut(limit),
+        },
+    }
+}
+
+/// Runs one attempt's future, catching its panic.
+async fn caught<O>(attempt: impl std::future::Future<Output = Result<O, String>>) -> Ran<O> {
+    match AssertUnwindSafe(attempt).catch_unwind().await {
         Ok(Ok(value)) => Ran::Output(value),
         Ok(Err(message)) => Ran::NoInput(message),
         Err(panic) => Ran::Panicked(panic),

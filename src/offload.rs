@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
-use futures::future::{ready, BoxFuture, Either, Ready};
+use futures::future::BoxFuture;
 
 use crate::{DuraflowError, Storage};
 
@@ -93,11 +93,26 @@ async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) ->
     }
 }
 
-/// What [`off_executor`] returns: an already-finished result for a store that never
-/// blocks, or a boxed wait on the I/O pool. Boxing only the pool path keeps the future of
-/// every task small when the store is in memory.
-pub(crate) type OffExecutor<'a, R> =
-    Either<Ready<Result<R, DuraflowError>>, BoxFuture<'a, Result<R, DuraflowError>>>;
+/// A store call's result: here now (a store that never blocks answered inline), or to be
+/// awaited from the I/O pool. Callers match on it and await only a `Later`, so the future of
+/// a task on an in-memory store never holds the result's space across an await.
+pub(crate) enum Offloaded<'a, R> {
+    Now(Result<R, DuraflowError>),
+    Later(BoxFuture<'a, Result<R, DuraflowError>>),
+}
+
+impl<'a, R> Offloaded<'a, R> {
+    /// The result now, or the future to await for it.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn now(
+        self,
+    ) -> Result<Result<R, DuraflowError>, BoxFuture<'a, Result<R, DuraflowError>>> {
+        match self {
+            Offloaded::Now(result) => Ok(result),
+            Offloaded::Later(later) => Err(later),
+        }
+    }
+}
 
 /// Runs `op(db, key)` without blocking the async executor.
 ///
@@ -107,17 +122,17 @@ pub(crate) fn off_executor<R, F>(
     db: &Arc<dyn Storage + Send + Sync>,
     key: &str,
     op: F,
-) -> OffExecutor<'static, R>
+) -> Offloaded<'static, R>
 where
     R: Send + 'static,
     F: FnOnce(&dyn Storage, &str) -> Result<R, DuraflowError> + Send + 'static,
 {
     if !db.may_block() {
-        return Either::Left(ready(op(db.as_ref(), key)));
+        return Offloaded::Now(op(db.as_ref(), key));
     }
     let db = Arc::clone(db);
     let owned_key = key.to_owned();
-    Either::Right(Box::pin(async move {
+    Offloaded::Later(Box::pin(async move {
         let key = owned_key.clone();
         match on_pool(move || op(db.as_ref(), &owned_key)).await {
             Ok(result) => result,

@@ -5,16 +5,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use futures::future::{BoxFuture, Either};
+use futures::future::BoxFuture;
 use serde::Serialize;
 
 use crate::codec;
-use crate::offload::{off_executor, OffExecutor};
+use crate::offload::{off_executor, Offloaded};
 use crate::readahead::{Pending, ReadAhead};
 use crate::record::now_ms;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
-    Ticket,
 };
 
 /// The progress callback: called with a task's id and how many tasks of the run have
@@ -181,12 +180,12 @@ impl RunState {
         &self,
         id: &str,
         pending: Option<Pending>,
-    ) -> OffExecutor<'_, Option<Vec<u8>>> {
+    ) -> Offloaded<'_, Option<Vec<u8>>> {
         match (&self.readahead, pending) {
             (Some(readahead), Some(pending)) => {
                 readahead.start(&self.ctx.db);
                 let id = id.to_owned();
-                Either::Right(Box::pin(async move {
+                Offloaded::Later(Box::pin(async move {
                     match pending.await {
                         Ok(read) => {
                             readahead.taken(match &read {
@@ -196,7 +195,10 @@ impl RunState {
                             read
                         }
                         // Not read ahead: read it now.
-                        Err(_) => off_executor(&self.ctx.db, &id, |db, key| db.read(key)).await,
+                        Err(_) => match off_executor(&self.ctx.db, &id, |db, k| db.read(k)).now() {
+                            Ok(read) => read,
+                            Err(later) => later.await,
+                        },
                     }
                 }))
             }
@@ -262,23 +264,21 @@ impl RunState {
         id: &str,
         value: &T,
         attempt: &Attempt,
-    ) -> Either<OffExecutor<'static, ()>, Ticket> {
+    ) -> Offloaded<'static, ()> {
         let bytes = match codec::encode(id, value) {
             Ok(bytes) => bytes,
-            Err(e) => return Either::Right(Ticket::ready(Err(e))),
+            Err(e) => return Offloaded::Now(Err(e)),
         };
         let size = bytes.len();
         match (
             self.log(),
             attempt.ended(AttemptOutcome::Succeeded, Some(size)),
         ) {
-            (Some((log, _)), Some(record)) => Either::Right(
-                log.commit(id, bytes, record)
-                    .unwrap_or_else(|e| Ticket::ready(Err(e))),
-            ),
-            _ => Either::Left(off_executor(&self.ctx.db, id, move |db, key| {
-                db.write_owned(key, bytes)
-            })),
+            (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
+                Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
+                Err(e) => Offloaded::Now(Err(e)),
+            },
+            _ => off_executor(&self.ctx.db, id, move |db, key| db.write_owned(key, bytes)),
         }
     }
 

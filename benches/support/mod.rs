@@ -97,3 +97,71 @@ pub fn print_summary(
         );
     }
 }
+
+/// Whether criterion runs every benchmark once as a test (`cargo test --benches`, or
+/// `-- --test`): no `--bench`, or `--test` given.
+pub fn smoke_test() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    !has("--bench") || has("--test")
+}
+
+/// Whether the command line's filter (criterion's first free argument, a regex; matched
+/// here as a plain substring or `a|b` alternatives, which is how these benchmarks' ids are
+/// selected) leaves `group/id` in.
+pub fn selected(group: &str, id: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut free = args.iter().filter(|a| !a.starts_with('-'));
+    match free.next() {
+        None => true,
+        Some(filter) => filter.split('|').any(|alt| {
+            format!("{group}/{id}").contains(alt.trim_matches(|c| c == '^' || c == '$'))
+        }),
+    }
+}
+
+/// The median of `times`, in milliseconds.
+pub fn median_ms(times: &mut [std::time::Duration]) -> f64 {
+    times.sort();
+    times[times.len() / 2].as_secs_f64() * 1e3
+}
+
+/// Times `a` and `b` back to back for `rounds` rounds (alternating which goes first, after
+/// a few warm-up rounds) and returns their median times in milliseconds: a burst of load
+/// then hits both sides of a ratio, unlike criterion's one-variant-after-another runs.
+pub fn interleaved(
+    rounds: usize,
+    mut a: impl FnMut() -> std::time::Duration,
+    mut b: impl FnMut() -> std::time::Duration,
+) -> (f64, f64) {
+    for _ in 0..3 {
+        a();
+        b();
+    }
+    let (mut ta, mut tb) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            ta.push(a());
+            tb.push(b());
+        } else {
+            tb.push(b());
+            ta.push(a());
+        }
+    }
+    (median_ms(&mut ta), median_ms(&mut tb))
+}
+
+/// Prints an interleaved pair and their ratio against `target`, if any.
+pub fn print_interleaved(a: (&str, f64), b: (&str, f64), target: Option<f64>) {
+    println!("{:<24} {:>10.3} ms  (median)", b.0, b.1);
+    let ratio = a.1 / b.1;
+    let verdict = match target {
+        Some(t) if ratio <= t => format!("target <= {t:.2}: MET"),
+        Some(t) => format!("target <= {t:.2}: MISSED"),
+        None => String::new(),
+    };
+    println!(
+        "{:<42} {ratio:>7.3}x  {verdict}",
+        format!("{} / {}", a.0, b.0)
+    );
+}
