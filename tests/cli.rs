@@ -374,11 +374,21 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    duraflow_in(Path::new("."), args)
+}
+
+/// Runs the binary in the directory `cwd`.
+fn duraflow_in<I, S>(cwd: &Path, args: I) -> Ran
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let Output {
         status,
         stdout,
         stderr,
     } = Command::new(env!("CARGO_BIN_EXE_duraflow"))
+        .current_dir(cwd)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -949,16 +959,10 @@ fn readme_screenshot() {
     let _serial = serial();
     let chromium = browser().expect("chromium");
     let dir = tempfile::tempdir().unwrap();
-    let store = sled_copy(dir.path());
+    sled_copy(dir.path());
     let page = dir.path().join("run.html");
-    duraflow([
-        "report".as_ref(),
-        store.as_os_str(),
-        "2".as_ref(),
-        "-o".as_ref(),
-        page.as_os_str(),
-    ])
-    .ok();
+    // A relative path, as a user would type it: the page shows it.
+    duraflow_in(dir.path(), ["report", "pipeline.db", "2", "-o", "run.html"]).ok();
     let png = dir.path().join("shot.png");
     headless(
         &chromium,

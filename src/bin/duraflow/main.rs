@@ -244,12 +244,17 @@ fn find_run(sled: &SledStore, path: &Path, id: Option<RunId>) -> Result<RunDetai
     let id = id.unwrap_or(last.id);
     sled.run(id)?.ok_or_else(|| {
         Failure::new(format!(
-            "no run {id} in {} (its runs: {})",
+            "no run {id} in {} ({})",
             path.display(),
             if runs.len() == 1 {
-                first.id.to_string()
+                format!("its only run is {}", first.id)
             } else {
-                format!("{} of ids {} to {}", runs.len(), first.id, last.id)
+                format!(
+                    "it has {} runs, ids {} to {}",
+                    runs.len(),
+                    first.id,
+                    last.id
+                )
             }
         ))
     })
