@@ -1,6 +1,7 @@
 //! [`SledStore`]: outputs, runs and attempts in one sled database, committed by one writer
 //! thread in groups.
 
+mod gc;
 mod layout;
 mod registry;
 mod writer;
