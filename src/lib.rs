@@ -31,4 +31,6 @@ pub use record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
 pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
 pub use runlog::{RunLog, Ticket, TicketSender};
-pub use store::{Durability, FileStore, MemoryStore, RunDetails, SledConfig, SledStore, Storage};
+pub use store::{
+    Durability, FileStore, GcStats, MemoryStore, RunDetails, SledConfig, SledStore, Storage,
+};

@@ -7,7 +7,7 @@ mod file;
 mod memory;
 mod sled;
 
-pub use self::sled::{Durability, RunDetails, SledConfig, SledStore};
+pub use self::sled::{Durability, GcStats, RunDetails, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 

@@ -2,6 +2,7 @@
 //! thread in groups.
 
 mod gc;
+pub use self::gc::GcStats;
 mod layout;
 mod registry;
 mod writer;
