@@ -7,6 +7,11 @@
 //! `--crash-after N` to abort the process after N tasks), run it again: finished tasks are
 //! not executed again, and the interrupted run is recorded as such.
 //!
+//! On a terminal the run shows a live progress bar; when stdout is not a terminal (piped,
+//! redirected, CI) it prints one plain line per completed task instead. Both are fed by
+//! `DurableDag::with_progress`, which needs no `tracing` subscriber (`ProgressLayer` is the
+//! alternative for programs that have one: see the README's "Tracing and progress").
+//!
 //! ```sh
 //! cargo run --example pipeline                     # first run: everything executes
 //! cargo run --example pipeline                     # second run: everything is cached
@@ -14,6 +19,7 @@
 //! cargo run --example pipeline                     # resumes: 20 cached, the rest executed
 //! ```
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +127,58 @@ impl Report {
     }
 }
 
+/// How progress is shown: a live bar on a terminal, plain lines otherwise.
+#[derive(Clone)]
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { total: usize },
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        if !std::io::stdout().is_terminal() {
+            return Progress::Lines { total };
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total as u64),
+            indicatif::ProgressDrawTarget::stdout(),
+        );
+        let style = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40.cyan/blue}] {pos:>3}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        Progress::Bar(bar)
+    }
+
+    /// Task `id` completed (executed or cached); `completed` tasks of this run have.
+    fn task_done(&self, id: &str, completed: usize) {
+        match self {
+            // Calls can arrive out of order from two workers: the bar counts them itself.
+            Progress::Bar(bar) => {
+                bar.inc(1);
+                bar.set_message(id.to_owned());
+            }
+            Progress::Lines { total } => println!("[{completed:>3}/{total}] {id}"),
+        }
+    }
+
+    /// Prints a line without tearing the bar.
+    fn line(&self, text: &str) {
+        match self {
+            Progress::Bar(bar) => bar.println(text),
+            Progress::Lines { .. } => println!("{text}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_with_message("done");
+        }
+    }
+}
+
 struct Args {
     store: String,
     fresh: bool,
@@ -183,10 +241,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dag = DagRunner::new();
     let total = 1 + SHARDS + (SHARDS - 1) + 1;
     let crash_after = args.crash_after;
+    let progress = Progress::new(total);
+    let report = progress.clone();
     let d = DurableDag::new(&dag, ctx.clone()).with_progress(move |id, completed| {
-        println!("[{completed:>3}/{total}] {id}");
+        report.task_done(id, completed);
         if crash_after == Some(completed) {
-            println!("--crash-after {completed}: aborting the process now");
+            report.line(&format!(
+                "--crash-after {completed}: aborting the process now"
+            ));
             std::process::abort();
         }
     });
@@ -227,6 +289,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(f);
     })
     .await?;
+    progress.finish();
     let stats = d.stats();
     println!(
         "\nrun finished in {:.2?}: {} executed, {} cached, {} failed (store: {})",

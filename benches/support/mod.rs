@@ -21,7 +21,19 @@ pub fn criterion_dir() -> Option<PathBuf> {
 /// Mean time per iteration of `id` and its 95 % confidence interval, in seconds, if criterion
 /// wrote it after `since`.
 pub fn estimate(dir: &Path, group: &str, id: &str, since: SystemTime) -> Option<(f64, f64, f64)> {
-    let path = dir.join(group).join(id).join("new").join("estimates.json");
+    estimate_in(dir, group, id, "new", since)
+}
+
+/// Like [`estimate`], from the results criterion keeps under `name`: `new` for the latest
+/// run, or a baseline saved with `--save-baseline NAME`.
+pub fn estimate_in(
+    dir: &Path,
+    group: &str,
+    id: &str,
+    name: &str,
+    since: SystemTime,
+) -> Option<(f64, f64, f64)> {
+    let path = dir.join(group).join(id).join(name).join("estimates.json");
     let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
     if modified < since {
         return None; // left over from an earlier run (e.g. filtered out of this one)
