@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode};
-use dagx::{task, DagRunner, Task};
+use dagx::DagRunner;
 use tokio::runtime::Runtime;
 
 /// Tasks in the wide DAG.
@@ -47,42 +47,15 @@ const N_SMOKE: usize = 100;
 /// The criterion group every benchmark is in.
 const GROUP: &str = "wide_10k";
 
-/// A trivial task: returns the number it holds.
-struct Val(u64);
+use support::{runtime, Val};
 
-#[task]
-impl Val {
-    async fn run(&self) -> u64 {
-        self.0
-    }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// The task ids: `N` of them when benchmarking, `N_SMOKE` in criterion's test mode (same
-/// rule as criterion: test mode unless `--bench` is given without `--test`).
+/// The task ids (see [`support::task_ids`]).
 fn task_ids() -> Vec<String> {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    let n = if has("--bench") && !has("--test") {
-        N
-    } else {
-        N_SMOKE
-    };
-    (0..n).map(|i| format!("task-{i}")).collect()
+    support::task_ids(N, N_SMOKE)
 }
 
 fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("duraflow-bench-")
-        .tempdir()
-        .expect("temp dir")
+    support::temp_dir("duraflow-bench-")
 }
 
 // ---------------------------------------------------------------------------------------

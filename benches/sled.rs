@@ -63,14 +63,15 @@ const CACHE: u64 = 64 * 1024 * 1024;
 /// Rounds of the interleaved cached measurement.
 const INTERLEAVED_ROUNDS: usize = 200;
 
-/// A trivial task: returns the number it holds.
-struct Val(u64);
+use support::{runtime, Val};
 
-#[task]
-impl Val {
-    async fn run(&self) -> u64 {
-        self.0
-    }
+/// The task ids (see [`support::task_ids`]).
+fn task_ids() -> Vec<Arc<str>> {
+    support::task_ids(N, N_SMOKE)
+}
+
+fn temp_dir() -> tempfile::TempDir {
+    support::temp_dir("duraflow-sled-bench-")
 }
 
 /// The raw baseline of a cached task: a `get` of its key from a sled tree, inline.
@@ -89,28 +90,6 @@ impl Get {
             .expect("key present");
         u64::from_be_bytes(bytes.as_ref().try_into().expect("8-byte value"))
     }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// The task ids: `N` of them when benchmarking, `N_SMOKE` in criterion's test mode (same
-/// rule as criterion: test mode unless `--bench` is given without `--test`).
-fn task_ids() -> Vec<Arc<str>> {
-    let n = if support::smoke_test() { N_SMOKE } else { N };
-    (0..n).map(|i| Arc::from(format!("task-{i}"))).collect()
-}
-
-fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("duraflow-sled-bench-")
-        .tempdir()
-        .expect("temp dir")
 }
 
 /// A raw sled database configured as `SledStore` configures its own.

@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, SamplingMode};
-use dagx::{task, DagRunner, Task};
+use dagx::DagRunner;
 use duraflow_rs::{Context, DurableDag, MemoryStore, ProgressLayer, RunStats};
 use tokio::runtime::Runtime;
 use tracing_subscriber::layer::SubscriberExt;
@@ -68,38 +68,15 @@ const GROUP: &str = "spans_10k";
 /// The baseline the build without spans is saved as.
 const BASELINE: &str = "no-spans";
 
-/// A trivial task: returns the number it holds.
-struct Val(u64);
-
-#[task]
-impl Val {
-    async fn run(&self) -> u64 {
-        self.0
-    }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn args() -> Vec<String> {
     std::env::args().collect()
 }
 
-/// `N` ids when benchmarking, `N_SMOKE` in criterion's test mode (criterion's own rule).
+use support::{runtime, Val};
+
+/// The task ids (see [`support::task_ids`]).
 fn task_ids() -> Vec<String> {
-    let args = args();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    let n = if has("--bench") && !has("--test") {
-        N
-    } else {
-        N_SMOKE
-    };
-    (0..n).map(|i| format!("task-{i}")).collect()
+    support::task_ids(N, N_SMOKE)
 }
 
 /// Set (to anything) to measure CPU time instead of wall time (see the module docs).

@@ -1,7 +1,10 @@
-//! Shared by the benchmarks: reading back the estimates criterion wrote in this run.
+//! Shared by the benchmarks: the trivial task, runtime and ids every one uses, reading back
+//! the estimates criterion wrote in this run, and interleaved timing.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+use dagx::Task;
 
 /// Where criterion writes its results: `$CRITERION_HOME`, `$CARGO_TARGET_DIR/criterion`, or
 /// the `criterion` directory of the target directory this benchmark was built in.
@@ -176,4 +179,38 @@ pub fn print_interleaved(a: (&str, f64), b: (&str, f64), target: Option<f64>) {
         "{:<42} {ratio:>7.3}x  {verdict}",
         format!("{} / {}", a.0, b.0)
     );
+}
+
+/// A trivial task: returns the number it holds.
+pub struct Val(pub u64);
+
+#[dagx::task]
+impl Val {
+    async fn run(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A multi-thread tokio runtime with 2 workers, as every benchmark runs its DAG on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The ids `task-0`, `task-1`, …: `n` of them when benchmarking, `n_smoke` in criterion's
+/// test mode (see [`smoke_test`]).
+pub fn task_ids<T: From<String>>(n: usize, n_smoke: usize) -> Vec<T> {
+    let n = if smoke_test() { n_smoke } else { n };
+    (0..n).map(|i| T::from(format!("task-{i}"))).collect()
+}
+
+/// A fresh temporary directory, named after the benchmark.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir")
 }
