@@ -27,6 +27,9 @@ pub(crate) type ReadResult = Result<Option<Vec<u8>>, DuraflowError>;
 /// yourself".
 pub(crate) type Pending = oneshot::Receiver<ReadResult>;
 
+/// A key waiting to be read ahead, with the sender its task waits on.
+type Queued = (Arc<str>, oneshot::Sender<ReadResult>);
+
 /// Bytes of read-ahead outputs not yet taken by their tasks, above which reading ahead stops.
 const MAX_AHEAD_BYTES: usize = 32 << 20;
 /// Reads done ahead and not yet taken, above which reading ahead stops: each holds a
@@ -38,7 +41,7 @@ const CHUNK: usize = 32;
 /// The read-ahead state of one run.
 pub(crate) struct ReadAhead {
     /// Keys waiting for the run to start, with the sender their task waits on.
-    queued: Mutex<Vec<(Arc<str>, oneshot::Sender<ReadResult>)>>,
+    queued: Mutex<Vec<Queued>>,
     started: AtomicBool,
     /// Shared with the pool jobs: bytes and reads done ahead and not yet taken.
     ahead: Arc<Ahead>,
@@ -95,11 +98,7 @@ struct Ahead {
     reads: AtomicUsize,
 }
 
-fn read_chunk(
-    db: &dyn Storage,
-    ahead: &Ahead,
-    chunk: Vec<(Arc<str>, oneshot::Sender<ReadResult>)>,
-) {
+fn read_chunk(db: &dyn Storage, ahead: &Ahead, chunk: Vec<Queued>) {
     for (key, tx) in chunk {
         let full = ahead.bytes.load(Ordering::SeqCst) > MAX_AHEAD_BYTES
             || ahead.reads.load(Ordering::SeqCst) >= MAX_AHEAD_READS;
@@ -117,5 +116,50 @@ fn read_chunk(
             ahead.bytes.fetch_sub(len, Ordering::SeqCst);
             ahead.reads.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    fn one_key(key: &str) -> (Vec<Queued>, Pending) {
+        let (tx, rx) = oneshot::channel();
+        (vec![(Arc::from(key), tx)], rx)
+    }
+
+    #[test]
+    fn a_full_read_ahead_sends_the_task_to_read_for_itself() {
+        let db = MemoryStore::new();
+        db.write("k", b"v").unwrap();
+        let ahead = Ahead::default();
+        ahead.reads.store(MAX_AHEAD_READS, Ordering::SeqCst);
+        let (chunk, rx) = one_key("k");
+        read_chunk(&db, &ahead, chunk);
+        assert!(
+            futures::executor::block_on(rx).is_err(),
+            "no read: the sender was dropped"
+        );
+        assert_eq!(ahead.reads.load(Ordering::SeqCst), MAX_AHEAD_READS);
+
+        let ahead = Ahead::default();
+        ahead.bytes.store(MAX_AHEAD_BYTES + 1, Ordering::SeqCst);
+        let (chunk, rx) = one_key("k");
+        read_chunk(&db, &ahead, chunk);
+        assert!(futures::executor::block_on(rx).is_err());
+    }
+
+    #[test]
+    fn a_read_ahead_is_counted_until_taken() {
+        let db = MemoryStore::new();
+        db.write("k", b"value").unwrap();
+        let ahead = Ahead::default();
+        let (chunk, rx) = one_key("k");
+        read_chunk(&db, &ahead, chunk);
+        let read = futures::executor::block_on(rx).unwrap().unwrap();
+        assert_eq!(read.as_deref(), Some(&b"value"[..]));
+        assert_eq!(ahead.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(ahead.bytes.load(Ordering::SeqCst), 5);
     }
 }
