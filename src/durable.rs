@@ -1,12 +1,14 @@
 //! [`Durable`]: the dagx task wrapper, and `execute`, the one path every output takes.
 
 use std::any::Any;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use dagx::Task;
 use futures::future::BoxFuture;
+use futures::future::Either;
 use futures::FutureExt;
 use tracing::{instrument::WithSubscriber, Instrument};
 
@@ -143,7 +145,11 @@ where
 
     /// The one path every output takes: cache check → run (and retry) → persist → report.
     /// Each attempt runs in its own `duraflow.task` span.
-    async fn execute(self, inputs: Inputs<Tk::Input>) -> Outcome<Tk::Output> {
+    ///
+    /// Every task's future is this one, so it is built from combinators and `async` blocks
+    /// that hold each piece of state once (an `async fn` holds a second copy of its
+    /// arguments).
+    fn execute(self, inputs: Inputs<Tk::Input>) -> impl Future<Output = Outcome<Tk::Output>> {
         let Durable {
             id,
             inner,
@@ -153,163 +159,211 @@ where
             ..
         } = self;
         let dispatch = run.dispatch().cloned();
-        let body = async move {
-            let mut work = Work::new(inner, inputs, retry);
-            let mut pending = Some(pending);
-            let mut number = 1;
-            loop {
-                let span = run.task_span(&id, number);
-                let step = attempt::<Tk, K>(&run, &id, number, pending.take(), &mut work, &span)
-                    .instrument(span.clone())
-                    .await;
-                match step {
-                    Step::Final(outcome) => return outcome,
-                    Step::Panicked(payload) => std::panic::resume_unwind(payload),
-                    Step::Again(wait) => {
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        number += 1;
-                    }
-                }
-            }
-        };
+        let body = attempts::<Tk, K>(id, run, Work::new(inner, inputs, retry), pending);
         // Spans must be dropped while `dispatch` is the default: closing the last task span
         // makes the registry close the run span through the *current* default. Every span
         // is made and dropped inside `body`, so inside the scope.
         match dispatch {
-            Some(dispatch) => body.with_subscriber(dispatch).await,
-            None => body.await,
+            Some(dispatch) => Either::Left(body.with_subscriber(dispatch)),
+            None => Either::Right(body),
+        }
+    }
+}
+
+/// Attempts task `id` until an attempt is final, each in its own span; waits out the
+/// policy's backoff between attempts (outside any attempt's span).
+///
+/// The future of every task holds this state, so what lives across its awaits is kept
+/// small: waits that are rare (a backoff, the run's close) are boxed.
+// Not an `async fn`: that would hold its arguments twice (see `execute`).
+#[allow(clippy::manual_async_fn)]
+fn attempts<Tk, K>(
+    id: Arc<str>,
+    run: Arc<RunState>,
+    mut work: Work<Tk>,
+    pending: Option<Pending>,
+) -> impl Future<Output = Outcome<Tk::Output>>
+where
+    Tk: Task,
+    Tk::Output: 'static,
+    K: OutputKind<Tk::Output>,
+{
+    // An `async` block, not an `async fn`: the latter keeps a second copy of its arguments.
+    async move {
+        let mut pending = Some(pending);
+        let mut number = 1;
+        loop {
+            let span = run.task_span(&id, number);
+            let Ended { step, close } =
+                attempt::<Tk, K>(&run, &id, number, pending.take(), &mut work, &span)
+                    .instrument(span.clone())
+                    .await;
+            // The run's close (rare) is awaited in each arm, so the step's value is held
+            // across that await only there.
+            match step {
+                Step::Final(outcome) => {
+                    if let Some(close) = close {
+                        close.instrument(span.clone()).await;
+                    }
+                    return outcome;
+                }
+                Step::Panicked(payload) => {
+                    if let Some(close) = close {
+                        close.instrument(span.clone()).await;
+                    }
+                    drop(span);
+                    std::panic::resume_unwind(payload)
+                }
+                Step::Again(wait) => {
+                    drop(span);
+                    if !wait.is_zero() {
+                        Box::pin(tokio::time::sleep(wait)).await;
+                    }
+                    number += 1;
+                }
+            }
         }
     }
 }
 
 /// One attempt at task `id`, in its span: the cache check (first attempt only), the run,
 /// then either the task's end (persist, count, report) or the decision to try again.
-async fn attempt<Tk, K>(
-    run: &RunState,
-    id: &str,
+#[allow(clippy::manual_async_fn)]
+fn attempt<'a, 'r: 'a, Tk, K>(
+    run: &'r RunState,
+    id: &'a Arc<str>,
     number: u32,
     pending: Option<Option<Pending>>,
-    work: &mut Work<Tk>,
-    span: &tracing::Span,
-) -> Step<Tk::Output>
+    work: &'a mut Work<Tk>,
+    span: &'a tracing::Span,
+) -> impl Future<Output = Ended<'r, Tk::Output>> + 'a
 where
     Tk: Task,
     Tk::Output: 'static,
     K: OutputKind<Tk::Output>,
 {
-    let finish = |ending: Ending| {
-        span.record("outcome", ending.as_str());
-        run.finish(id, ending)
-    };
-    let attempt = run.start_attempt(id, number);
+    async move {
+        let attempt = run.start_attempt(id, number);
 
-    if let Some(pending) = pending {
-        let stored = match run.read_stored(id, pending).now() {
-            Ok(stored) => stored,
-            Err(later) => later.await,
-        };
-        if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
-            run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
-            closed(finish(Ending::Cached)).await;
-            return Step::Final(Outcome::Done(K::from_stored(stored)));
+        if let Some(pending) = pending {
+            let stored = run.read_stored(id, pending).await;
+            if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
+                run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
+                let done = Step::Final(Outcome::Done(K::from_stored(stored)));
+                return end(run, id, span, Ending::Cached, done);
+            }
         }
-    }
 
-    run.mark_running(&attempt);
-    let last = number >= work.max_attempts();
-    match work.run(id).await {
-        Ran::Output(value) => match K::stored(&value).map(|s| run.persist(id, s, &attempt).now()) {
-            Ok(persisting) => {
-                let result = match persisting {
-                    Ok(result) => result,
-                    Err(later) => later.await,
+        run.mark_running(&attempt);
+        let (outcome, if_last) = match work.run(id).await {
+            Ran::Output(value) => 'failed: {
+                // The result of `stored` is gone before the await: only the write's own
+                // future is held across it.
+                let persisting = match K::stored(&value).map(|s| run.persist(id, s, &attempt)) {
+                    Ok(persisting) => persisting,
+                    Err(error) => {
+                        tracing::warn!(key = &**id, attempt = number, %error, "task returned an error");
+                        break 'failed (failed(&error), Step::Final(Outcome::Done(value)));
+                    }
                 };
-                return persisted(run, id, &attempt, result, value, finish).await;
+                let result = persisting.await;
+                return persisted(run, id, span, &attempt, result, value);
             }
-            Err(error) => {
-                tracing::warn!(key = id, attempt = number, %error, "task returned an error");
-                run.end_attempt(&attempt, failed(&error), None);
-                if last {
-                    closed(finish(Ending::Failed)).await;
-                    return Step::Final(Outcome::Done(value));
-                }
+            Ran::NoInput(message) => {
+                tracing::error!(key = &**id, %message, "task did not run: a dependency failed");
+                let error = DuraflowError::DependencyFailed {
+                    key: id.to_string(),
+                    message,
+                };
+                run.end_attempt(&attempt, failed(&error.to_string()), None);
+                return end(
+                    run,
+                    id,
+                    span,
+                    Ending::Failed,
+                    Step::Final(Outcome::Failed(Box::new(error))),
+                );
             }
-        },
-        Ran::NoInput(message) => {
-            tracing::error!(key = id, %message, "task did not run: a dependency failed");
-            let error = DuraflowError::DependencyFailed {
-                key: id.to_owned(),
-                message,
-            };
-            run.end_attempt(&attempt, failed(&error.to_string()), None);
-            closed(finish(Ending::Failed)).await;
-            return Step::Final(Outcome::Failed(error));
-        }
-        Ran::Panicked(panic) => {
-            let message = format!("panicked: {}", panic_message(&*panic));
-            tracing::error!(key = id, attempt = number, panic = %panic_message(&*panic), "task panicked; nothing persisted");
-            run.end_attempt(&attempt, failed(&message), None);
-            if last {
-                closed(finish(Ending::Failed)).await;
-                return Step::Panicked(panic);
+            Ran::Panicked(panic) => {
+                let message = format!("panicked: {}", panic_message(&*panic));
+                tracing::error!(key = &**id, attempt = number, panic = %panic_message(&*panic), "task panicked; nothing persisted");
+                (failed(&message), Step::Panicked(panic))
             }
-        }
-        Ran::TimedOut(timeout) => {
-            tracing::error!(key = id, attempt = number, ?timeout, "task timed out");
-            run.end_attempt(
-                &attempt,
-                failed(&format!("timed out after {timeout:?}")),
-                None,
-            );
-            if last {
-                closed(finish(Ending::Failed)).await;
-                return Step::Final(Outcome::Failed(DuraflowError::TimedOut {
-                    key: id.to_owned(),
+            Ran::TimedOut(timeout) => {
+                tracing::error!(key = &**id, attempt = number, ?timeout, "task timed out");
+                let error = DuraflowError::TimedOut {
+                    key: id.to_string(),
                     timeout,
                     attempts: number,
-                }));
+                };
+                (
+                    failed(&format!("timed out after {timeout:?}")),
+                    Step::Final(Outcome::Failed(Box::new(error))),
+                )
             }
+        };
+        run.end_attempt(&attempt, outcome, None);
+        if number >= work.max_attempts() {
+            return end(run, id, span, Ending::Failed, if_last);
+        }
+        span.record("outcome", Ending::Failed.as_str());
+        Ended {
+            step: Step::Again(work.backoff_before(number + 1)),
+            close: None,
         }
     }
-    span.record("outcome", Ending::Failed.as_str());
-    Step::Again(work.backoff_before(number + 1))
 }
 
 /// Ends the task after the write of `value`'s stored part (with the attempt's success)
 /// gave `result`.
-async fn persisted<'a, O, F>(
-    run: &'a RunState,
+fn persisted<'r, O>(
+    run: &'r RunState,
     id: &str,
+    span: &tracing::Span,
     attempt: &Attempt,
     result: Result<(), DuraflowError>,
     value: O,
-    finish: F,
-) -> Step<O>
-where
-    F: Fn(Ending) -> Option<BoxFuture<'a, ()>>,
-{
+) -> Ended<'r, O> {
     match result.map_err(|e| e.into_persist(id)) {
         Ok(()) => {
             tracing::trace!("output persisted");
-            closed(finish(Ending::Executed)).await;
-            Step::Final(Outcome::Done(value))
+            end(
+                run,
+                id,
+                span,
+                Ending::Executed,
+                Step::Final(Outcome::Done(value)),
+            )
         }
         Err(error) => {
             tracing::error!(key = id, %error, "task output not persisted");
             run.end_attempt(attempt, failed(&error.to_string()), None);
-            closed(finish(Ending::Failed)).await;
-            Step::Final(Outcome::NotPersisted(value, error))
+            let step = Step::Final(Outcome::NotPersisted(value, Box::new(error)));
+            end(run, id, span, Ending::Failed, step)
         }
     }
 }
 
-/// Awaits the close of the run when `finish` found this task to be its last.
-async fn closed(close: Option<BoxFuture<'_, ()>>) {
-    if let Some(close) = close {
-        close.await;
+/// Ends task `id` as `ending` (recorded on its span, counted and reported by the run) with
+/// `step`; the run's close comes along when this task was the run's last.
+fn end<'r, O>(
+    run: &'r RunState,
+    id: &str,
+    span: &tracing::Span,
+    ending: Ending,
+    step: Step<O>,
+) -> Ended<'r, O> {
+    span.record("outcome", ending.as_str());
+    Ended {
+        step,
+        close: run.finish(id, ending),
     }
+}
+
+/// How an attempt ended: what comes next, and the run's close when the task was its last.
+struct Ended<'r, O> {
+    step: Step<O>,
+    close: Option<BoxFuture<'r, ()>>,
 }
 
 /// What an attempt leads to.
@@ -446,12 +500,15 @@ async fn retry_attempt<Tk: Task>(
 }
 
 /// Runs one attempt's future, catching its panic.
-async fn caught<O>(attempt: impl std::future::Future<Output = Result<O, String>>) -> Ran<O> {
-    match AssertUnwindSafe(attempt).catch_unwind().await {
-        Ok(Ok(value)) => Ran::Output(value),
-        Ok(Err(message)) => Ran::NoInput(message),
-        Err(panic) => Ran::Panicked(panic),
-    }
+/// A combinator, not an `async fn`, so the attempt's future is held once, not twice.
+fn caught<O>(attempt: impl Future<Output = Result<O, String>>) -> impl Future<Output = Ran<O>> {
+    AssertUnwindSafe(attempt)
+        .catch_unwind()
+        .map(|caught| match caught {
+            Ok(Ok(value)) => Ran::Output(value),
+            Ok(Err(message)) => Ran::NoInput(message),
+            Err(panic) => Ran::Panicked(panic),
+        })
 }
 
 /// What [`extract_input`] could make of dagx's channels.
@@ -504,23 +561,20 @@ where
     /// # Panics
     /// When every attempt timed out (there is no output to return); `run_result` returns
     /// [`DuraflowError::TimedOut`] instead.
-    async fn run(self, input: Self::Input) -> Self::Output {
-        match self.execute(Inputs::Given(input)).await {
-            Outcome::Done(value) | Outcome::NotPersisted(value, _) => value,
-            Outcome::Failed(error) => panic!("{error}"),
-        }
+    fn run(self, input: Self::Input) -> impl Future<Output = Self::Output> + Send {
+        self.execute(Inputs::Given(input))
+            .map(|outcome| match outcome {
+                Outcome::Done(value) | Outcome::NotPersisted(value, _) => value,
+                Outcome::Failed(error) => panic!("{error}"),
+            })
     }
 
-    async fn extract_and_run(
+    fn extract_and_run(
         self,
         receivers: Vec<Box<dyn Any + Send>>,
-    ) -> Result<Self::Output, String> {
-        // Boxed: dagx moves this future into its own box and tokio's task cell; a
-        // pointer-sized future keeps those small (measured: fewer instructions per task).
-        Box::pin(self.execute(Inputs::Channels(receivers)))
-            .await
-            .into_result()
-            .map_err(|e| e.to_string())
+    ) -> impl Future<Output = Result<Self::Output, String>> + Send {
+        self.execute(Inputs::Channels(receivers))
+            .map(|outcome| outcome.into_result().map_err(|e| e.to_string()))
     }
 }
 
@@ -532,20 +586,22 @@ enum Inputs<I> {
     Channels(Vec<Box<dyn Any + Send>>),
 }
 
+/// How a task ended, for its caller. Errors are boxed: every task's future holds one of
+/// these, and the common outcome (`Done`) should not pay for the rare one's size.
 enum Outcome<O> {
     /// Cached, executed and persisted, or (fallible tasks) the error of the last attempt.
     Done(O),
     /// Executed, but the output could not be persisted.
-    NotPersisted(O, DuraflowError),
+    NotPersisted(O, Box<DuraflowError>),
     /// The task has no output: a dependency failed, or every attempt timed out.
-    Failed(DuraflowError),
+    Failed(Box<DuraflowError>),
 }
 
 impl<O> Outcome<O> {
     fn into_result(self) -> Result<O, DuraflowError> {
         match self {
             Outcome::Done(value) => Ok(value),
-            Outcome::NotPersisted(_, error) | Outcome::Failed(error) => Err(error),
+            Outcome::NotPersisted(_, error) | Outcome::Failed(error) => Err(*error),
         }
     }
 }
@@ -563,5 +619,42 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
         s
     } else {
         "non-string panic payload"
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    /// The smallest task: no input, a `u64` out.
+    struct Trivial;
+
+    impl Task for Trivial {
+        type Input = ();
+        type Output = u64;
+        async fn run(self, _input: ()) -> u64 {
+            1
+        }
+        async fn extract_and_run(
+            self,
+            _receivers: Vec<Box<dyn Any + Send>>,
+        ) -> Result<u64, String> {
+            Ok(1)
+        }
+    }
+
+    /// Every task's future is moved into a heap block by dagx and stays there until the task
+    /// ends, so its size is paid per task in allocator work and in memory (100k suspended
+    /// tasks). It was 1,312 bytes, which glibc serves outside its per-thread cache; the
+    /// bound keeps it within, with room for a real task's own future.
+    #[test]
+    fn a_trivial_tasks_future_stays_small() {
+        let ctx = Arc::new(Context::new(MemoryStore::new()));
+        let run = Arc::new(RunState::new(ctx, None));
+        let durable: Durable<Trivial> = Durable::in_run("a".into(), Trivial, run, None, None);
+        let future = Task::extract_and_run(durable, Vec::new());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 512, "a trivial task's future is {size} bytes");
     }
 }

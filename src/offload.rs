@@ -5,8 +5,11 @@
 //! by one MPMC queue keeps the threads warm, works under any async runtime (dagx is
 //! runtime-agnostic), and bounds how many store calls run at once.
 
+use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::thread;
 
 use futures::future::BoxFuture;
@@ -94,22 +97,30 @@ async fn on_pool<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) ->
 }
 
 /// A store call's result: here now (a store that never blocks answered inline), or to be
-/// awaited from the I/O pool. Callers match on it and await only a `Later`, so the future of
-/// a task on an in-memory store never holds the result's space across an await.
+/// awaited from the I/O pool. Awaiting a `Now` is ready at once. Either way the task's future
+/// holds one of these across the await, never a second copy of the result.
 pub(crate) enum Offloaded<'a, R> {
-    Now(Result<R, DuraflowError>),
+    Now(Option<Result<R, DuraflowError>>),
     Later(BoxFuture<'a, Result<R, DuraflowError>>),
 }
 
 impl<'a, R> Offloaded<'a, R> {
-    /// The result now, or the future to await for it.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn now(
-        self,
-    ) -> Result<Result<R, DuraflowError>, BoxFuture<'a, Result<R, DuraflowError>>> {
-        match self {
-            Offloaded::Now(result) => Ok(result),
-            Offloaded::Later(later) => Err(later),
+    /// A result that is here now.
+    pub(crate) fn now(result: Result<R, DuraflowError>) -> Self {
+        Offloaded::Now(Some(result))
+    }
+}
+
+impl<R: Unpin> Future for Offloaded<'_, R> {
+    type Output = Result<R, DuraflowError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            Offloaded::Now(result) => match result.take() {
+                Some(result) => Poll::Ready(result),
+                None => Poll::Pending,
+            },
+            Offloaded::Later(later) => later.as_mut().poll(cx),
         }
     }
 }
@@ -128,7 +139,7 @@ where
     F: FnOnce(&dyn Storage, &str) -> Result<R, DuraflowError> + Send + 'static,
 {
     if !db.may_block() {
-        return Offloaded::Now(op(db.as_ref(), key));
+        return Offloaded::now(op(db.as_ref(), key));
     }
     let db = Arc::clone(db);
     let owned_key = key.to_owned();

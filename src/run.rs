@@ -195,10 +195,7 @@ impl RunState {
                             read
                         }
                         // Not read ahead: read it now.
-                        Err(_) => match off_executor(&self.ctx.db, &id, |db, k| db.read(k)).now() {
-                            Ok(read) => read,
-                            Err(later) => later.await,
-                        },
+                        Err(_) => off_executor(&self.ctx.db, &id, |db, k| db.read(k)).await,
                     }
                 }))
             }
@@ -261,13 +258,13 @@ impl RunState {
     /// write, so the future itself stays small.
     pub(crate) fn persist<T: Serialize>(
         &self,
-        id: &str,
+        id: &Arc<str>,
         value: &T,
         attempt: &Attempt,
     ) -> Offloaded<'static, ()> {
         let bytes = match codec::encode(id, value) {
             Ok(bytes) => bytes,
-            Err(e) => return Offloaded::Now(Err(e)),
+            Err(e) => return Offloaded::now(Err(e)),
         };
         let size = bytes.len();
         match (
@@ -276,9 +273,12 @@ impl RunState {
         ) {
             (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
                 Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
-                Err(e) => Offloaded::Now(Err(e)),
+                Err(e) => Offloaded::now(Err(e)),
             },
-            _ => off_executor(&self.ctx.db, id, move |db, key| db.write_owned(key, bytes)),
+            _ => {
+                let key = Arc::clone(id);
+                off_executor(&self.ctx.db, id, move |db, _| db.write_shared(&key, bytes))
+            }
         }
     }
 

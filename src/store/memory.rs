@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use foldhash::fast::RandomState;
 
@@ -11,7 +11,8 @@ use crate::{validate_key, DuraflowError, Storage};
 /// Independent locks, so tasks finishing on different worker threads rarely contend.
 const SHARDS: usize = 16;
 
-type Map = HashMap<String, Vec<u8>, RandomState>;
+/// Keys are shared with the run that wrote them (see [`Storage::write_shared`]).
+type Map = HashMap<Arc<str>, Vec<u8>, RandomState>;
 
 /// One shard on its own cache line(s), so two shards' locks never share one.
 #[repr(align(128))]
@@ -83,10 +84,13 @@ impl Storage for MemoryStore {
     }
 
     fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
+        self.write_shared(&Arc::from(key), value)
+    }
+
+    fn write_shared(&self, key: &Arc<str>, value: Vec<u8>) -> Result<(), DuraflowError> {
         validate_key(key)?;
-        let key = key.to_owned();
         // The old value is dropped after the lock is released.
-        let old = self.shard(&key).insert(key, value);
+        let old = self.shard(key).insert(Arc::clone(key), value);
         drop(old);
         Ok(())
     }
@@ -100,7 +104,12 @@ impl Storage for MemoryStore {
         Ok(self
             .shards
             .iter()
-            .flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>())
+            .flat_map(|shard| {
+                lock(shard)
+                    .keys()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+            })
             .collect())
     }
 

@@ -11,6 +11,8 @@ pub use self::sled::{Durability, GcStats, RunDetails, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
+use std::sync::Arc;
+
 use crate::{DuraflowError, RunLog};
 
 /// An object-safe byte store that duraflow-rs persists task outputs in.
@@ -50,6 +52,17 @@ pub trait Storage: Send + Sync {
     /// As [`write`](Storage::write).
     fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
         self.write(key, &value)
+    }
+
+    /// Like [`write_owned`](Storage::write_owned), with the same guarantees, but also gets
+    /// the key as a shared string: duraflow-rs persists every task output through this
+    /// method, so a store that keeps its keys in memory (such as [`MemoryStore`]) can
+    /// keep this one instead of copying it. Defaults to calling `write_owned`.
+    ///
+    /// # Errors
+    /// As [`write`](Storage::write).
+    fn write_shared(&self, key: &Arc<str>, value: Vec<u8>) -> Result<(), DuraflowError> {
+        self.write_owned(key, value)
     }
 
     /// Removes `key`; returns whether it was present.
