@@ -326,7 +326,11 @@ fn persisted<'r, O>(
 ) -> Ended<'r, O> {
     match result.map_err(|e| e.into_persist(id)) {
         Ok(()) => {
-            tracing::trace!("output persisted");
+            // Only a store that writes somewhere has something to report (the flush, for
+            // sled and files); in memory this event would be per-task cost for nothing.
+            if run.ctx.db.may_block() {
+                tracing::trace!("output persisted");
+            }
             end(
                 run,
                 id,

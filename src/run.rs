@@ -335,20 +335,16 @@ impl RunState {
         if cfg!(duraflow_no_spans) {
             return tracing::Span::none();
         }
-        let make = || {
-            tracing::info_span!(
-                parent: self.parent.clone(),
-                "duraflow.task",
-                task.id = id,
-                run.id = self.span_id,
-                attempt,
-                outcome = tracing::field::Empty,
-            )
-        };
-        match &self.dispatch {
-            Some(dispatch) => tracing::dispatcher::with_default(dispatch, make),
-            None => make(),
-        }
+        // Made by a task's future, which is polled with the run's subscriber as the default
+        // (see `Durable::execute`): the span goes to it without setting it here again.
+        tracing::info_span!(
+            parent: self.parent.clone(),
+            "duraflow.task",
+            task.id = id,
+            run.id = self.span_id,
+            attempt,
+            outcome = tracing::field::Empty,
+        )
     }
 
     /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
