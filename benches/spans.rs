@@ -7,11 +7,13 @@
 //! - `progress_layer`: with `tracing_subscriber::registry().with(ProgressLayer::new(..))` as
 //!   the default subscriber of the thread that builds and runs the DAG (so every task gets a
 //!   real span, polled with that subscriber on the worker threads, and reported by the
-//!   layer).
+//!   layer);
+//! - `progress_layer_global`: the same subscriber installed as the global default (as the
+//!   README shows), which every worker thread sees without a scope per task.
 //!
 //! Targets (from the issue), against the same DAG in a build without spans
 //! (`--cfg duraflow_no_spans`, with no subscriber): `no_subscriber` <= 1.05 x, and
-//! `progress_layer` <= 1.25 x.
+//! `progress_layer` (and `progress_layer_global`) <= 1.25 x.
 //!
 //! # Procedure
 //! The build without spans is a different compilation of the library, so it cannot be in
@@ -237,14 +239,40 @@ fn spans(c: &mut Criterion) {
             })
         });
     }
+
+    // The same layer installed as the global default, as most programs do (and the README
+    // shows): every thread sees it, so the run polls its tasks without a subscriber scope.
+    // Last, because a global default cannot be taken back.
+    let reported = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reported);
+    let subscriber = tracing_subscriber::registry().with(ProgressLayer::new(move |_, _| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }));
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        group.bench_function("progress_layer_global", |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        reported.store(0, Ordering::Relaxed);
+                        let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
+                        check(&ctx, stats, n);
+                        assert_eq!(reported.load(Ordering::Relaxed), expected);
+                        drop((dag, ctx));
+                        elapsed
+                    })
+                    .sum()
+            })
+        });
+    }
     group.finish();
 }
 
 /// The variants, and the target ratio of each against the build without spans.
-const VARIANTS: [(&str, Option<f64>); 3] = [
+const VARIANTS: [(&str, Option<f64>); 4] = [
     ("no_subscriber", Some(1.05)),
     ("registry_only", None),
     ("progress_layer", Some(1.25)),
+    ("progress_layer_global", Some(1.25)),
 ];
 
 /// Set (to anything) to print the ratios between the saved baselines `spans` and `no-spans`

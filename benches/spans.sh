@@ -51,7 +51,7 @@ while [ "$round" -le "$rounds" ]; do
     round=$((round + 1))
 done
 echo "== median over $rounds rounds (against the build without spans, no_subscriber)"
-for id in no_subscriber registry_only progress_layer; do
+for id in no_subscriber registry_only progress_layer progress_layer_global; do
     grep "^$id " "$ratios" | awk '{ sub("x", "", $2); print $2 }' | sort -n |
         awk -v id="$id" '{ v[NR] = $1 } END {
             if (NR == 0) exit

@@ -87,8 +87,11 @@ pub(crate) struct RunState {
     parent: Option<tracing::Id>,
     /// Reads the run's stored outputs ahead of its tasks, for stores whose reads block.
     readahead: Option<ReadAhead>,
-    /// The subscriber that was current when the run was made, if any: every task's future
-    /// is polled with it, so spans reach it from whatever worker thread runs the task.
+    /// The subscriber that was current when the run was made, if it was a scoped (thread)
+    /// default: every task's future is polled with it, so spans reach it from whatever
+    /// worker thread runs the task. `None` with no subscriber, and with the global default,
+    /// which every thread sees without being told (and setting a scope per poll costs a
+    /// few contended atomic writes).
     dispatch: Option<tracing::Dispatch>,
 }
 
@@ -126,7 +129,7 @@ impl RunState {
         };
         let dispatch = tracing::dispatcher::get_default(|d| {
             let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
-            (!none).then(|| d.clone())
+            (!none && !is_global(d)).then(|| d.clone())
         });
         RunState {
             record,
@@ -400,6 +403,14 @@ impl Drop for RunState {
     }
 }
 
+/// Whether `dispatch` is the global default subscriber. tracing-core offers no identity
+/// check for this; its `Debug` output names the kind (`Dispatch::Global(..)` or
+/// `Dispatch::Scoped(..)`). Were that output to change, this says `false` and the run keeps
+/// polling its tasks in a scope: correct, only slower. Called once per run.
+fn is_global(dispatch: &tracing::Dispatch) -> bool {
+    format!("{dispatch:?}").starts_with("Dispatch::Global")
+}
+
 /// Unpacks [`RunState::done`] into (executed, cached).
 fn split(done: u64) -> (usize, usize) {
     ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
@@ -421,5 +432,22 @@ impl Attempt {
         record.outcome = outcome;
         record.output_size = size.map(|s| s as u64);
         Some(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_global;
+
+    #[test]
+    fn tells_the_global_default_from_a_scoped_one() {
+        // `Dispatch::none()` is the global kind; a `Dispatch::new` is what `set_default` and
+        // `with_default` install.
+        assert!(is_global(&tracing::Dispatch::none()));
+        let scoped = tracing::Dispatch::new(tracing_subscriber::registry());
+        assert!(!is_global(&scoped));
+        tracing::dispatcher::with_default(&scoped, || {
+            tracing::dispatcher::get_default(|current| assert!(!is_global(current)));
+        });
     }
 }
