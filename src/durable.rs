@@ -10,7 +10,7 @@ use dagx::Task;
 use futures::future::BoxFuture;
 use futures::future::Either;
 use futures::FutureExt;
-use tracing::{instrument::WithSubscriber, Instrument};
+use tracing::instrument::WithSubscriber;
 
 use crate::output::{OutputKind, Plain};
 use crate::readahead::Pending;
@@ -194,22 +194,31 @@ where
         let mut number = 1;
         loop {
             let span = run.task_span(&id, number);
-            let Ended { step, close } =
-                attempt::<Tk, K>(&run, &id, number, pending.take(), &mut work, &span)
-                    .instrument(span.clone())
-                    .await;
+            let Ended { step, close } = InSpan {
+                span: &span,
+                inner: attempt::<Tk, K>(&run, &id, number, pending.take(), &mut work, &span),
+            }
+            .await;
             // The run's close (rare) is awaited in each arm, so the step's value is held
             // across that await only there.
             match step {
                 Step::Final(outcome) => {
                     if let Some(close) = close {
-                        close.instrument(span.clone()).await;
+                        InSpan {
+                            span: &span,
+                            inner: close,
+                        }
+                        .await;
                     }
                     return outcome;
                 }
                 Step::Panicked(payload) => {
                     if let Some(close) = close {
-                        close.instrument(span.clone()).await;
+                        InSpan {
+                            span: &span,
+                            inner: close,
+                        }
+                        .await;
                     }
                     drop(span);
                     std::panic::resume_unwind(payload)
@@ -368,6 +377,30 @@ fn end<'r, O>(
 struct Ended<'r, O> {
     step: Step<O>,
     close: Option<BoxFuture<'r, ()>>,
+}
+
+pin_project_lite::pin_project! {
+    /// `inner`, entered in `span` whenever it is polled: tracing's `Instrumented` without
+    /// owning the span, so an attempt costs no clone of it (each clone and drop of a real
+    /// span is a round trip through the subscriber).
+    struct InSpan<'s, F> {
+        span: &'s tracing::Span,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for InSpan<'_, F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll(cx)
+    }
 }
 
 /// What an attempt leads to.
