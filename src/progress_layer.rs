@@ -1,8 +1,9 @@
 //! [`ProgressLayer`]: progress reporting from the `duraflow.task` spans, as a
 //! `tracing_subscriber::Layer`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -72,7 +73,20 @@ pub struct ProgressLayer {
     callback: ProgressFn,
     /// The count of tasks whose `duraflow.run` span this layer does not see.
     unattached: AtomicUsize,
+    /// The open `duraflow.task` spans, by span id, in shards. Kept here rather than in each
+    /// span's extensions: a shard is one uncontended lock and a small map, where the
+    /// registry's extensions cost a span lookup and a boxed entry per span, three times
+    /// over a task's life.
+    tasks: Box<[TaskShard]>,
 }
+
+/// Shards of [`ProgressLayer::tasks`]: tasks ending on different threads rarely share one.
+const TASK_SHARDS: usize = 16;
+
+/// One shard of open task spans, on its own cache line(s).
+#[repr(align(128))]
+#[derive(Default)]
+struct TaskShard(Mutex<HashMap<u64, TaskProgress, foldhash::fast::RandomState>>);
 
 impl ProgressLayer {
     /// A layer calling `callback(task_id, completed)` once per completed task, as described
@@ -84,7 +98,18 @@ impl ProgressLayer {
         ProgressLayer {
             callback: Arc::new(callback),
             unattached: AtomicUsize::new(0),
+            tasks: (0..TASK_SHARDS).map(|_| TaskShard::default()).collect(),
         }
+    }
+
+    /// The shard holding task span `id`, locked. Every critical section is one map call, so
+    /// a poisoned lock holds a consistent map.
+    fn shard(
+        &self,
+        id: &Id,
+    ) -> MutexGuard<'_, HashMap<u64, TaskProgress, foldhash::fast::RandomState>> {
+        let shard = &self.tasks[(id.into_u64() % TASK_SHARDS as u64) as usize];
+        shard.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -97,11 +122,13 @@ impl std::fmt::Debug for ProgressLayer {
 /// The count of a run's reported tasks, kept in its `duraflow.run` span's extensions.
 struct RunProgress(AtomicUsize);
 
-/// What the layer keeps of one `duraflow.task` span, in its extensions.
+/// What the layer keeps of one open `duraflow.task` span.
 struct TaskProgress {
     id: Box<str>,
     /// Set when `outcome` is recorded as `executed` or `cached`.
     completed: bool,
+    /// The span's parent (its run's span, for duraflow's own).
+    parent: Option<Id>,
 }
 
 /// The fields of a `duraflow.task` span this layer reads.
@@ -149,12 +176,17 @@ where
         if is(metadata, TASK_SPAN) {
             let mut fields = TaskFields::default();
             attrs.record(&mut fields);
-            if let Some(span) = ctx.span(id) {
-                span.extensions_mut().insert(TaskProgress {
-                    id: fields.id.unwrap_or_default(),
-                    completed: fields.outcome.unwrap_or(false),
-                });
-            }
+            let parent = match attrs.parent() {
+                Some(parent) => Some(parent.clone()),
+                None if attrs.is_contextual() => ctx.current_span().id().cloned(),
+                None => None,
+            };
+            let task = TaskProgress {
+                id: fields.id.unwrap_or_default(),
+                completed: fields.outcome.unwrap_or(false),
+                parent,
+            };
+            self.shard(id).insert(id.into_u64(), task);
         } else if is(metadata, RUN_SPAN) {
             if let Some(span) = ctx.span(id) {
                 span.extensions_mut()
@@ -163,19 +195,14 @@ where
         }
     }
 
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
-        // The fields first: most records (any span's but a task's `outcome`) need no lookup.
+    fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: LayerContext<'_, S>) {
+        // The fields first: most records (any span's but a task's `outcome`) need no lock.
         let mut fields = TaskFields::default();
         values.record(&mut fields);
         if fields.id.is_none() && fields.outcome.is_none() {
             return;
         }
-        let Some(span) = ctx.span(id) else { return };
-        if !is(span.metadata(), TASK_SPAN) {
-            return;
-        }
-        let mut extensions = span.extensions_mut();
-        if let Some(task) = extensions.get_mut::<TaskProgress>() {
+        if let Some(task) = self.shard(id).get_mut(&id.into_u64()) {
             if let Some(id) = fields.id {
                 task.id = id;
             }
@@ -186,19 +213,17 @@ where
     }
 
     fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        if !is(span.metadata(), TASK_SPAN) {
-            return;
-        }
-        // Taken out, so no lock of the registry's is held while the callback runs.
-        let Some(task) = span.extensions_mut().remove::<TaskProgress>() else {
+        // Taken out first, so no lock is held while the callback runs.
+        let Some(task) = self.shard(&id).remove(&id.into_u64()) else {
             return;
         };
         if !task.completed {
             return;
         }
-        let count = span
-            .parent()
+        let count = task
+            .parent
+            .as_ref()
+            .and_then(|parent| ctx.span(parent))
             .filter(|run| is(run.metadata(), RUN_SPAN))
             .and_then(|run| {
                 let extensions = run.extensions();
@@ -206,7 +231,6 @@ where
                 Some(progress.0.fetch_add(1, Ordering::SeqCst) + 1)
             });
         let completed = count.unwrap_or_else(|| self.unattached.fetch_add(1, Ordering::SeqCst) + 1);
-        drop(span);
         (self.callback)(&task.id, completed);
     }
 }
