@@ -164,13 +164,15 @@ impl RunState {
     /// Claims `id` for one task of this run; the returned id is shared with the claim set.
     /// With read-ahead, also returns what the task's stored-output read will arrive on.
     pub(crate) fn claim(&self, id: &str) -> Result<(Arc<str>, Option<Pending>), DuraflowError> {
+        // One hash and probe: insert, and learn from that whether the id was taken.
+        let shared: Arc<str> = Arc::from(id);
         let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        if ids.contains(id) {
+        let fresh = ids.insert(Arc::clone(&shared));
+        drop(ids);
+        if !fresh {
             return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
         }
-        let id: Arc<str> = Arc::from(id);
-        ids.insert(Arc::clone(&id));
-        drop(ids);
+        let id = shared;
         self.total.fetch_add(1, Ordering::SeqCst);
         let pending = self.readahead.as_ref().map(|r| r.enqueue(Arc::clone(&id)));
         Ok((id, pending))
