@@ -1,6 +1,8 @@
 //! The writer thread: the only writer of a store's records and outputs. It applies queued
 //! messages in groups — plain inserts for records that stand alone, one transaction for the
-//! group's commits — and flushes once per group that holds a message waiting for it.
+//! group's commits — and flushes once per group that holds a message waiting for it. An
+//! attempt record that a commit of the same group overwrites (a task's `Running` record,
+//! when its output follows in the group) is not written at all (see [`superseded`]).
 //!
 //! `Cached` attempt records do not go through the queue one by one: the store appends them
 //! to a [`CachedRecords`] buffer shared with the writer, and only the first record of an
@@ -18,7 +20,7 @@
 //! open rather than let sled's own drop (which flushes) hang.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -172,6 +174,40 @@ impl CachedRecords {
     }
 }
 
+/// The positions in `group` of attempt records that a commit of the same group replaces:
+/// the `Running` record of a task whose output (with its `Succeeded` record under the same
+/// key) is committed in the group too. The group's commits are applied after its records, so
+/// such a record would be written only to be overwritten before the group's flush: leaving
+/// it out saves a third of the writes of a task that runs quickly, and changes nothing that
+/// was promised (a record is durable no later than the next commit, and that commit is this
+/// one, which writes the newer record).
+fn superseded(group: &[Msg]) -> HashSet<usize, foldhash::fast::RandomState> {
+    let mut keys: HashSet<&[u8], foldhash::fast::RandomState> = HashSet::default();
+    for msg in group {
+        if let Msg::Commit(commit) = msg {
+            if let Some((key, _)) = &commit.attempt {
+                keys.insert(key.as_slice());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return HashSet::default();
+    }
+    group
+        .iter()
+        .enumerate()
+        .filter(|(_, msg)| match msg {
+            Msg::Record(Record {
+                tree: Tree::Attempts,
+                key,
+                ..
+            }) => keys.contains(key.as_slice()),
+            _ => false,
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// The writer's state between groups.
 pub(super) struct Writer {
     pub(super) db: sled::Db,
@@ -262,13 +298,14 @@ impl Writer {
             }
             return;
         }
+        let superseded = superseded(group);
         let mut commits = Vec::new();
         let mut replies = Vec::new();
         let mut result = Ok(());
-        for msg in group.drain(..) {
+        for (i, msg) in group.drain(..).enumerate() {
             match msg {
                 Msg::Record(record) => {
-                    if result.is_ok() {
+                    if result.is_ok() && !superseded.contains(&i) {
                         result = self.insert(&record);
                     }
                 }
@@ -426,5 +463,49 @@ impl Writer {
                     text: "transaction aborted".to_owned(),
                 },
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runlog::Ticket;
+
+    fn record(tree: Tree, key: &[u8]) -> Msg {
+        Msg::Record(Record {
+            tree,
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+        })
+    }
+
+    fn commit(attempt: Option<&[u8]>) -> Msg {
+        let (_ticket, to) = Ticket::pending();
+        Msg::Commit(Box::new(Commit {
+            output: ("k".to_owned(), b"v".to_vec()),
+            attempt: attempt.map(|key| (key.to_vec(), b"v".to_vec())),
+            reply: Reply { flush: true, to },
+        }))
+    }
+
+    #[test]
+    fn only_attempt_records_a_commit_of_the_group_overwrites_are_superseded() {
+        let group = vec![
+            record(Tree::Attempts, b"a"), // overwritten by the commit of `a`
+            record(Tree::Attempts, b"b"), // no commit of `b` in the group
+            record(Tree::Runs, b"a"),     // another tree
+            commit(Some(b"a")),
+            commit(None),
+            record(Tree::Attempts, b"a"), // after the commit: still applied before it
+        ];
+        let mut found: Vec<usize> = superseded(&group).into_iter().collect();
+        found.sort_unstable();
+        assert_eq!(found, [0, 5]);
+    }
+
+    #[test]
+    fn a_group_without_commits_supersedes_nothing() {
+        let group = vec![record(Tree::Attempts, b"a"), Msg::CachedKept];
+        assert!(superseded(&group).is_empty());
     }
 }
