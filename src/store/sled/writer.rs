@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::layout::{batch_key, encode_record, CachedBatch, Trees};
+use super::layout::{batch_key, CachedBatch, Trees};
 use crate::record::{AttemptRecord, RunId};
 use crate::runlog::TicketSender;
 use crate::DuraflowError;
@@ -129,13 +129,6 @@ impl Failure {
                 kind: io::ErrorKind::Other,
                 text: other.to_string(),
             },
-        }
-    }
-
-    fn encoding(e: &DuraflowError) -> Failure {
-        Failure {
-            kind: io::ErrorKind::InvalidData,
-            text: e.to_string(),
         }
     }
 
@@ -390,8 +383,7 @@ impl Writer {
             }
             let (batch, tail) = rest.split_at(len);
             rest = tail;
-            let value =
-                encode_record(&CachedBatch::of(run, batch)).map_err(|e| Failure::encoding(&e))?;
+            let value = CachedBatch::of(run, batch).encode();
             if self.seq == u32::MAX {
                 self.epoch = self.db.generate_id().map_err(|e| self.fail(&e))?;
                 self.seq = 0;
