@@ -84,11 +84,10 @@ impl ReadAhead {
     /// Queues `key` for reading ahead, unless [`MAX_QUEUED`] keys are queued already or the
     /// read-ahead has started; its task waits on what this returns.
     pub(crate) fn enqueue(&self, key: Arc<str>) -> Pending {
-        if self.started.load(Ordering::SeqCst) {
-            return Pending::Own;
-        }
         let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        if queued.len() >= MAX_QUEUED {
+        // Looked at under the lock: `start` sets it before it takes the queue, so a key is
+        // either in the queue it takes or not queued at all.
+        if queued.len() >= MAX_QUEUED || self.started.load(Ordering::SeqCst) {
             return Pending::Own;
         }
         let (tx, rx) = oneshot::channel();
@@ -97,16 +96,21 @@ impl ReadAhead {
     }
 
     /// Starts reading every queued key from `db` on the I/O pool; does nothing after the
-    /// first call. Keys queued later are not read ahead (their receivers report that).
+    /// first call. Keys enqueued later are not queued: their tasks read for themselves.
     pub(crate) fn start(&self, db: &Arc<dyn Storage + Send + Sync>) {
         if self.started.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut queued =
+        let queued =
             std::mem::take(&mut *self.queued.lock().unwrap_or_else(PoisonError::into_inner));
-        while !queued.is_empty() {
-            let rest = queued.split_off(queued.len().min(CHUNK));
-            let chunk = std::mem::replace(&mut queued, rest);
+        // Chunks taken from the front in order (not `split_off`, which would copy the rest
+        // of the queue once per chunk).
+        let mut queued = queued.into_iter();
+        loop {
+            let chunk: Vec<Queued> = queued.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
             let db = Arc::clone(db);
             let ahead = Arc::clone(&self.ahead);
             // A job that cannot be queued drops its senders: those tasks read for themselves.
