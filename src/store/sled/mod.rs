@@ -17,8 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use self::layout::{
-    attempt_key, decode_record, encode_record, key_attempts, run_attempts, OnUndecodable, Trees,
-    FORMAT_KEY, FORMAT_VERSION,
+    attempt_key, decode_record, encode_attempt, encode_record, key_attempts, run_attempts,
+    OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
 };
 use self::writer::{Commit, Failure, Msg, Record, Reply, Shared, Tree, Writer};
 use crate::record::{now_ms, AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
@@ -590,7 +590,7 @@ fn attempt_record(attempt: &AttemptRecord) -> Result<Record, DuraflowError> {
     Ok(Record {
         tree: Tree::Attempts,
         key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
-        value: encode_record(attempt)?,
+        value: encode_attempt(attempt)?,
     })
 }
 
