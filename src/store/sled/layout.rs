@@ -125,7 +125,8 @@ impl CachedBatch<&str> {
     /// dispatch cost the run a few hundred nanoseconds per task.
     pub(super) fn encode(&self) -> Vec<u8> {
         let keys: usize = self.keys.iter().map(|k| k.len() + 5).sum();
-        let mut out = Vec::with_capacity(128 + keys + self.keys.len() * 40);
+        // At most: 128 bytes of markers, names and the run; per entry its key and 41 bytes.
+        let mut out = Vec::with_capacity(128 + keys + self.keys.len() * 41);
         map_len(&mut out, 7);
         str(&mut out, "run");
         uint(&mut out, self.run);
@@ -192,7 +193,9 @@ pub(super) fn encode_attempt(record: &AttemptRecord) -> Result<Vec<u8>, Duraflow
         AttemptOutcome::Interrupted => "Interrupted",
         AttemptOutcome::Failed { .. } => return encode_record(record),
     };
-    let mut out = Vec::with_capacity(96 + key.len());
+    // The most it can take: 72 bytes of map marker and names, at most 62 of values besides
+    // the key's bytes, 4 more for a long key's marker. No realloc, and no spare half.
+    let mut out = Vec::with_capacity(140 + key.len());
     map_len(&mut out, 8);
     str(&mut out, "run");
     uint(&mut out, *run);

@@ -531,9 +531,20 @@ impl RunLog for SledStore {
         Ok(id)
     }
 
-    /// A `Cached` attempt is stored later in a batch with others (still before the next
-    /// commit's ticket resolves); any other is queued as its own record.
+    /// A `Cached` attempt is stored later in a batch with others, a `Running` one when the
+    /// writer next applies a group unless the attempt's commit replaces it first (either way
+    /// before the next commit's ticket resolves); any other is queued as its own record.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError> {
+        if attempt.outcome == AttemptOutcome::Running {
+            if self.writer.is_none() {
+                return self.send(Msg::RunningKept); // the error
+            }
+            let key = attempt_key(attempt.run, &attempt.key, attempt.attempt);
+            if self.shared.running.push(key, attempt) {
+                self.send(Msg::RunningKept)?;
+            }
+            return Ok(());
+        }
         if attempt.outcome == AttemptOutcome::Cached {
             if self.writer.is_none() {
                 return self.send(Msg::CachedKept); // the error
@@ -559,6 +570,8 @@ impl RunLog for SledStore {
             value: attempt_value,
             ..
         } = attempt_record(&attempt)?;
+        // The attempt's `Running` record, if still kept, would only be overwritten.
+        self.shared.running.remove(&attempt_key);
         let output = (key.to_owned(), value);
         self.send_acked(
             |reply| {

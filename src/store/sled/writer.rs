@@ -1,8 +1,8 @@
 //! The writer thread: the only writer of a store's records and outputs. It applies queued
 //! messages in groups — plain inserts for records that stand alone, one transaction for the
-//! group's commits — and flushes once per group that holds a message waiting for it. An
-//! attempt record that a commit of the same group overwrites (a task's `Running` record,
-//! when its output follows in the group) is not written at all (see [`superseded`]).
+//! group's commits — and flushes once per group that holds a message waiting for it. A
+//! task's `Running` record is not queued: it waits in [`RunningRecords`], where the task's
+//! commit (which overwrites it) usually takes it back before the writer gets to it.
 //!
 //! `Cached` attempt records do not go through the queue one by one: the store appends them
 //! to a [`CachedRecords`] buffer shared with the writer, and only the first record of an
@@ -20,9 +20,10 @@
 //! open rather than let sled's own drop (which flushes) hang.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::layout::{batch_key, CachedBatch, Trees};
+use super::layout::{batch_key, encode_attempt, CachedBatch, Trees};
 use crate::record::{AttemptRecord, RunId};
 use crate::runlog::TicketSender;
 use crate::DuraflowError;
@@ -68,6 +69,8 @@ pub(super) enum Msg {
     Record(Record),
     /// `Cached` records were added to the shared buffer: store them, soon.
     CachedKept,
+    /// A `Running` record was kept in [`RunningRecords`]: store what is kept there now.
+    RunningKept,
     /// Store an output, with its attempt record if any, then answer.
     Commit(Box<Commit>),
     /// Store a record, then answer.
@@ -95,6 +98,8 @@ pub(super) struct Commit {
 pub(super) struct Shared {
     /// `Cached` attempt records on their way to the writer.
     pub(super) cached: CachedRecords,
+    /// `Running` attempt records on their way to the writer.
+    pub(super) running: RunningRecords,
     /// The first error sled returned, once it did: the store has stopped.
     pub(super) failed: OnceLock<Failure>,
     /// Once the store has stopped: the values the outputs of the failed group had before
@@ -167,38 +172,52 @@ impl CachedRecords {
     }
 }
 
-/// The positions in `group` of attempt records that a commit of the same group replaces:
-/// the `Running` record of a task whose output (with its `Succeeded` record under the same
-/// key) is committed in the group too. The group's commits are applied after its records, so
-/// such a record would be written only to be overwritten before the group's flush: leaving
-/// it out saves a third of the writes of a task that runs quickly, and changes nothing that
-/// was promised (a record is durable no later than the next commit, and that commit is this
-/// one, which writes the newer record).
-fn superseded(group: &[Msg]) -> HashSet<usize, foldhash::fast::RandomState> {
-    let mut keys: HashSet<&[u8], foldhash::fast::RandomState> = HashSet::default();
-    for msg in group {
-        if let Msg::Commit(commit) = msg {
-            if let Some((key, _)) = &commit.attempt {
-                keys.insert(key.as_slice());
-            }
-        }
+/// `Running` attempt records not given to the writer yet, by attempt key; shared by the
+/// store, which adds them and takes back those a commit makes moot, and its writer, which
+/// stores the rest before every group it applies.
+///
+/// A task that runs quickly commits its output, with its `Succeeded` record under the same
+/// attempt key, a moment after its `Running` record: queued as a message of its own, that
+/// record was encoded, held in the queue and written only to be overwritten by the commit
+/// (a third of such a task's sled writes, and in a wide run of 100k tasks, whose messages
+/// all wait in the queue while the writer catches up, some 25 MiB). Kept here instead, it is
+/// taken back by the commit and never reaches the writer. A record still kept when the
+/// writer applies a group is stored first in that group, before the group's own messages:
+/// it was kept before any of them was sent by its task, so a later record of the same
+/// attempt (`Failed`, say) still overwrites it, and it is durable no later than the next
+/// commit, as [`RunLog::record`](crate::RunLog::record) promises.
+#[derive(Default)]
+pub(super) struct RunningRecords {
+    kept: Mutex<HashMap<Vec<u8>, AttemptRecord, foldhash::fast::RandomState>>,
+    /// A [`Msg::RunningKept`] is on its way and the writer has not taken the records yet.
+    nudged: AtomicBool,
+}
+
+impl RunningRecords {
+    /// Keeps `record` under its attempt `key`; returns whether the writer needs a nudge
+    /// ([`Msg::RunningKept`]): none is on its way.
+    pub(super) fn push(&self, key: Vec<u8>, record: AttemptRecord) -> bool {
+        self.kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, record);
+        !self.nudged.swap(true, Ordering::SeqCst)
     }
-    if keys.is_empty() {
-        return HashSet::default();
+
+    /// Forgets the record under `key`, if still kept: a commit that writes a newer record
+    /// under the same key is about to be sent.
+    pub(super) fn remove(&self, key: &[u8]) {
+        self.kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
     }
-    group
-        .iter()
-        .enumerate()
-        .filter(|(_, msg)| match msg {
-            Msg::Record(Record {
-                tree: Tree::Attempts,
-                key,
-                ..
-            }) => keys.contains(key.as_slice()),
-            _ => false,
-        })
-        .map(|(i, _)| i)
-        .collect()
+
+    /// Every kept record. A record kept from here on sends a new nudge.
+    fn take(&self) -> HashMap<Vec<u8>, AttemptRecord, foldhash::fast::RandomState> {
+        self.nudged.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *self.kept.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// The writer's state between groups.
@@ -262,7 +281,12 @@ impl Writer {
             self.apply(&mut group);
         }
         if self.shared.failed.get().is_none() {
-            self.store_kept();
+            if self.store_running().is_ok() {
+                self.store_kept();
+            }
+            if self.shared.failed.get().is_some() {
+                return;
+            }
             if let Err(e) = self.db.flush() {
                 self.fail(&e);
             }
@@ -281,27 +305,28 @@ impl Writer {
         if let Some(failure) = self.shared.failed.get() {
             // Stopped: answer without touching sled.
             self.shared.cached.take();
+            self.shared.running.take();
             for msg in group.drain(..) {
                 let reply = match msg {
                     Msg::Commit(commit) => commit.reply,
                     Msg::Acked(acked) => acked.1,
-                    Msg::Record(_) | Msg::CachedKept => continue,
+                    Msg::Record(_) | Msg::CachedKept | Msg::RunningKept => continue,
                 };
                 reply.to.send(Err(failure.error(&self.path, true)));
             }
             return;
         }
-        let superseded = superseded(group);
         let mut commits = Vec::new();
         let mut replies = Vec::new();
-        let mut result = Ok(());
-        for (i, msg) in group.drain(..).enumerate() {
+        let mut result = self.store_running();
+        for msg in group.drain(..) {
             match msg {
                 Msg::Record(record) => {
-                    if result.is_ok() && !superseded.contains(&i) {
+                    if result.is_ok() {
                         result = self.insert(&record);
                     }
                 }
+                Msg::RunningKept => {} // stored above
                 Msg::CachedKept => {
                     self.store_by
                         .get_or_insert_with(|| Instant::now() + IDLE_WRITE);
@@ -349,6 +374,22 @@ impl Writer {
             // A failure is recorded and logged by `store_batches`.
             let _ = self.store_batches();
         }
+    }
+
+    /// Stores the kept `Running` records (see [`RunningRecords`]).
+    fn store_running(&self) -> Result<(), Failure> {
+        for (key, record) in self.shared.running.take() {
+            // Encoding a record of plain fields does not fail; if it ever did, the record
+            // is left out, as a record the store could not queue would be.
+            let Ok(value) = encode_attempt(&record) else {
+                continue;
+            };
+            self.trees
+                .attempts
+                .insert(key, value)
+                .map_err(|e| self.fail(&e))?;
+        }
+        Ok(())
     }
 
     fn insert(&self, record: &Record) -> Result<(), Failure> {
@@ -461,43 +502,33 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runlog::Ticket;
+    use crate::AttemptOutcome;
 
-    fn record(tree: Tree, key: &[u8]) -> Msg {
-        Msg::Record(Record {
-            tree,
-            key: key.to_vec(),
-            value: b"v".to_vec(),
-        })
-    }
-
-    fn commit(attempt: Option<&[u8]>) -> Msg {
-        let (_ticket, to) = Ticket::pending();
-        Msg::Commit(Box::new(Commit {
-            output: ("k".to_owned(), b"v".to_vec()),
-            attempt: attempt.map(|key| (key.to_vec(), b"v".to_vec())),
-            reply: Reply { flush: true, to },
-        }))
+    fn running(key: &str) -> AttemptRecord {
+        AttemptRecord {
+            run: 1,
+            key: key.to_owned(),
+            attempt: 1,
+            started_ms: 0,
+            finished_ms: None,
+            outcome: AttemptOutcome::Running,
+            duration_us: None,
+            output_size: None,
+        }
     }
 
     #[test]
-    fn only_attempt_records_a_commit_of_the_group_overwrites_are_superseded() {
-        let group = vec![
-            record(Tree::Attempts, b"a"), // overwritten by the commit of `a`
-            record(Tree::Attempts, b"b"), // no commit of `b` in the group
-            record(Tree::Runs, b"a"),     // another tree
-            commit(Some(b"a")),
-            commit(None),
-            record(Tree::Attempts, b"a"), // after the commit: still applied before it
-        ];
-        let mut found: Vec<usize> = superseded(&group).into_iter().collect();
-        found.sort_unstable();
-        assert_eq!(found, [0, 5]);
-    }
-
-    #[test]
-    fn a_group_without_commits_supersedes_nothing() {
-        let group = vec![record(Tree::Attempts, b"a"), Msg::CachedKept];
-        assert!(superseded(&group).is_empty());
+    fn a_kept_running_record_nudges_once_until_taken() {
+        let kept = RunningRecords::default();
+        assert!(kept.push(b"a".to_vec(), running("a")), "the first nudges");
+        assert!(
+            !kept.push(b"b".to_vec(), running("b")),
+            "one nudge on its way"
+        );
+        kept.remove(b"a"); // its commit is on its way
+        let taken = kept.take();
+        assert_eq!(taken.keys().collect::<Vec<_>>(), [&b"b".to_vec()]);
+        assert!(kept.take().is_empty());
+        assert!(kept.push(b"c".to_vec(), running("c")), "taken: a new nudge");
     }
 }
