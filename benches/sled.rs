@@ -489,8 +489,7 @@ fn main() {
     if support::selected(GROUP, "raw_dagx_sled_gets") && support::selected(GROUP, "cached_dag") {
         interleaved_cached(INTERLEAVED_ROUNDS);
     }
-    if support::selected(GROUP, "serial_insert_flush") && support::selected(GROUP, "durable_dag")
-    {
+    if support::selected(GROUP, "serial_insert_flush") && support::selected(GROUP, "durable_dag") {
         interleaved_durable(INTERLEAVED_DURABLE_ROUNDS);
     }
 }

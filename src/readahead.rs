@@ -206,7 +206,10 @@ mod tests {
         }
         let over = readahead.enqueue(Arc::from("over"));
         assert!(matches!(over, Pending::Own));
-        assert!(futures::executor::block_on(over).is_err(), "read it yourself");
+        assert!(
+            futures::executor::block_on(over).is_err(),
+            "read it yourself"
+        );
     }
 
     #[test]
