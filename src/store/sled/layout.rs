@@ -476,10 +476,10 @@ mod tests {
                 key: "k".repeat(key_lens.get(i).copied().unwrap_or(i % 40 + 1)),
                 attempt: u32::try_from(v).unwrap_or(u32::MAX),
                 started_ms: edges[(i + 3) % edges.len()],
-                finished_ms: (i % 3 != 0).then_some(v),
+                finished_ms: (!i.is_multiple_of(3)).then_some(v),
                 outcome: AttemptOutcome::Cached,
-                duration_us: (i % 2 == 0).then_some(edges[(i + 5) % edges.len()]),
-                output_size: (i % 5 != 0).then_some(v / 3),
+                duration_us: i.is_multiple_of(2).then_some(edges[(i + 5) % edges.len()]),
+                output_size: (!i.is_multiple_of(5)).then_some(v / 3),
             }
         };
         // Column lengths around every array-marker boundary.
@@ -512,9 +512,9 @@ mod tests {
                 key: "t".repeat([1, 31, 32, 300][i % 4]),
                 attempt: u32::try_from(v).unwrap_or(u32::MAX),
                 started_ms: edges[(i + 1) % edges.len()],
-                finished_ms: (i % 3 != 0).then_some(v),
+                finished_ms: (!i.is_multiple_of(3)).then_some(v),
                 outcome: outcome.clone(),
-                duration_us: (i % 2 == 0).then_some(edges[(i + 2) % edges.len()]),
+                duration_us: i.is_multiple_of(2).then_some(edges[(i + 2) % edges.len()]),
                 output_size: (i % 4 != 1).then_some(v / 7),
             };
             let expected = rmp_serde::to_vec_named(&record).unwrap();
