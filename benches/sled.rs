@@ -33,10 +33,17 @@
 //!
 //! Criterion measures one variant after the other, so on a shared machine a burst of load
 //! can land on one side of a ratio. The run therefore ends (unless criterion runs as a smoke
-//! test or a filter leaves either cached variant out) with an interleaved measurement of
-//! the cached ratio: [`INTERLEAVED_ROUNDS`] rounds, each timing one `raw_dagx_sled_gets`
-//! iteration and one `cached_dag` iteration back to back, in alternating order; it prints
-//! the median of each and the ratio of the medians.
+//! test or a filter leaves a variant out) with interleaved measurements of both store
+//! ratios: [`INTERLEAVED_ROUNDS`] rounds, each timing one `raw_dagx_sled_gets` iteration and
+//! one `cached_dag` iteration back to back, in alternating order, then
+//! [`INTERLEAVED_DURABLE_ROUNDS`] rounds of `serial_insert_flush` and `durable_dag`; each
+//! prints the median of each side and the ratio of the medians. With
+//! `DURAFLOW_BENCH_ONLY_INTERLEAVED=1` in the environment only these run (no criterion), a
+//! quicker check:
+//!
+//! ```sh
+//! DURAFLOW_BENCH_ONLY_INTERLEAVED=1 cargo bench --bench sled
+//! ```
 
 mod support;
 
@@ -62,6 +69,11 @@ const GROUP: &str = "sled_2k";
 const CACHE: u64 = 64 * 1024 * 1024;
 /// Rounds of the interleaved cached measurement.
 const INTERLEAVED_ROUNDS: usize = 200;
+/// Rounds of the interleaved durable measurement (a round takes about a quarter second).
+const INTERLEAVED_DURABLE_ROUNDS: usize = 30;
+/// Set (to anything) to skip criterion's measurements and run only the interleaved ones:
+/// a quicker A/B check on a noisy machine.
+const ONLY_INTERLEAVED_VAR: &str = "DURAFLOW_BENCH_ONLY_INTERLEAVED";
 
 use support::{runtime, Val};
 
@@ -427,16 +439,57 @@ fn interleaved_cached(rounds: usize) {
     drop((ctx, dir, db, raw_dir));
 }
 
+/// The interleaved durable measurement: like [`interleaved_cached`], for `durable_dag`
+/// (each iteration over a fresh store) against `serial_insert_flush` (each over a fresh
+/// database), so that a burst of load hits both sides of the first ratio.
+fn interleaved_durable(rounds: usize) {
+    let rt = runtime();
+    let ids = task_ids();
+    let n = ids.len();
+    let (serial_ms, durable_ms) = support::interleaved(
+        rounds,
+        || {
+            let dir = temp_dir();
+            let db = raw_sled(dir.path());
+            let elapsed = serial_insert_flush(&db, &ids);
+            assert_eq!(db.len(), n);
+            drop((db, dir));
+            elapsed
+        },
+        || {
+            let (dir, ctx) = fresh_sled();
+            let (elapsed, dag, stats) = run_durable(&rt, &ctx, &ids);
+            check_fresh(&ctx, stats, n);
+            drop((dag, ctx, dir));
+            elapsed
+        },
+    );
+    println!(
+        "\n== interleaved: {rounds} rounds of serial_insert_flush and durable_dag back to back =="
+    );
+    println!("{:<24} {durable_ms:>10.3} ms  (median)", "durable_dag");
+    support::print_interleaved(
+        ("durable_dag", durable_ms),
+        ("serial_insert_flush", serial_ms),
+        Some(0.2),
+    );
+}
+
 fn main() {
     let since = SystemTime::now();
-    let mut criterion = Criterion::default().configure_from_args();
-    sled_2k(&mut criterion);
-    criterion.final_summary();
-    print_summary(since);
-    if !support::smoke_test()
-        && support::selected(GROUP, "raw_dagx_sled_gets")
-        && support::selected(GROUP, "cached_dag")
-    {
+    if std::env::var_os(ONLY_INTERLEAVED_VAR).is_none() {
+        let mut criterion = Criterion::default().configure_from_args();
+        sled_2k(&mut criterion);
+        criterion.final_summary();
+        print_summary(since);
+    }
+    if support::smoke_test() {
+        return;
+    }
+    if support::selected(GROUP, "raw_dagx_sled_gets") && support::selected(GROUP, "cached_dag") {
         interleaved_cached(INTERLEAVED_ROUNDS);
+    }
+    if support::selected(GROUP, "serial_insert_flush") && support::selected(GROUP, "durable_dag") {
+        interleaved_durable(INTERLEAVED_DURABLE_ROUNDS);
     }
 }

@@ -8,12 +8,16 @@
 //! instead of queueing its own. A run therefore sees the outputs stored when it started,
 //! as it would if its tasks all started at once.
 //!
-//! Read-ahead is bounded: once [`MAX_AHEAD_BYTES`] of read but not yet taken outputs, or
-//! [`MAX_AHEAD_READS`] reads, are held, the rest of the ids are dropped and those tasks read
-//! for themselves.
+//! Read-ahead is bounded: only the first [`MAX_QUEUED`] tasks of a run are read ahead (each
+//! holds a channel until its read arrives; the others cost nothing here), and once
+//! [`MAX_AHEAD_BYTES`] of read but not yet taken outputs, or [`MAX_AHEAD_READS`] reads, are
+//! held, the rest of the ids are dropped. Tasks left out read for themselves.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use futures::channel::oneshot;
 
@@ -23,9 +27,25 @@ use crate::{DuraflowError, Storage};
 /// What a read of one key gives.
 pub(crate) type ReadResult = Result<Option<Vec<u8>>, DuraflowError>;
 
-/// The receiving end a task waits on for its read. A dropped sender means "read it
-/// yourself".
-pub(crate) type Pending = oneshot::Receiver<ReadResult>;
+/// What a task waits on for its read: the read-ahead's answer, or at once "read it
+/// yourself" (`Err`), when its key was not queued or its read was dropped.
+pub(crate) enum Pending {
+    /// The key is queued: the read arrives here (a dropped sender means "read it yourself").
+    Queued(oneshot::Receiver<ReadResult>),
+    /// The key was not queued (the run has [`MAX_QUEUED`] queued already, or has started).
+    Own,
+}
+
+impl Future for Pending {
+    type Output = Result<ReadResult, oneshot::Canceled>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Pending::Queued(rx) => Pin::new(rx).poll(cx),
+            Pending::Own => Poll::Ready(Err(oneshot::Canceled)),
+        }
+    }
+}
 
 /// A key waiting to be read ahead, with the sender its task waits on.
 type Queued = (Arc<str>, oneshot::Sender<ReadResult>);
@@ -37,6 +57,11 @@ const MAX_AHEAD_BYTES: usize = 32 << 20;
 const MAX_AHEAD_READS: usize = 4096;
 /// Keys per pool job: enough to amortise the hand-over, few enough to spread over threads.
 const CHUNK: usize = 32;
+/// Keys queued per run, above which tasks read for themselves: a wide run of 100k tasks
+/// would otherwise hold a channel per task from the moment it is added, tens of MiB, while
+/// read-ahead pays off in the first few thousand (reads held are bounded by
+/// [`MAX_AHEAD_READS`] anyway).
+const MAX_QUEUED: usize = 8192;
 
 /// The read-ahead state of one run.
 pub(crate) struct ReadAhead {
@@ -56,27 +81,36 @@ impl ReadAhead {
         }
     }
 
-    /// Queues `key` for reading ahead; its task waits on the returned receiver.
+    /// Queues `key` for reading ahead, unless [`MAX_QUEUED`] keys are queued already or the
+    /// read-ahead has started; its task waits on what this returns.
     pub(crate) fn enqueue(&self, key: Arc<str>) -> Pending {
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        // Looked at under the lock: `start` sets it before it takes the queue, so a key is
+        // either in the queue it takes or not queued at all.
+        if queued.len() >= MAX_QUEUED || self.started.load(Ordering::SeqCst) {
+            return Pending::Own;
+        }
         let (tx, rx) = oneshot::channel();
-        self.queued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((key, tx));
-        rx
+        queued.push((key, tx));
+        Pending::Queued(rx)
     }
 
     /// Starts reading every queued key from `db` on the I/O pool; does nothing after the
-    /// first call. Keys queued later are not read ahead (their receivers report that).
+    /// first call. Keys enqueued later are not queued: their tasks read for themselves.
     pub(crate) fn start(&self, db: &Arc<dyn Storage + Send + Sync>) {
         if self.started.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut queued =
+        let queued =
             std::mem::take(&mut *self.queued.lock().unwrap_or_else(PoisonError::into_inner));
-        while !queued.is_empty() {
-            let rest = queued.split_off(queued.len().min(CHUNK));
-            let chunk = std::mem::replace(&mut queued, rest);
+        // Chunks taken from the front in order (not `split_off`, which would copy the rest
+        // of the queue once per chunk).
+        let mut queued = queued.into_iter();
+        loop {
+            let chunk: Vec<Queued> = queued.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
             let db = Arc::clone(db);
             let ahead = Arc::clone(&self.ahead);
             // A job that cannot be queued drops its senders: those tasks read for themselves.
@@ -124,7 +158,7 @@ mod tests {
     use super::*;
     use crate::MemoryStore;
 
-    fn one_key(key: &str) -> (Vec<Queued>, Pending) {
+    fn one_key(key: &str) -> (Vec<Queued>, oneshot::Receiver<ReadResult>) {
         let (tx, rx) = oneshot::channel();
         (vec![(Arc::from(key), tx)], rx)
     }
@@ -161,5 +195,29 @@ mod tests {
         assert_eq!(read.as_deref(), Some(&b"value"[..]));
         assert_eq!(ahead.reads.load(Ordering::SeqCst), 1);
         assert_eq!(ahead.bytes.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn only_the_first_keys_of_a_run_are_queued() {
+        let readahead = ReadAhead::new();
+        for i in 0..MAX_QUEUED {
+            let pending = readahead.enqueue(Arc::from(format!("k{i}")));
+            assert!(matches!(pending, Pending::Queued(_)));
+        }
+        let over = readahead.enqueue(Arc::from("over"));
+        assert!(matches!(over, Pending::Own));
+        assert!(
+            futures::executor::block_on(over).is_err(),
+            "read it yourself"
+        );
+    }
+
+    #[test]
+    fn a_key_added_after_the_start_reads_for_itself() {
+        let db: Arc<dyn Storage + Send + Sync> = Arc::new(MemoryStore::new());
+        let readahead = ReadAhead::new();
+        readahead.start(&db);
+        let late = readahead.enqueue(Arc::from("late"));
+        assert!(futures::executor::block_on(late).is_err());
     }
 }

@@ -17,8 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use self::layout::{
-    attempt_key, decode_record, encode_record, key_attempts, run_attempts, OnUndecodable, Trees,
-    FORMAT_KEY, FORMAT_VERSION,
+    attempt_key, decode_record, encode_attempt, encode_record, key_attempts, run_attempts,
+    OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
 };
 use self::writer::{Commit, Failure, Msg, Record, Reply, Shared, Tree, Writer};
 use crate::record::{now_ms, AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
@@ -499,6 +499,12 @@ impl Storage for SledStore {
         "sled"
     }
 
+    /// Yes: a sled read of a cached page takes a microsecond or two, less than handing it
+    /// to an I/O thread and back, so a run's first tasks get their reads in batches.
+    fn read_ahead(&self) -> bool {
+        true
+    }
+
     fn run_log(&self) -> Option<&dyn RunLog> {
         Some(self)
     }
@@ -525,9 +531,20 @@ impl RunLog for SledStore {
         Ok(id)
     }
 
-    /// A `Cached` attempt is stored later in a batch with others (still before the next
-    /// commit's ticket resolves); any other is queued as its own record.
+    /// A `Cached` attempt is stored later in a batch with others, a `Running` one when the
+    /// writer next applies a group unless the attempt's commit replaces it first (either way
+    /// before the next commit's ticket resolves); any other is queued as its own record.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError> {
+        if attempt.outcome == AttemptOutcome::Running {
+            if self.writer.is_none() {
+                return self.send(Msg::RunningKept); // the error
+            }
+            let key = attempt_key(attempt.run, &attempt.key, attempt.attempt);
+            if self.shared.running.push(key, attempt) {
+                self.send(Msg::RunningKept)?;
+            }
+            return Ok(());
+        }
         if attempt.outcome == AttemptOutcome::Cached {
             if self.writer.is_none() {
                 return self.send(Msg::CachedKept); // the error
@@ -553,6 +570,8 @@ impl RunLog for SledStore {
             value: attempt_value,
             ..
         } = attempt_record(&attempt)?;
+        // The attempt's `Running` record, if still kept, would only be overwritten.
+        self.shared.running.remove(&attempt_key);
         let output = (key.to_owned(), value);
         self.send_acked(
             |reply| {
@@ -584,7 +603,7 @@ fn attempt_record(attempt: &AttemptRecord) -> Result<Record, DuraflowError> {
     Ok(Record {
         tree: Tree::Attempts,
         key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
-        value: encode_record(attempt)?,
+        value: encode_attempt(attempt)?,
     })
 }
 
