@@ -142,16 +142,19 @@ where
         return Offloaded::now(op(db.as_ref(), key));
     }
     let db = Arc::clone(db);
-    let owned_key = key.to_owned();
+    // One copy of the key, shared by the job and the error that may name it.
+    let key: Arc<str> = Arc::from(key);
     Offloaded::Later(Box::pin(async move {
-        let key = owned_key.clone();
-        match on_pool(move || op(db.as_ref(), &owned_key)).await {
+        let job_key = Arc::clone(&key);
+        match on_pool(move || op(db.as_ref(), &job_key)).await {
             Ok(result) => result,
             Err(Lost::Spawn(e)) => Err(DuraflowError::Persist {
-                key,
+                key: key.to_string(),
                 source: Box::new(e),
             }),
-            Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown { key }),
+            Err(Lost::Abandoned) => Err(DuraflowError::RuntimeShutdown {
+                key: key.to_string(),
+            }),
         }
     }))
 }
