@@ -252,18 +252,18 @@ where
     K: OutputKind<Tk::Output>,
 {
     async move {
-        let attempt = run.start_attempt(id, number);
+        let attempt = run.start_attempt(number);
 
         if let Some(pending) = pending {
             let stored = run.read_stored(id, pending).await;
             if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
-                run.end_attempt(&attempt, AttemptOutcome::Cached, Some(size));
+                run.end_attempt(id, &attempt, AttemptOutcome::Cached, Some(size));
                 let done = Step::Final(Outcome::Done(K::from_stored(stored)));
                 return end(run, id, span, Ending::Cached, done);
             }
         }
 
-        run.mark_running(&attempt);
+        run.mark_running(id, &attempt);
         let (outcome, if_last) = match work.run(id).await {
             Ran::Output(value) => 'failed: {
                 // The result of `stored` is gone before the await: only the write's own
@@ -284,7 +284,7 @@ where
                     key: id.to_string(),
                     message,
                 };
-                run.end_attempt(&attempt, failed(&error.to_string()), None);
+                run.end_attempt(id, &attempt, failed(&error.to_string()), None);
                 return end(
                     run,
                     id,
@@ -311,7 +311,7 @@ where
                 )
             }
         };
-        run.end_attempt(&attempt, outcome, None);
+        run.end_attempt(id, &attempt, outcome, None);
         if number >= work.max_attempts() {
             return end(run, id, span, Ending::Failed, if_last);
         }
@@ -350,7 +350,7 @@ fn persisted<'r, O>(
         }
         Err(error) => {
             tracing::error!(key = id, %error, "task output not persisted");
-            run.end_attempt(attempt, failed(&error.to_string()), None);
+            run.end_attempt(id, attempt, failed(&error.to_string()), None);
             let step = Step::Final(Outcome::NotPersisted(value, Box::new(error)));
             end(run, id, span, Ending::Failed, step)
         }

@@ -213,45 +213,40 @@ impl RunState {
     }
 
     /// Starts an attempt at task `id` (recorded only when it ends or starts running).
-    pub(crate) fn start_attempt(&self, id: &str, attempt: u32) -> Attempt {
-        let record = self.log().map(|(_, run)| {
-            Box::new(AttemptRecord {
+    pub(crate) fn start_attempt(&self, attempt: u32) -> Attempt {
+        Attempt {
+            start: self.log().map(|(_, run)| AttemptStart {
                 run,
-                key: id.to_owned(),
                 attempt,
                 started_ms: now_ms(),
-                finished_ms: None,
-                outcome: AttemptOutcome::Running,
-                duration_us: None,
-                output_size: None,
-            })
-        });
-        let started = record.as_ref().map(|_| Instant::now());
-        Attempt { record, started }
+                started: Instant::now(),
+            }),
+        }
     }
 
-    /// Records the attempt as `Running`: the inner task is about to run, and a crash from
-    /// here on leaves it `Interrupted`. (A cached task never runs and is recorded once.)
-    pub(crate) fn mark_running(&self, attempt: &Attempt) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.record.as_deref().cloned()) {
-            let key = record.key.clone();
+    /// Records the attempt at task `id` as `Running`: the inner task is about to run, and a
+    /// crash from here on leaves it `Interrupted`. (A cached task never runs and is
+    /// recorded once.)
+    pub(crate) fn mark_running(&self, id: &str, attempt: &Attempt) {
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.running(id)) {
             if let Err(error) = log.record(record) {
-                tracing::warn!(key, %error, "attempt not recorded");
+                tracing::warn!(key = id, %error, "attempt not recorded");
             }
         }
     }
 
-    /// Records how an attempt ended (a `Succeeded` one is recorded by [`persist`](Self::persist)).
+    /// Records how an attempt at task `id` ended (a `Succeeded` one is recorded by
+    /// [`persist`](Self::persist)).
     pub(crate) fn end_attempt(
         &self,
+        id: &str,
         attempt: &Attempt,
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.ended(outcome, size)) {
-            let key = record.key.clone();
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.ended(id, outcome, size)) {
             if let Err(error) = log.record(record) {
-                tracing::warn!(key, %error, "attempt not recorded");
+                tracing::warn!(key = id, %error, "attempt not recorded");
             }
         }
     }
@@ -274,7 +269,7 @@ impl RunState {
         let size = bytes.len();
         match (
             self.log(),
-            attempt.ended(AttemptOutcome::Succeeded, Some(size)),
+            attempt.ended(id, AttemptOutcome::Succeeded, Some(size)),
         ) {
             (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
                 Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
@@ -418,22 +413,56 @@ fn split(done: u64) -> (usize, usize) {
     ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
 }
 
-/// One attempt at one task, as the run log will record it.
+/// One attempt at one task, as the run log will record it. Its record is made only when
+/// one is stored (the task's id is copied then), so an attempt costs nothing up front.
 pub(crate) struct Attempt {
     /// `None` when the store keeps no run log: nothing to record, nothing to time.
-    record: Option<Box<AttemptRecord>>,
-    started: Option<Instant>,
+    start: Option<AttemptStart>,
+}
+
+/// When and in which run an attempt started.
+struct AttemptStart {
+    run: RunId,
+    attempt: u32,
+    started_ms: u64,
+    started: Instant,
 }
 
 impl Attempt {
-    /// The record of this attempt ending now with `outcome` (`None` without a run log).
-    fn ended(&self, outcome: AttemptOutcome, size: Option<usize>) -> Option<AttemptRecord> {
-        let mut record = AttemptRecord::clone(self.record.as_deref()?);
-        record.finished_ms = Some(now_ms());
-        record.duration_us = self.started.map(|t| t.elapsed().as_micros() as u64);
-        record.outcome = outcome;
-        record.output_size = size.map(|s| s as u64);
-        Some(record)
+    /// The record of this attempt at task `key`, running (`None` without a run log).
+    fn running(&self, key: &str) -> Option<AttemptRecord> {
+        let start = self.start.as_ref()?;
+        Some(AttemptRecord {
+            run: start.run,
+            key: key.to_owned(),
+            attempt: start.attempt,
+            started_ms: start.started_ms,
+            finished_ms: None,
+            outcome: AttemptOutcome::Running,
+            duration_us: None,
+            output_size: None,
+        })
+    }
+
+    /// The record of this attempt at task `key` ending now with `outcome` (`None` without a
+    /// run log).
+    fn ended(
+        &self,
+        key: &str,
+        outcome: AttemptOutcome,
+        size: Option<usize>,
+    ) -> Option<AttemptRecord> {
+        let start = self.start.as_ref()?;
+        Some(AttemptRecord {
+            run: start.run,
+            key: key.to_owned(),
+            attempt: start.attempt,
+            started_ms: start.started_ms,
+            finished_ms: Some(now_ms()),
+            outcome,
+            duration_us: Some(start.started.elapsed().as_micros() as u64),
+            output_size: size.map(|s| s as u64),
+        })
     }
 }
 
