@@ -473,9 +473,9 @@ impl Writer {
     /// Applies the group's commits in transactions of up to [`TX_COMMITS`], so no output
     /// exists without its attempt record (both are in the same transaction; records that
     /// stand alone are plain inserts: a sled transaction costs tens of microseconds per
-    /// call, an insert a few). Leaves in `prior` the value each output had before, for the
-    /// commits whose transaction succeeded (the first failure stops the store; an output
-    /// not reached kept its value).
+    /// call, an insert a few). Leaves in `prior` the value each output had before, for every
+    /// commit its transaction reached, failed or not (the first failure stops the store;
+    /// an output not reached kept its value).
     fn commit(
         &self,
         commits: &[Box<Commit>],
@@ -484,8 +484,8 @@ impl Writer {
         prior.borrow_mut().clear();
         for chunk in commits.chunks(TX_COMMITS) {
             let chunk_prior = RefCell::new(Vec::with_capacity(chunk.len()));
-            (&self.trees.outputs, &self.trees.attempts)
-                .transaction(|(outputs, attempts)| {
+            let applied =
+                (&self.trees.outputs, &self.trees.attempts).transaction(|(outputs, attempts)| {
                     // sled runs this again after a conflict: start over.
                     let mut chunk_prior = chunk_prior.borrow_mut();
                     chunk_prior.clear();
@@ -497,15 +497,18 @@ impl Writer {
                         }
                     }
                     Ok::<(), ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Storage(e) => self.fail(&e),
-                    TransactionError::Abort(()) => Failure {
-                        kind: io::ErrorKind::Other,
-                        text: "transaction aborted".to_owned(),
-                    },
-                })?;
+                });
+            // Kept whether or not the transaction failed: a transaction that failed while
+            // committing may already show its values to readers, and the shadow must then
+            // answer the values from before it (what `prior` holds), not those.
             prior.borrow_mut().extend(chunk_prior.into_inner());
+            applied.map_err(|e| match e {
+                TransactionError::Storage(e) => self.fail(&e),
+                TransactionError::Abort(()) => Failure {
+                    kind: io::ErrorKind::Other,
+                    text: "transaction aborted".to_owned(),
+                },
+            })?;
         }
         Ok(())
     }
