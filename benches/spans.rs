@@ -165,6 +165,41 @@ fn run_once(
     (elapsed, dag, ctx, stats)
 }
 
+/// `iters` timed runs of the DAG, each checked; with `reported`, also that the layer counting
+/// into it reported the expected number of tasks.
+fn timed_runs(
+    clock: Clock,
+    rt: &Runtime,
+    ids: &[String],
+    iters: u64,
+    reported: Option<(&AtomicUsize, usize)>,
+) -> Duration {
+    (0..iters)
+        .map(|_| {
+            if let Some((count, _)) = reported {
+                count.store(0, Ordering::Relaxed);
+            }
+            let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
+            check(&ctx, stats, ids.len());
+            if let Some((count, expected)) = reported {
+                assert_eq!(count.load(Ordering::Relaxed), expected);
+            }
+            drop((dag, ctx));
+            elapsed
+        })
+        .sum()
+}
+
+/// A registry with a `ProgressLayer` that counts its calls into the returned counter.
+fn progress_subscriber() -> (impl tracing::Subscriber + Send + Sync, Arc<AtomicUsize>) {
+    let reported = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reported);
+    let subscriber = tracing_subscriber::registry().with(ProgressLayer::new(move |_, _| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }));
+    (subscriber, reported)
+}
+
 fn check(ctx: &Context, stats: RunStats, n: usize) {
     assert_eq!((stats.executed, stats.cached, stats.failed), (n, 0, 0));
     assert_eq!(ctx.get::<u64>("task-7"), Some(7));
@@ -184,84 +219,37 @@ fn spans(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(12));
 
+    // The build without spans has nothing to report.
+    let expected = if cfg!(duraflow_no_spans) { 0 } else { n };
+
     // First, before any subscriber was ever installed in this process.
     group.bench_function("no_subscriber", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
-                    check(&ctx, stats, n);
-                    drop((dag, ctx));
-                    elapsed
-                })
-                .sum()
-        })
+        b.iter_custom(|iters| timed_runs(clock, rt, ids, iters, None))
     });
 
     // The registry alone: what real spans cost before any layer looks at them.
     {
         let _default = tracing::subscriber::set_default(tracing_subscriber::registry());
         group.bench_function("registry_only", |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
-                        check(&ctx, stats, n);
-                        drop((dag, ctx));
-                        elapsed
-                    })
-                    .sum()
-            })
+            b.iter_custom(|iters| timed_runs(clock, rt, ids, iters, None))
         });
     }
 
-    let reported = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&reported);
-    let subscriber = tracing_subscriber::registry().with(ProgressLayer::new(move |_, _| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }));
-    // The build without spans has nothing to report.
-    let expected = if cfg!(duraflow_no_spans) { 0 } else { n };
     {
+        let (subscriber, reported) = progress_subscriber();
         let _default = tracing::subscriber::set_default(subscriber);
         group.bench_function("progress_layer", |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        reported.store(0, Ordering::Relaxed);
-                        let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
-                        check(&ctx, stats, n);
-                        assert_eq!(reported.load(Ordering::Relaxed), expected);
-                        drop((dag, ctx));
-                        elapsed
-                    })
-                    .sum()
-            })
+            b.iter_custom(|iters| timed_runs(clock, rt, ids, iters, Some((&reported, expected))))
         });
     }
 
     // The same layer installed as the global default, as most programs do (and the README
     // shows): every thread sees it, so the run polls its tasks without a subscriber scope.
     // Last, because a global default cannot be taken back.
-    let reported = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&reported);
-    let subscriber = tracing_subscriber::registry().with(ProgressLayer::new(move |_, _| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }));
+    let (subscriber, reported) = progress_subscriber();
     if tracing::subscriber::set_global_default(subscriber).is_ok() {
         group.bench_function("progress_layer_global", |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        reported.store(0, Ordering::Relaxed);
-                        let (elapsed, dag, ctx, stats) = run_once(clock, rt, ids);
-                        check(&ctx, stats, n);
-                        assert_eq!(reported.load(Ordering::Relaxed), expected);
-                        drop((dag, ctx));
-                        elapsed
-                    })
-                    .sum()
-            })
+            b.iter_custom(|iters| timed_runs(clock, rt, ids, iters, Some((&reported, expected))))
         });
     }
     group.finish();

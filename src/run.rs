@@ -452,17 +452,13 @@ impl Attempt {
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) -> Option<AttemptRecord> {
-        let start = self.start.as_ref()?;
-        Some(AttemptRecord {
-            run: start.run,
-            key: key.to_owned(),
-            attempt: start.attempt,
-            started_ms: start.started_ms,
-            finished_ms: Some(now_ms()),
-            outcome,
-            duration_us: Some(start.started.elapsed().as_micros() as u64),
-            output_size: size.map(|s| s as u64),
-        })
+        let elapsed = self.start.as_ref()?.started.elapsed();
+        let mut record = self.running(key)?;
+        record.finished_ms = Some(now_ms());
+        record.outcome = outcome;
+        record.duration_us = Some(elapsed.as_micros() as u64);
+        record.output_size = size.map(|s| s as u64);
+        Some(record)
     }
 }
 

@@ -23,11 +23,11 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use common::{multi_thread_rt, Boom, Val};
+use common::{multi_thread_rt, Boom, Meet, Val};
 use dagx::{task, DagRunner, Task};
 use duraflow_rs::{Context, DurableDag, MemoryStore, ProgressLayer, RetryPolicy, SledStore};
 use tracing::field::{Field, Visit};
@@ -152,27 +152,6 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanCapture {
 // The DAG.
 // ---------------------------------------------------------------------------------------
 
-/// Two of these meet: each waits (up to 10 s) until both have started. A worker thread
-/// blocked in one cannot start the other, so once both have met they ran on two different
-/// worker threads, at the same time.
-#[derive(Clone)]
-struct Meet(Arc<(Mutex<usize>, Condvar)>);
-
-#[task]
-impl Meet {
-    async fn run(&self) -> u64 {
-        let (arrived, cv) = &*self.0;
-        let mut n = arrived.lock().unwrap();
-        *n += 1;
-        cv.notify_all();
-        let (n, _) = cv
-            .wait_timeout_while(n, Duration::from_secs(10), |n| *n < 2)
-            .unwrap();
-        assert_eq!(*n, 2, "the two Meet tasks never ran at the same time");
-        0
-    }
-}
-
 /// The ids of a run of [`run_dag`]: `meet/0`, `meet/1`, then `val/2` .. `val/199`, and
 /// `boom` when it has a panicking task.
 fn ids(with_boom: bool) -> Vec<String> {
@@ -206,7 +185,7 @@ fn run_dag(
     if let Some(calls) = progress {
         d = d.with_progress(move |id, n| calls.lock().unwrap().push((id.to_owned(), n)));
     }
-    let meet = Meet(Arc::default());
+    let meet = Meet::default();
     for (i, id) in ids(with_boom).iter().enumerate() {
         match id.as_str() {
             "boom" => {

@@ -10,12 +10,11 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
-use std::time::Duration;
 
-use common::{multi_thread_rt, Boom, Val};
-use dagx::{task, DagRunner, Task};
+use common::{multi_thread_rt, Boom, Meet, Val};
+use dagx::DagRunner;
 use duraflow_rs::{Context, DurableDag, MemoryStore, ProgressLayer};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -83,26 +82,6 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
     }
 }
 
-/// Two of these meet: each waits (up to 10 s) for the other, so they ran at the same time
-/// on the two worker threads.
-#[derive(Clone)]
-struct Meet(Arc<(Mutex<usize>, Condvar)>);
-
-#[task]
-impl Meet {
-    async fn run(&self) -> u64 {
-        let (arrived, cv) = &*self.0;
-        let mut n = arrived.lock().unwrap();
-        *n += 1;
-        cv.notify_all();
-        let (n, _) = cv
-            .wait_timeout_while(n, Duration::from_secs(10), |n| *n < 2)
-            .unwrap();
-        assert_eq!(*n, 2, "the two Meet tasks never ran at the same time");
-        0
-    }
-}
-
 #[test]
 fn spans_reach_a_global_subscriber_from_every_worker() {
     let capture = Capture::default();
@@ -117,7 +96,7 @@ fn spans_reach_a_global_subscriber_from_every_worker() {
 
     let rt = multi_thread_rt();
     let ctx = Arc::new(Context::new(MemoryStore::new()));
-    let meet = Meet(Arc::new((Mutex::new(0), Condvar::new())));
+    let meet = Meet::default();
     let dag = DagRunner::new();
     {
         let d = DurableDag::new(&dag, ctx.clone());

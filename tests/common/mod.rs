@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::cell::RefCell;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Duration;
 
 use dagx::{task, Task};
 use tracing::field::{Field, Visit};
@@ -36,6 +37,27 @@ pub struct Boom;
 impl Boom {
     async fn run(&self) -> u64 {
         panic!("boom")
+    }
+}
+
+/// Two of these meet: each waits (up to 10 s) until both have started. A worker thread
+/// blocked in one cannot start the other, so once both have met they ran on two different
+/// worker threads, at the same time.
+#[derive(Clone, Default)]
+pub struct Meet(pub Arc<(Mutex<usize>, Condvar)>);
+
+#[task]
+impl Meet {
+    async fn run(&self) -> u64 {
+        let (arrived, cv) = &*self.0;
+        let mut n = arrived.lock().unwrap();
+        *n += 1;
+        cv.notify_all();
+        let (n, _) = cv
+            .wait_timeout_while(n, Duration::from_secs(10), |n| *n < 2)
+            .unwrap();
+        assert_eq!(*n, 2, "the two Meet tasks never ran at the same time");
+        0
     }
 }
 
