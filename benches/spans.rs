@@ -324,11 +324,7 @@ fn print_ratios(dir: &std::path::Path, this: &[(&str, (f64, f64, f64))]) {
         let Some((_, (a, a_lo, a_hi))) = this.iter().find(|(i, _)| *i == id) else {
             continue;
         };
-        let verdict = match target {
-            Some(t) if a / b <= t => format!("target <= {t:.2}: MET"),
-            Some(t) => format!("target <= {t:.2}: MISSED"),
-            None => String::new(),
-        };
+        let verdict = support::verdict(a / b, target);
         println!(
             "{id:<16} {:>6.3}x  [{:.3} .. {:.3}]  ({:+.1}%)  {verdict}",
             a / b,

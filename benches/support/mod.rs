@@ -98,11 +98,7 @@ pub fn print_summary(
         let (Some((a, a_lo, a_hi)), Some((b, b_lo, b_hi))) = (get(num), get(den)) else {
             continue;
         };
-        let verdict = match target {
-            Some(t) if a / b <= t => format!("target <= {t:.2}: MET"),
-            Some(t) => format!("target <= {t:.2}: MISSED"),
-            None => String::new(),
-        };
+        let verdict = verdict(a / b, target);
         println!(
             "{:<42} {:>7.3}x  [{:.3} .. {:.3}]  {verdict}",
             format!("{num} / {den}"),
@@ -170,11 +166,7 @@ pub fn interleaved(
 pub fn print_interleaved(a: (&str, f64), b: (&str, f64), target: Option<f64>) {
     println!("{:<24} {:>10.3} ms  (median)", b.0, b.1);
     let ratio = a.1 / b.1;
-    let verdict = match target {
-        Some(t) if ratio <= t => format!("target <= {t:.2}: MET"),
-        Some(t) => format!("target <= {t:.2}: MISSED"),
-        None => String::new(),
-    };
+    let verdict = verdict(ratio, target);
     println!(
         "{:<42} {ratio:>7.3}x  {verdict}",
         format!("{} / {}", a.0, b.0)
@@ -213,4 +205,13 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .prefix(prefix)
         .tempdir()
         .expect("temp dir")
+}
+
+/// `ratio` against `target`, as the benches print it (empty without a target).
+pub fn verdict(ratio: f64, target: Option<f64>) -> String {
+    match target {
+        Some(t) if ratio <= t => format!("target <= {t:.2}: MET"),
+        Some(t) => format!("target <= {t:.2}: MISSED"),
+        None => String::new(),
+    }
 }
