@@ -199,37 +199,30 @@ where
                 inner: attempt::<Tk, K>(&run, &id, number, pending.take(), &mut work, &span),
             }
             .await;
-            // The run's close (rare) is awaited in each arm, so the step's value is held
-            // across that await only there.
-            match step {
-                Step::Final(outcome) => {
-                    if let Some(close) = close {
-                        InSpan {
-                            span: &span,
-                            inner: close,
-                        }
-                        .await;
-                    }
-                    return outcome;
-                }
-                Step::Panicked(payload) => {
-                    if let Some(close) = close {
-                        InSpan {
-                            span: &span,
-                            inner: close,
-                        }
-                        .await;
-                    }
-                    drop(span);
-                    std::panic::resume_unwind(payload)
-                }
+            let done = match step {
+                Step::Final(outcome) => Ok(outcome),
+                Step::Panicked(payload) => Err(payload),
                 Step::Again(wait) => {
                     drop(span);
                     if !wait.is_zero() {
                         Box::pin(tokio::time::sleep(wait)).await;
                     }
                     number += 1;
+                    continue;
                 }
+            };
+            // The task's last attempt: close the run if it was the run's last task.
+            if let Some(close) = close {
+                InSpan {
+                    span: &span,
+                    inner: close,
+                }
+                .await;
+            }
+            drop(span);
+            match done {
+                Ok(outcome) => return outcome,
+                Err(payload) => std::panic::resume_unwind(payload),
             }
         }
     }
