@@ -62,24 +62,6 @@ fn temp_dir() -> tempfile::TempDir {
 // One timed run per variant. Each returns the time taken and what must be dropped untimed.
 // ---------------------------------------------------------------------------------------
 
-/// Raw dagx: build and run the wide DAG of `n` tasks.
-fn run_raw(rt: &Runtime, n: usize) -> (Duration, DagRunner) {
-    let start = Instant::now();
-    let dag = rt.block_on(async {
-        let dag = DagRunner::new();
-        for i in 0..n {
-            dag.add_task(Val(i as u64));
-        }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("raw dagx run");
-        dag
-    });
-    (start.elapsed(), dag)
-}
-
 /// duraflow-rs 2: build the wide DAG through a `DurableDag` over `ctx` and run it.
 fn run_v2(
     rt: &Runtime,
@@ -206,7 +188,7 @@ fn wide_10k(c: &mut Criterion) {
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|_| {
-                    let (elapsed, dag) = run_raw(rt, n);
+                    let (elapsed, dag) = support::run_raw(rt, n);
                     drop(dag);
                     elapsed
                 })
@@ -430,7 +412,7 @@ fn interleaved() {
                 elapsed
             },
             || {
-                let (elapsed, dag) = run_raw(&rt, n);
+                let (elapsed, dag) = support::run_raw(&rt, n);
                 drop(dag);
                 elapsed
             },

@@ -114,6 +114,19 @@ fn raw_sled(path: &Path) -> sled::Db {
         .expect("open raw sled db")
 }
 
+/// A raw sled database in a fresh temporary directory holding every id with its index as an
+/// 8-byte value: what the raw baseline of the cached run reads.
+fn populated_raw_sled(ids: &[Arc<str>]) -> (tempfile::TempDir, sled::Db) {
+    let dir = temp_dir();
+    let db = raw_sled(dir.path());
+    for (i, id) in ids.iter().enumerate() {
+        db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
+            .expect("sled insert");
+    }
+    db.flush().expect("sled flush");
+    (dir, db)
+}
+
 /// A fresh `SledStore` in a fresh temporary directory.
 fn fresh_sled() -> (tempfile::TempDir, Arc<Context>) {
     let dir = temp_dir();
@@ -124,24 +137,6 @@ fn fresh_sled() -> (tempfile::TempDir, Arc<Context>) {
 // ---------------------------------------------------------------------------------------
 // One timed run per variant. Each returns the time taken and what must be dropped untimed.
 // ---------------------------------------------------------------------------------------
-
-/// Raw dagx: build and run the wide DAG of `n` trivial tasks.
-fn run_raw(rt: &Runtime, n: usize) -> (Duration, DagRunner) {
-    let start = Instant::now();
-    let dag = rt.block_on(async {
-        let dag = DagRunner::new();
-        for i in 0..n {
-            dag.add_task(Val(i as u64));
-        }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("raw dagx run");
-        dag
-    });
-    (start.elapsed(), dag)
-}
 
 /// Raw dagx where each task reads its key from `db`.
 fn run_raw_gets(rt: &Runtime, db: &sled::Db, ids: &[Arc<str>]) -> (Duration, DagRunner) {
@@ -251,7 +246,7 @@ fn sled_2k(c: &mut Criterion) {
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|_| {
-                    let (elapsed, dag) = run_raw(rt, n);
+                    let (elapsed, dag) = support::run_raw(rt, n);
                     drop(dag);
                     elapsed
                 })
@@ -277,16 +272,7 @@ fn sled_2k(c: &mut Criterion) {
     // costs nothing) with the same keys and 8-byte values.
     let mut populated: Option<(tempfile::TempDir, sled::Db)> = None;
     group.bench_function("raw_dagx_sled_gets", |b| {
-        let (_dir, db) = populated.get_or_insert_with(|| {
-            let dir = temp_dir();
-            let db = raw_sled(dir.path());
-            for (i, id) in ids.iter().enumerate() {
-                db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
-                    .expect("sled insert");
-            }
-            db.flush().expect("sled flush");
-            (dir, db)
-        });
+        let (_dir, db) = populated.get_or_insert_with(|| populated_raw_sled(ids));
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|_| {
@@ -403,13 +389,7 @@ fn interleaved_cached(rounds: usize) {
     let rt = runtime();
     let ids = task_ids();
     let n = ids.len();
-    let raw_dir = temp_dir();
-    let db = raw_sled(raw_dir.path());
-    for (i, id) in ids.iter().enumerate() {
-        db.insert(id.as_bytes(), &(i as u64).to_be_bytes())
-            .expect("sled insert");
-    }
-    db.flush().expect("sled flush");
+    let (raw_dir, db) = populated_raw_sled(&ids);
     let (dir, ctx) = fresh_sled();
     let (_, _, stats) = run_durable(&rt, &ctx, &ids);
     check_fresh(&ctx, stats, n);

@@ -199,15 +199,15 @@ fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
     let mode = args.next_if(|a| a == "--raw" || a == "--memory");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     if mode.is_some() {
         let n = match args.next() {
             Some(n) => n.parse()?,
             None => N,
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
         floor(&rt, mode.as_deref() == Some("--raw"), n);
         return Ok(());
     }
@@ -225,10 +225,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(n) => n.parse()?,
         None => N,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     println!("SledStore scale run: {n} independent trivial tasks, store at {path:?}");
     memory("start");
 

@@ -2,9 +2,9 @@
 //! the estimates criterion wrote in this run, and interleaved timing.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use dagx::Task;
+use dagx::{DagRunner, Task};
 
 /// Where criterion writes its results: `$CRITERION_HOME`, `$CARGO_TARGET_DIR/criterion`, or
 /// the `criterion` directory of the target directory this benchmark was built in.
@@ -214,4 +214,23 @@ pub fn verdict(ratio: f64, target: Option<f64>) -> String {
         Some(t) => format!("target <= {t:.2}: MISSED"),
         None => String::new(),
     }
+}
+
+/// Raw dagx: builds and runs the wide DAG of `n` trivial tasks on `rt`. Returns the time
+/// taken and the runner, to be dropped untimed.
+pub fn run_raw(rt: &tokio::runtime::Runtime, n: usize) -> (Duration, DagRunner) {
+    let start = Instant::now();
+    let dag = rt.block_on(async {
+        let dag = DagRunner::new();
+        for i in 0..n {
+            dag.add_task(Val(i as u64));
+        }
+        dag.run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+        .expect("raw dagx run");
+        dag
+    });
+    (start.elapsed(), dag)
 }
