@@ -6,6 +6,8 @@
 //! The test binary re-executes itself as the child: `child_writer` is an ignored test that
 //! only does work when the parent passes the store directory in an environment variable.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -77,14 +79,10 @@ fn round_of(value: &[u8]) -> Option<u64> {
 #[test]
 #[ignore = "helper: run only as a child process by kill9_at_random_moments_leaves_old_or_new_values"]
 fn child_writer() {
-    let Some(dir) = std::env::var_os(DIR_ENV) else {
-        eprintln!("child_writer: {DIR_ENV} is not set; nothing to do");
+    let Some(dir) = common::child_dir(DIR_ENV, "child_writer") else {
         return;
     };
-    let start: u64 = std::env::var(START_ENV)
-        .expect("child_writer: start round env var")
-        .parse()
-        .expect("child_writer: start round is a number");
+    let start: u64 = common::env_number(START_ENV);
     let store = FileStore::new(&dir).expect("child_writer: open the store");
     let keys = keys();
     let stdout = std::io::stdout();

@@ -13,7 +13,10 @@
 //!
 //! The test binary re-executes itself as the child: `sled_child` is an ignored test that
 //! only does work when the parent passes the store directory in an environment variable.
+
 #![cfg(unix)]
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -382,14 +385,10 @@ fn clean_run() -> (Vec<(String, Kind)>, BTreeMap<String, String>) {
 #[test]
 #[ignore = "helper: run only as a child process by sigkill_during_sled_runs_never_reruns_reported_tasks"]
 fn sled_child() {
-    let Some(dir) = std::env::var_os(DIR_ENV) else {
-        eprintln!("{CHILD_TEST}: {DIR_ENV} is not set; nothing to do");
+    let Some(dir) = common::child_dir(DIR_ENV, CHILD_TEST) else {
         return;
     };
-    let seed: u64 = std::env::var(CHILD_SEED_ENV)
-        .expect("sled_child: child seed env var")
-        .parse()
-        .expect("sled_child: child seed is a number");
+    let seed: u64 = common::env_number(CHILD_SEED_ENV);
     CHILD_SEED.set(seed).expect("sled_child: seed set once");
     let store = open_store(Path::new(&dir), "sled_child");
     let ctx = Arc::new(Context::new(store));

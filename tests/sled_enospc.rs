@@ -98,14 +98,10 @@ fn assert_disk_full(e: &DuraflowError, key: &str) {
 #[test]
 #[ignore = "helper: run only as a child process by the ENOSPC tests"]
 fn enospc_child() {
-    let Some(dir) = std::env::var_os(DIR_ENV) else {
-        eprintln!("{CHILD_TEST}: {DIR_ENV} is not set; nothing to do");
+    let Some(dir) = common::child_dir(DIR_ENV, CHILD_TEST) else {
         return;
     };
-    let size: usize = std::env::var(SIZE_ENV)
-        .expect("enospc_child: size env var")
-        .parse()
-        .expect("enospc_child: size is a number");
+    let size: usize = common::env_number(SIZE_ENV);
     let store = Arc::new(SledStore::open(Path::new(&dir).join("store")).expect("open the store"));
     let ctx = Arc::new(Context {
         db: store.clone(),

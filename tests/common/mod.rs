@@ -160,3 +160,22 @@ pub fn multi_thread_rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The directory a child-process test was handed in the environment variable `var`, or
+/// `None` (saying so) when the test runs on its own, as under `cargo test -- --ignored`:
+/// it then has nothing to do.
+pub fn child_dir(var: &str, who: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os(var).map(std::path::PathBuf::from);
+    if dir.is_none() {
+        eprintln!("{who}: {var} is not set; nothing to do");
+    }
+    dir
+}
+
+/// The number a child-process test was handed in the environment variable `var`. Panics
+/// (failing the child, which its parent reports) when it is missing or not a number.
+pub fn env_number<T: std::str::FromStr>(var: &str) -> T {
+    let text = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
+    text.parse()
+        .unwrap_or_else(|_| panic!("{var} is not a number: {text:?}"))
+}
