@@ -12,6 +12,8 @@
 //! --ignored readme_screenshot` writes the README's screenshot of a report.
 #![cfg(all(unix, feature = "cli"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -266,14 +268,7 @@ fn fixture() -> &'static Path {
         pipeline(SledStore::open(&path).unwrap(), Round::Clean, |_| {});
         pipeline(SledStore::open(&path).unwrap(), Round::Failing, |_| {});
 
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "killed_run_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let mut child = common::child_test("killed_run_child")
             .env(CHILD_ENV, &path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

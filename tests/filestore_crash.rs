@@ -11,7 +11,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use duraflow_rs::{DuraflowError, FileStore, Storage};
 
@@ -145,14 +145,7 @@ fn kill9_at_random_moments_leaves_old_or_new_values() {
         let spin = rng.usize(0..200_000);
 
         let mut child = KillOnDrop(
-            Command::new(&exe)
-                .args([
-                    "--exact",
-                    "child_writer",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+            common::child_test("child_writer")
                 .env(DIR_ENV, &root)
                 .env(START_ENV, start.to_string())
                 .stdin(Stdio::null())

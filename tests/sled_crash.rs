@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Lines, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -497,24 +497,17 @@ impl Observed<'_> {
     }
 }
 
-fn spawn_child(exe: &Path, dir: &Path, child_seed: u64, stderr: &Path, ctx: &str) -> KillOnDrop {
+fn spawn_child(dir: &Path, child_seed: u64, stderr: &Path, ctx: &str) -> KillOnDrop {
     let stderr = File::create(stderr).unwrap_or_else(|e| panic!("{ctx}: create stderr file: {e}"));
     KillOnDrop(
-        Command::new(exe)
-            .args([
-                "--exact",
-                CHILD_TEST,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        common::child_test(CHILD_TEST)
             .env(DIR_ENV, dir)
             .env(CHILD_SEED_ENV, child_seed.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("{ctx}: spawn the child {exe:?}: {e}")),
+            .unwrap_or_else(|e| panic!("{ctx}: spawn the child: {e}")),
     )
 }
 
@@ -627,7 +620,6 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let began = Instant::now();
     let (ids, clean) = clean_run();
-    let exe = std::env::current_exe().expect("path of the test binary");
     let tmp = tempfile::tempdir().expect("create a temp dir");
     let dir = tmp.path().join("store.sled");
     let stderr_path = tmp.path().join("child.stderr");
@@ -657,7 +649,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
         let spin = rng.usize(0..200_000);
         let child_seed = rng.u64(..);
 
-        let mut child = spawn_child(&exe, &dir, child_seed, &stderr_path, &ctx);
+        let mut child = spawn_child(&dir, child_seed, &stderr_path, &ctx);
         let child = &mut child.0;
         let stdout = child.stdout.take().expect("child stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
@@ -844,7 +836,7 @@ fn sigkill_during_sled_runs_never_reruns_reported_tasks() {
 
     // A last child, not killed, completes the run.
     let ctx = format!("seed {seed} (set {SEED_ENV} to replay), final run");
-    let mut child = spawn_child(&exe, &dir, rng.u64(..), &stderr_path, &ctx);
+    let mut child = spawn_child(&dir, rng.u64(..), &stderr_path, &ctx);
     let child = &mut child.0;
     let stdout = child.stdout.take().expect("child stdout is piped");
     let mut lines = BufReader::new(stdout).lines();

@@ -255,14 +255,7 @@ impl Drop for Mount {
 /// Runs the child over the store in `dir` writing outputs of `size` bytes; returns its
 /// reports. Fails the test if the child fails or outlives [`WATCHDOG`].
 fn run_child(dir: &Path, size: usize) -> Vec<String> {
-    let child = Command::new(std::env::current_exe().expect("test binary path"))
-        .args([
-            "--exact",
-            CHILD_TEST,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let child = common::child_test(CHILD_TEST)
         .env(DIR_ENV, dir)
         .env(SIZE_ENV, size.to_string())
         .stdout(Stdio::piped())

@@ -294,14 +294,7 @@ fn a_store_open_in_another_process_is_store_locked() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sled_lock_holder",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = common::child_test("sled_lock_holder")
         .env(HOLDER_VAR, &path)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

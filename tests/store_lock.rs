@@ -1,8 +1,10 @@
 //! Promise: one writer per FileStore root. A second opener, in this process or another,
 //! gets `StoreLocked`; a bad root is an `Io` error naming the path.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use duraflow_rs::{DuraflowError, FileStore};
 
@@ -47,14 +49,7 @@ fn lock_holder() {
 fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lock_holder",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = common::child_test("lock_holder")
         .env(ROOT_VAR, dir.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

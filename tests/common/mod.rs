@@ -179,3 +179,18 @@ pub fn env_number<T: std::str::FromStr>(var: &str) -> T {
     text.parse()
         .unwrap_or_else(|_| panic!("{var} is not a number: {text:?}"))
 }
+
+/// A command that runs `test`, an ignored test of this same test binary, as a child
+/// process: alone, with its output not captured (the parent reads it).
+pub fn child_test(test: &str) -> std::process::Command {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let mut command = std::process::Command::new(exe);
+    command.args([
+        "--exact",
+        test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    command
+}
