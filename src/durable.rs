@@ -250,7 +250,7 @@ where
         if let Some(pending) = pending {
             let stored = run.read_stored(id, pending).await;
             if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
-                run.end_attempt(id, &attempt, AttemptOutcome::Cached, Some(size));
+                run.cached_attempt(id, &attempt, size);
                 let done = Step::Final(Outcome::Done(K::from_stored(stored)));
                 return end(run, id, span, Ending::Cached, done);
             }

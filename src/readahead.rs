@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 
 use futures::channel::oneshot;
 
-use crate::offload::submit;
+use crate::offload::{off_executor, submit, Offloaded};
 use crate::{DuraflowError, Storage};
 
 /// What a read of one key gives.
@@ -98,7 +98,8 @@ impl ReadAhead {
     /// Starts reading every queued key from `db` on the I/O pool; does nothing after the
     /// first call. Keys enqueued later are not queued: their tasks read for themselves.
     pub(crate) fn start(&self, db: &Arc<dyn Storage + Send + Sync>) {
-        if self.started.swap(true, Ordering::SeqCst) {
+        // Every task of the run calls this: a load, not a write, once it has started.
+        if self.started.load(Ordering::SeqCst) || self.started.swap(true, Ordering::SeqCst) {
             return;
         }
         let queued =
@@ -118,10 +119,83 @@ impl ReadAhead {
         }
     }
 
+    /// The read of `id` from `db` for the task that got `pending` from
+    /// [`enqueue`](Self::enqueue): the read-ahead's, or the task's own when the read-ahead
+    /// has none for it.
+    pub(crate) fn read<'a>(
+        &'a self,
+        db: &'a Arc<dyn Storage + Send + Sync>,
+        id: &'a str,
+        pending: Pending,
+    ) -> Read<'a> {
+        match pending {
+            Pending::Queued(rx) => Read::Ahead {
+                rx,
+                readahead: self,
+                db,
+                id,
+            },
+            Pending::Own => Read::own(db, id),
+        }
+    }
+
     /// Accounts for a task having taken a read of `bytes` bytes.
-    pub(crate) fn taken(&self, bytes: usize) {
+    fn taken(&self, bytes: usize) {
         self.ahead.bytes.fetch_sub(bytes, Ordering::SeqCst);
         self.ahead.reads.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A task's read of its stored output. A plain future (no box, no copy of the id): every
+/// task of a cached re-run awaits one.
+pub(crate) enum Read<'a> {
+    /// Waiting for the read-ahead; if it has no read for the task, the task reads itself.
+    Ahead {
+        rx: oneshot::Receiver<ReadResult>,
+        readahead: &'a ReadAhead,
+        db: &'a Arc<dyn Storage + Send + Sync>,
+        id: &'a str,
+    },
+    /// The task's own read.
+    Own(Offloaded<'static, Option<Vec<u8>>>),
+}
+
+impl Read<'_> {
+    /// The task's own read of `id` from `db`, off the executor.
+    pub(crate) fn own(db: &Arc<dyn Storage + Send + Sync>, id: &str) -> Self {
+        Read::Own(off_executor(db, id, |db, key| db.read(key)))
+    }
+}
+
+impl Future for Read<'_> {
+    type Output = ReadResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ReadResult> {
+        loop {
+            match &mut *self {
+                Read::Ahead {
+                    rx,
+                    readahead,
+                    db,
+                    id,
+                } => match Pin::new(rx).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(read)) => {
+                        readahead.taken(match &read {
+                            Ok(Some(bytes)) => bytes.len(),
+                            _ => 0,
+                        });
+                        return Poll::Ready(read);
+                    }
+                    // Not read ahead: read it now.
+                    Poll::Ready(Err(oneshot::Canceled)) => {
+                        let own = Read::own(db, id);
+                        *self = own;
+                    }
+                },
+                Read::Own(own) => return Pin::new(own).poll(cx),
+            }
+        }
     }
 }
 

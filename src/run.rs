@@ -10,8 +10,7 @@ use serde::Serialize;
 
 use crate::codec;
 use crate::offload::{off_executor, Offloaded};
-use crate::readahead::{Pending, ReadAhead};
-use crate::record::now_ms;
+use crate::readahead::{Pending, Read, ReadAhead};
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
 };
@@ -73,7 +72,8 @@ pub(crate) struct RunState {
     failed: AtomicUsize,
     /// The run's id in the store's run log, if the store keeps one.
     record: Option<RunId>,
-    started_ms: u64,
+    /// When the run started; attempts are timed against it (see [`Clock`]).
+    clock: Clock,
     /// Set by the task that finds every task of the run final and closes the record.
     closed: AtomicBool,
     /// Tasks claimed in this run: the run is over when this many have ended.
@@ -100,9 +100,9 @@ const CACHED_ONE: u64 = 1 << 32;
 
 impl RunState {
     pub(crate) fn new(ctx: Arc<Context>, progress: Option<ProgressFn>) -> RunState {
-        let started_ms = now_ms();
+        let clock = Clock::now();
         let record = ctx.db.run_log().and_then(|log| {
-            log.begin_run(started_ms)
+            log.begin_run(clock.ms(clock.base))
                 .map_err(|error| tracing::warn!(%error, "run not recorded"))
                 .ok()
         });
@@ -133,7 +133,7 @@ impl RunState {
         });
         RunState {
             record,
-            started_ms,
+            clock,
             closed: AtomicBool::new(false),
             total: AtomicUsize::new(0),
             readahead: (ctx.db.may_block() && ctx.db.read_ahead()).then(ReadAhead::new),
@@ -181,30 +181,13 @@ impl RunState {
     /// Reads what the store holds under `id`, off the executor: from the run's read-ahead
     /// when the task has a `pending` read there (starting the read-ahead if this is the
     /// run's first task), otherwise with a read of its own.
-    pub(crate) fn read_stored(
-        &self,
-        id: &str,
-        pending: Option<Pending>,
-    ) -> Offloaded<'_, Option<Vec<u8>>> {
+    pub(crate) fn read_stored<'a>(&'a self, id: &'a str, pending: Option<Pending>) -> Read<'a> {
         match (&self.readahead, pending) {
             (Some(readahead), Some(pending)) => {
                 readahead.start(&self.ctx.db);
-                let id = id.to_owned();
-                Offloaded::Later(Box::pin(async move {
-                    match pending.await {
-                        Ok(read) => {
-                            readahead.taken(match &read {
-                                Ok(Some(bytes)) => bytes.len(),
-                                _ => 0,
-                            });
-                            read
-                        }
-                        // Not read ahead: read it now.
-                        Err(_) => off_executor(&self.ctx.db, &id, |db, k| db.read(k)).await,
-                    }
-                }))
+                readahead.read(&self.ctx.db, id, pending)
             }
-            _ => off_executor(&self.ctx.db, id, |db, key| db.read(key)),
+            _ => Read::own(&self.ctx.db, id),
         }
     }
 
@@ -218,7 +201,6 @@ impl RunState {
             start: self.log().map(|(_, run)| AttemptStart {
                 run,
                 attempt,
-                started_ms: now_ms(),
                 started: Instant::now(),
             }),
         }
@@ -228,7 +210,7 @@ impl RunState {
     /// crash from here on leaves it `Interrupted`. (A cached task never runs and is
     /// recorded once.)
     pub(crate) fn mark_running(&self, id: &str, attempt: &Attempt) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.running(id)) {
+        if let (Some((log, _)), Some(record)) = (self.log(), attempt.running(&self.clock, id)) {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
@@ -244,10 +226,32 @@ impl RunState {
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.ended(id, outcome, size)) {
+        if let (Some((log, _)), Some(record)) =
+            (self.log(), attempt.ended(&self.clock, id, outcome, size))
+        {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
+        }
+    }
+
+    /// Records the attempt at task `id` as `Cached`: its stored output of `size` bytes is
+    /// the task's output.
+    pub(crate) fn cached_attempt(&self, id: &Arc<str>, attempt: &Attempt, size: usize) {
+        let (Some((log, run)), Some(start)) = (self.log(), attempt.start.as_ref()) else {
+            return;
+        };
+        let now = Instant::now();
+        let recorded = log.record_cached(
+            run,
+            id,
+            self.clock.ms(start.started),
+            self.clock.ms(now),
+            now.saturating_duration_since(start.started).as_micros() as u64,
+            size as u64,
+        );
+        if let Err(error) = recorded {
+            tracing::warn!(key = &**id, %error, "attempt not recorded");
         }
     }
 
@@ -269,7 +273,7 @@ impl RunState {
         let size = bytes.len();
         match (
             self.log(),
-            attempt.ended(id, AttemptOutcome::Succeeded, Some(size)),
+            attempt.ended(&self.clock, id, AttemptOutcome::Succeeded, Some(size)),
         ) {
             (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
                 Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
@@ -359,8 +363,8 @@ impl RunState {
         };
         let record = RunRecord {
             id,
-            started_ms: self.started_ms,
-            finished_ms: Some(now_ms()),
+            started_ms: self.clock.ms(self.clock.base),
+            finished_ms: Some(self.clock.ms(Instant::now())),
             status: if stats.failed == 0 {
                 RunStatus::Succeeded
             } else {
@@ -424,19 +428,18 @@ pub(crate) struct Attempt {
 struct AttemptStart {
     run: RunId,
     attempt: u32,
-    started_ms: u64,
     started: Instant,
 }
 
 impl Attempt {
     /// The record of this attempt at task `key`, running (`None` without a run log).
-    fn running(&self, key: &str) -> Option<AttemptRecord> {
+    fn running(&self, clock: &Clock, key: &str) -> Option<AttemptRecord> {
         let start = self.start.as_ref()?;
         Some(AttemptRecord {
             run: start.run,
             key: key.to_owned(),
             attempt: start.attempt,
-            started_ms: start.started_ms,
+            started_ms: clock.ms(start.started),
             finished_ms: None,
             outcome: AttemptOutcome::Running,
             duration_us: None,
@@ -448,17 +451,47 @@ impl Attempt {
     /// run log).
     fn ended(
         &self,
+        clock: &Clock,
         key: &str,
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) -> Option<AttemptRecord> {
-        let elapsed = self.start.as_ref()?.started.elapsed();
-        let mut record = self.running(key)?;
-        record.finished_ms = Some(now_ms());
+        let now = Instant::now();
+        let mut record = self.running(clock, key)?;
+        let started = self.start.as_ref()?.started;
+        record.finished_ms = Some(clock.ms(now));
         record.outcome = outcome;
-        record.duration_us = Some(elapsed.as_micros() as u64);
+        record.duration_us = Some(now.saturating_duration_since(started).as_micros() as u64);
         record.output_size = size.map(|s| s as u64);
         Some(record)
+    }
+}
+
+/// A run's time line: the wall-clock time of the run's start, and the monotonic instant it
+/// corresponds to. An attempt's times are that start plus monotonic time elapsed, so a task
+/// reads the clock once when it starts and once when it ends, and the times in a run's
+/// records never go backwards, even if the system clock is set back during the run.
+pub(crate) struct Clock {
+    base: Instant,
+    /// Microseconds since the Unix epoch at `base` (0 if the system clock is before it).
+    base_us: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            base: Instant::now(),
+            base_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// `at`, in milliseconds since the Unix epoch.
+    fn ms(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.base).as_micros() as u64;
+        self.base_us.saturating_add(since) / 1000
     }
 }
 

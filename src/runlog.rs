@@ -2,11 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use futures::channel::oneshot;
 
-use crate::record::{AttemptRecord, RunId, RunRecord};
+use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord};
 use crate::DuraflowError;
 
 /// A store that records runs and attempts, and commits a task's output together with its
@@ -27,6 +28,37 @@ pub trait RunLog: Send + Sync {
     /// # Errors
     /// Any backend error.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError>;
+
+    /// Stores the `Cached` attempt of task `key` in run `run`: attempt 1 (a task's stored
+    /// output is looked up on its first attempt only), with the times, duration and size
+    /// given. Same promise as [`record`](RunLog::record).
+    ///
+    /// A cached re-run records one of these per task, so the task id comes as the `Arc` the
+    /// run already holds: a store that keeps records in memory for a while can keep it
+    /// without copying the id. The default builds the [`AttemptRecord`] and calls `record`.
+    ///
+    /// # Errors
+    /// As [`record`](RunLog::record).
+    fn record_cached(
+        &self,
+        run: RunId,
+        key: &Arc<str>,
+        started_ms: u64,
+        finished_ms: u64,
+        duration_us: u64,
+        output_size: u64,
+    ) -> Result<(), DuraflowError> {
+        self.record(AttemptRecord {
+            run,
+            key: key.to_string(),
+            attempt: 1,
+            started_ms,
+            finished_ms: Some(finished_ms),
+            outcome: AttemptOutcome::Cached,
+            duration_us: Some(duration_us),
+            output_size: Some(output_size),
+        })
+    }
 
     /// Stores `value` under `key` and `attempt` in one atomic step: neither exists without
     /// the other after a crash. The ticket resolves when both are as durable as the store
@@ -98,5 +130,58 @@ impl Future for Ticket {
                 })
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A run log that keeps what it is given.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<AttemptRecord>>);
+
+    impl RunLog for Kept {
+        fn begin_run(&self, _started_ms: u64) -> Result<RunId, DuraflowError> {
+            Ok(1)
+        }
+        fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError> {
+            self.0.lock().unwrap().push(attempt);
+            Ok(())
+        }
+        fn commit(
+            &self,
+            _key: &str,
+            _value: Vec<u8>,
+            _attempt: AttemptRecord,
+        ) -> Result<Ticket, DuraflowError> {
+            Ok(Ticket::ready(Ok(())))
+        }
+        fn finish_run(&self, _run: RunRecord) -> Result<Ticket, DuraflowError> {
+            Ok(Ticket::ready(Ok(())))
+        }
+    }
+
+    #[test]
+    fn a_cached_attempt_reaches_a_log_without_its_own_way_as_a_cached_record() {
+        let log = Kept::default();
+        log.record_cached(7, &Arc::from("t/1"), 10, 12, 1_500, 9)
+            .unwrap();
+        let kept = log.0.into_inner().unwrap();
+        assert_eq!(
+            kept,
+            [AttemptRecord {
+                run: 7,
+                key: "t/1".to_owned(),
+                attempt: 1,
+                started_ms: 10,
+                finished_ms: Some(12),
+                outcome: AttemptOutcome::Cached,
+                duration_us: Some(1_500),
+                output_size: Some(9),
+            }]
+        );
     }
 }

@@ -81,6 +81,33 @@ fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
     ka.cmp(kb).then(a.attempt.cmp(&b.attempt))
 }
 
+/// A `Cached` attempt waiting to be stored in a [`CachedBatch`]: an [`AttemptRecord`]
+/// without its outcome, holding the task id the run shares rather than a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct CachedAttempt {
+    pub(super) run: RunId,
+    pub(super) key: std::sync::Arc<str>,
+    pub(super) attempt: u32,
+    pub(super) started_ms: u64,
+    pub(super) finished_ms: Option<u64>,
+    pub(super) duration_us: Option<u64>,
+    pub(super) output_size: Option<u64>,
+}
+
+impl From<&AttemptRecord> for CachedAttempt {
+    fn from(record: &AttemptRecord) -> CachedAttempt {
+        CachedAttempt {
+            run: record.run,
+            key: record.key.as_str().into(),
+            attempt: record.attempt,
+            started_ms: record.started_ms,
+            finished_ms: record.finished_ms,
+            duration_us: record.duration_us,
+            output_size: record.output_size,
+        }
+    }
+}
+
 /// Many `Cached` attempts of one run, stored as one value: an [`AttemptRecord`] without
 /// the fields they share, by column (entry `i` of every column is attempt `i`), so that
 /// field names are written once per batch rather than once per attempt.
@@ -104,10 +131,10 @@ pub(super) struct CachedBatch<K> {
 
 impl<'a> CachedBatch<&'a str> {
     /// The batch of `records`, which are `Cached` attempts of `run`.
-    pub(super) fn of(run: RunId, records: &'a [AttemptRecord]) -> Self {
+    pub(super) fn of(run: RunId, records: &'a [CachedAttempt]) -> Self {
         CachedBatch {
             run,
-            keys: records.iter().map(|r| r.key.as_str()).collect(),
+            keys: records.iter().map(|r| &*r.key).collect(),
             attempt: records.iter().map(|r| r.attempt).collect(),
             started_ms: records.iter().map(|r| r.started_ms).collect(),
             finished_ms: records.iter().map(|r| r.finished_ms).collect(),
@@ -445,7 +472,8 @@ mod tests {
             output_size: Some(9),
         };
         let records = [record.clone(), record.clone()];
-        let bytes = rmp_serde::to_vec_named(&CachedBatch::of(7, &records)).unwrap();
+        let cached: Vec<CachedAttempt> = records.iter().map(CachedAttempt::from).collect();
+        let bytes = rmp_serde::to_vec_named(&CachedBatch::of(7, &cached)).unwrap();
         // A map (named encoding), not an array.
         assert_eq!(bytes[0] & 0xf0, 0x80, "{bytes:x?}");
         let back = decode_batch(Path::new("x"), &bytes).unwrap();
@@ -484,7 +512,8 @@ mod tests {
         };
         // Column lengths around every array-marker boundary.
         for len in [0, 1, 15, 16, 17, 40, 256, 65_535, 65_536] {
-            let records: Vec<AttemptRecord> = (0..len).map(record).collect();
+            let records: Vec<CachedAttempt> =
+                (0..len).map(|i| CachedAttempt::from(&record(i))).collect();
             for run in [0, 127, 128, 70_000, u64::MAX] {
                 let batch = CachedBatch::of(run, &records);
                 let expected = rmp_serde::to_vec_named(&batch).unwrap();

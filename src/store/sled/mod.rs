@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use self::layout::{
     attempt_key, decode_record, encode_attempt, encode_record, key_attempts, run_attempts,
-    OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
+    CachedAttempt, OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
 };
 use self::writer::{Commit, Failure, Msg, Record, Reply, Shared, Tree, Writer};
 use crate::record::{now_ms, AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
@@ -304,6 +304,14 @@ impl SledStore {
     }
 
     /// Hands a message that is answered to the writer; the ticket resolves with the answer.
+    /// Keeps a `Cached` attempt for the writer's next batch, nudging it when needed.
+    fn keep_cached(&self, attempt: CachedAttempt) -> Result<(), DuraflowError> {
+        if self.shared.cached.push(attempt) {
+            self.send(Msg::CachedKept)?;
+        }
+        Ok(())
+    }
+
     fn send_acked(
         &self,
         msg: impl FnOnce(Reply) -> Msg,
@@ -549,12 +557,33 @@ impl RunLog for SledStore {
             if self.writer.is_none() {
                 return self.send(Msg::CachedKept); // the error
             }
-            if self.shared.cached.push(attempt) {
-                self.send(Msg::CachedKept)?;
-            }
-            return Ok(());
+            return self.keep_cached(CachedAttempt::from(&attempt));
         }
         self.send(Msg::Record(attempt_record(&attempt)?))
+    }
+
+    /// Like a `Cached` [`record`](RunLog::record), keeping the run's shared id.
+    fn record_cached(
+        &self,
+        run: RunId,
+        key: &Arc<str>,
+        started_ms: u64,
+        finished_ms: u64,
+        duration_us: u64,
+        output_size: u64,
+    ) -> Result<(), DuraflowError> {
+        if self.writer.is_none() {
+            return self.send(Msg::CachedKept); // the error
+        }
+        self.keep_cached(CachedAttempt {
+            run,
+            key: Arc::clone(key),
+            attempt: 1,
+            started_ms,
+            finished_ms: Some(finished_ms),
+            duration_us: Some(duration_us),
+            output_size: Some(output_size),
+        })
     }
 
     fn commit(

@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::layout::{batch_key, encode_attempt, CachedBatch, Trees};
+use super::layout::{batch_key, encode_attempt, CachedAttempt, CachedBatch, Trees};
 use crate::record::{AttemptRecord, RunId};
 use crate::runlog::TicketSender;
 use crate::DuraflowError;
@@ -159,13 +159,17 @@ impl Failure {
 /// `Cached` attempt records not stored yet, in arrival order; shared by the store, which
 /// adds to it, and its writer, which takes them.
 #[derive(Default)]
-pub(super) struct CachedRecords(Mutex<Vec<AttemptRecord>>);
+pub(super) struct CachedRecords(Mutex<Vec<CachedAttempt>>);
 
 impl CachedRecords {
     /// Adds `record`; returns whether the writer needs a nudge ([`Msg::CachedKept`]): the
     /// buffer was empty, or holds a multiple of [`FULL`] records now.
-    pub(super) fn push(&self, record: AttemptRecord) -> bool {
+    pub(super) fn push(&self, record: CachedAttempt) -> bool {
         let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.capacity() == 0 {
+            // Room for a full buffer at once: no reallocation while the lock is held.
+            kept.reserve(FULL);
+        }
         kept.push(record);
         kept.len() == 1 || kept.len().is_multiple_of(FULL)
     }
@@ -174,7 +178,7 @@ impl CachedRecords {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    fn take(&self) -> Vec<AttemptRecord> {
+    fn take(&self) -> Vec<CachedAttempt> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
