@@ -1,7 +1,7 @@
 //! [`FileStore`]: one directory per key, atomic and durable writes, one writer per root.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -199,7 +199,7 @@ impl FileStore {
     }
 
     fn read_record(&self, key: &str, path: &Path) -> Result<Option<Vec<u8>>, DuraflowError> {
-        let bytes = match fs::read(path) {
+        let bytes = match read_file(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DuraflowError::io(path, e)),
@@ -300,7 +300,7 @@ impl Storage for FileStore {
                     }
                 }
             } else if name.starts_with("h-") {
-                match fs::read(&path) {
+                match read_file(&path) {
                     Ok(bytes) => match parse_record(&bytes) {
                         Ok((key, _)) => key.to_owned(),
                         Err(reason) => {
@@ -333,6 +333,39 @@ impl Storage for FileStore {
     fn read_ahead(&self) -> bool {
         true
     }
+}
+
+/// The first read of a value file asks for this many bytes: most records are smaller.
+const READ_GUESS: usize = 512;
+
+/// The whole content of the file at `path`. Unlike `fs::read`, which asks the file's size
+/// first (a `statx` per read), this reads into a buffer of [`READ_GUESS`] bytes and asks
+/// for the size only when the file fills it: a cached re-run reads one small value file
+/// per task, and the system call saved is a fifth of the read's.
+fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    // Not `read_to_end`: `File`'s asks for the size too.
+    let mut file = File::open(path)?;
+    let mut bytes = vec![0; READ_GUESS];
+    let mut len = 0;
+    loop {
+        if len == bytes.len() {
+            // A large file: room for all of it (and the read that finds its end) at once.
+            let size = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            let want = size.max(len * 2).saturating_add(1);
+            bytes
+                .try_reserve_exact(want - len)
+                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            bytes.resize(want, 0);
+        }
+        match file.read(&mut bytes[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(len);
+    Ok(bytes)
 }
 
 /// The directory name of `key` (see [`FileStore`]'s layout).
@@ -425,6 +458,27 @@ fn sync_dir(dir: &Path) -> Result<(), DuraflowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_read_whole_whatever_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for size in [
+            0,
+            1,
+            READ_GUESS - 1,
+            READ_GUESS,
+            READ_GUESS + 1,
+            3 * READ_GUESS,
+            70_001,
+        ] {
+            let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            fs::write(&path, &content).unwrap();
+            assert!(read_file(&path).unwrap() == content, "{size} bytes");
+        }
+        let missing = read_file(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn names_are_injective_safe_and_reversible() {
