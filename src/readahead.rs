@@ -54,14 +54,14 @@ type Queued = (Arc<str>, oneshot::Sender<ReadResult>);
 const MAX_AHEAD_BYTES: usize = 32 << 20;
 /// Reads done ahead and not yet taken, above which reading ahead stops: each holds a
 /// channel and a buffer, and a run of 100k tasks must not hold them all at once.
-const MAX_AHEAD_READS: usize = 4096;
+const MAX_AHEAD_READS: usize = 8192;
 /// Keys per pool job: enough to amortise the hand-over, few enough to spread over threads.
 const CHUNK: usize = 32;
 /// Keys queued per run, above which tasks read for themselves: a wide run of 100k tasks
 /// would otherwise hold a channel per task from the moment it is added, tens of MiB, while
 /// read-ahead pays off in the first few thousand (reads held are bounded by
 /// [`MAX_AHEAD_READS`] anyway).
-const MAX_QUEUED: usize = 8192;
+const MAX_QUEUED: usize = 16384;
 
 /// The read-ahead state of one run.
 pub(crate) struct ReadAhead {
