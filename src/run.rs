@@ -191,14 +191,11 @@ impl RunState {
         }
     }
 
-    fn log(&self) -> Option<(&dyn RunLog, RunId)> {
-        Some((self.ctx.db.run_log()?, self.record?))
-    }
-
     /// Starts an attempt at task `id` (recorded only when it ends or starts running).
     pub(crate) fn start_attempt(&self, attempt: u32) -> Attempt {
         Attempt {
-            start: self.log().map(|(_, run)| AttemptStart {
+            // `record` is set only for a store with a run log.
+            start: self.record.map(|run| AttemptStart {
                 run,
                 attempt,
                 started: Instant::now(),
@@ -206,11 +203,21 @@ impl RunState {
         }
     }
 
+    /// The run log `attempt` is to be recorded in: `None` at once, without asking the store,
+    /// for an attempt of a run without one.
+    fn log_of(&self, attempt: &Attempt) -> Option<&dyn RunLog> {
+        attempt.start.as_ref()?;
+        self.ctx.db.run_log()
+    }
+
     /// Records the attempt at task `id` as `Running`: the inner task is about to run, and a
     /// crash from here on leaves it `Interrupted`. (A cached task never runs and is
     /// recorded once.)
     pub(crate) fn mark_running(&self, id: &str, attempt: &Attempt) {
-        if let (Some((log, _)), Some(record)) = (self.log(), attempt.running(&self.clock, id)) {
+        let Some(log) = self.log_of(attempt) else {
+            return;
+        };
+        if let Some(record) = attempt.running(&self.clock, id) {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
@@ -226,9 +233,10 @@ impl RunState {
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) {
-        if let (Some((log, _)), Some(record)) =
-            (self.log(), attempt.ended(&self.clock, id, outcome, size))
-        {
+        let Some(log) = self.log_of(attempt) else {
+            return;
+        };
+        if let Some(record) = attempt.ended(&self.clock, id, outcome, size) {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
@@ -238,12 +246,12 @@ impl RunState {
     /// Records the attempt at task `id` as `Cached`: its stored output of `size` bytes is
     /// the task's output.
     pub(crate) fn cached_attempt(&self, id: &Arc<str>, attempt: &Attempt, size: usize) {
-        let (Some((log, run)), Some(start)) = (self.log(), attempt.start.as_ref()) else {
+        let (Some(log), Some(start)) = (self.log_of(attempt), attempt.start.as_ref()) else {
             return;
         };
         let now = Instant::now();
         let recorded = log.record_cached(
-            run,
+            start.run,
             id,
             self.clock.ms(start.started),
             self.clock.ms(now),
@@ -271,15 +279,16 @@ impl RunState {
             Err(e) => return Offloaded::now(Err(e)),
         };
         let size = bytes.len();
-        match (
-            self.log(),
-            attempt.ended(&self.clock, id, AttemptOutcome::Succeeded, Some(size)),
-        ) {
-            (Some((log, _)), Some(record)) => match log.commit(id, bytes, record) {
+        let logged = self.log_of(attempt).and_then(|log| {
+            let record = attempt.ended(&self.clock, id, AttemptOutcome::Succeeded, Some(size));
+            Some((log, record?))
+        });
+        match logged {
+            Some((log, record)) => match log.commit(id, bytes, record) {
                 Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
                 Err(e) => Offloaded::now(Err(e)),
             },
-            _ => {
+            None => {
                 let key = Arc::clone(id);
                 off_executor(&self.ctx.db, id, move |db, _| db.write_shared(&key, bytes))
             }
@@ -456,9 +465,9 @@ impl Attempt {
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) -> Option<AttemptRecord> {
+        let started = self.start.as_ref()?.started;
         let now = Instant::now();
         let mut record = self.running(clock, key)?;
-        let started = self.start.as_ref()?.started;
         record.finished_ms = Some(clock.ms(now));
         record.outcome = outcome;
         record.duration_us = Some(now.saturating_duration_since(started).as_micros() as u64);
