@@ -78,7 +78,10 @@ pub struct AttemptRecord {
     pub attempt: u32,
     /// When it started, in milliseconds since the Unix epoch.
     pub started_ms: u64,
-    /// When it ended, in milliseconds since the Unix epoch.
+    /// When it ended, in milliseconds since the Unix epoch: `started_ms` plus the attempt's
+    /// duration, measured on the monotonic clock (so a system clock set back during the
+    /// attempt does not make it end before it started); for an attempt found `Interrupted`,
+    /// when it was found.
     #[serde(default)]
     pub finished_ms: Option<u64>,
     /// How it ended.

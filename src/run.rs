@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::codec;
 use crate::offload::{off_executor, Offloaded};
 use crate::readahead::{Pending, Read, ReadAhead};
+use crate::record::now_ms;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
 };
@@ -72,8 +73,7 @@ pub(crate) struct RunState {
     failed: AtomicUsize,
     /// The run's id in the store's run log, if the store keeps one.
     record: Option<RunId>,
-    /// When the run started; attempts are timed against it (see [`Clock`]).
-    clock: Clock,
+    started_ms: u64,
     /// Set by the task that finds every task of the run final and closes the record.
     closed: AtomicBool,
     /// Tasks claimed in this run: the run is over when this many have ended.
@@ -100,9 +100,9 @@ const CACHED_ONE: u64 = 1 << 32;
 
 impl RunState {
     pub(crate) fn new(ctx: Arc<Context>, progress: Option<ProgressFn>) -> RunState {
-        let clock = Clock::now();
+        let started_ms = now_ms();
         let record = ctx.db.run_log().and_then(|log| {
-            log.begin_run(clock.ms(clock.base))
+            log.begin_run(started_ms)
                 .map_err(|error| tracing::warn!(%error, "run not recorded"))
                 .ok()
         });
@@ -133,7 +133,7 @@ impl RunState {
         });
         RunState {
             record,
-            clock,
+            started_ms,
             closed: AtomicBool::new(false),
             total: AtomicUsize::new(0),
             readahead: (ctx.db.may_block() && ctx.db.read_ahead()).then(ReadAhead::new),
@@ -198,6 +198,7 @@ impl RunState {
             start: self.record.map(|run| AttemptStart {
                 run,
                 attempt,
+                started_ms: now_ms(),
                 started: Instant::now(),
             }),
         }
@@ -217,7 +218,7 @@ impl RunState {
         let Some(log) = self.log_of(attempt) else {
             return;
         };
-        if let Some(record) = attempt.running(&self.clock, id) {
+        if let Some(record) = attempt.running(id) {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
@@ -236,7 +237,7 @@ impl RunState {
         let Some(log) = self.log_of(attempt) else {
             return;
         };
-        if let Some(record) = attempt.ended(&self.clock, id, outcome, size) {
+        if let Some(record) = attempt.ended(id, outcome, size) {
             if let Err(error) = log.record(record) {
                 tracing::warn!(key = id, %error, "attempt not recorded");
             }
@@ -244,22 +245,17 @@ impl RunState {
     }
 
     /// Records the attempt at task `id` as `Cached`: its stored output of `size` bytes is
-    /// the task's output.
+    /// the task's output. The id goes to the log as the run's shared `Arc`
+    /// ([`RunLog::record_shared`]): a cached re-run records one of these per task.
     pub(crate) fn cached_attempt(&self, id: &Arc<str>, attempt: &Attempt, size: usize) {
-        let (Some(log), Some(start)) = (self.log_of(attempt), attempt.start.as_ref()) else {
+        let Some(log) = self.log_of(attempt) else {
             return;
         };
-        let now = Instant::now();
-        let recorded = log.record_cached(
-            start.run,
-            id,
-            self.clock.ms(start.started),
-            self.clock.ms(now),
-            now.saturating_duration_since(start.started).as_micros() as u64,
-            size as u64,
-        );
-        if let Err(error) = recorded {
-            tracing::warn!(key = &**id, %error, "attempt not recorded");
+        // The key is left empty (no allocation): `record_shared` takes it from `id`.
+        if let Some(record) = attempt.ended("", AttemptOutcome::Cached, Some(size)) {
+            if let Err(error) = log.record_shared(id, record) {
+                tracing::warn!(key = &**id, %error, "attempt not recorded");
+            }
         }
     }
 
@@ -280,7 +276,7 @@ impl RunState {
         };
         let size = bytes.len();
         let logged = self.log_of(attempt).and_then(|log| {
-            let record = attempt.ended(&self.clock, id, AttemptOutcome::Succeeded, Some(size));
+            let record = attempt.ended(id, AttemptOutcome::Succeeded, Some(size));
             Some((log, record?))
         });
         match logged {
@@ -372,8 +368,8 @@ impl RunState {
         };
         let record = RunRecord {
             id,
-            started_ms: self.clock.ms(self.clock.base),
-            finished_ms: Some(self.clock.ms(Instant::now())),
+            started_ms: self.started_ms,
+            finished_ms: Some(now_ms()),
             status: if stats.failed == 0 {
                 RunStatus::Succeeded
             } else {
@@ -437,18 +433,19 @@ pub(crate) struct Attempt {
 struct AttemptStart {
     run: RunId,
     attempt: u32,
+    started_ms: u64,
     started: Instant,
 }
 
 impl Attempt {
     /// The record of this attempt at task `key`, running (`None` without a run log).
-    fn running(&self, clock: &Clock, key: &str) -> Option<AttemptRecord> {
+    fn running(&self, key: &str) -> Option<AttemptRecord> {
         let start = self.start.as_ref()?;
         Some(AttemptRecord {
             run: start.run,
             key: key.to_owned(),
             attempt: start.attempt,
-            started_ms: clock.ms(start.started),
+            started_ms: start.started_ms,
             finished_ms: None,
             outcome: AttemptOutcome::Running,
             duration_us: None,
@@ -457,50 +454,21 @@ impl Attempt {
     }
 
     /// The record of this attempt at task `key` ending now with `outcome` (`None` without a
-    /// run log).
+    /// run log). Its end is its start plus its duration on the monotonic clock: one clock
+    /// read, not two, in every task's end.
     fn ended(
         &self,
-        clock: &Clock,
         key: &str,
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) -> Option<AttemptRecord> {
-        let started = self.start.as_ref()?.started;
-        let now = Instant::now();
-        let mut record = self.running(clock, key)?;
-        record.finished_ms = Some(clock.ms(now));
+        let elapsed = self.start.as_ref()?.started.elapsed();
+        let mut record = self.running(key)?;
+        record.finished_ms = Some(record.started_ms.saturating_add(elapsed.as_millis() as u64));
         record.outcome = outcome;
-        record.duration_us = Some(now.saturating_duration_since(started).as_micros() as u64);
+        record.duration_us = Some(elapsed.as_micros() as u64);
         record.output_size = size.map(|s| s as u64);
         Some(record)
-    }
-}
-
-/// A run's time line: the wall-clock time of the run's start, and the monotonic instant it
-/// corresponds to. An attempt's times are that start plus monotonic time elapsed, so a task
-/// reads the clock once when it starts and once when it ends, and the times in a run's
-/// records never go backwards, even if the system clock is set back during the run.
-pub(crate) struct Clock {
-    base: Instant,
-    /// Microseconds since the Unix epoch at `base` (0 if the system clock is before it).
-    base_us: u64,
-}
-
-impl Clock {
-    fn now() -> Clock {
-        Clock {
-            base: Instant::now(),
-            base_us: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0),
-        }
-    }
-
-    /// `at`, in milliseconds since the Unix epoch.
-    fn ms(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.base).as_micros() as u64;
-        self.base_us.saturating_add(since) / 1000
     }
 }
 

@@ -7,7 +7,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use futures::channel::oneshot;
 
-use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord};
+use crate::record::{AttemptRecord, RunId, RunRecord};
 use crate::DuraflowError;
 
 /// A store that records runs and attempts, and commits a task's output together with its
@@ -29,35 +29,20 @@ pub trait RunLog: Send + Sync {
     /// Any backend error.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError>;
 
-    /// Stores the `Cached` attempt of task `key` in run `run`: attempt 1 (a task's stored
-    /// output is looked up on its first attempt only), with the times, duration and size
-    /// given. Same promise as [`record`](RunLog::record).
-    ///
-    /// A cached re-run records one of these per task, so the task id comes as the `Arc` the
-    /// run already holds: a store that keeps records in memory for a while can keep it
-    /// without copying the id. The default builds the [`AttemptRecord`] and calls `record`.
+    /// Like [`record`](RunLog::record), with the task id given as the `Arc` the run shares
+    /// (`attempt.key` is left empty). A cached re-run records one `Cached` attempt per task
+    /// this way: a store that keeps such records in memory for a while can keep the id
+    /// without copying it. The default puts the id into the record and calls `record`.
     ///
     /// # Errors
     /// As [`record`](RunLog::record).
-    fn record_cached(
+    fn record_shared(
         &self,
-        run: RunId,
         key: &Arc<str>,
-        started_ms: u64,
-        finished_ms: u64,
-        duration_us: u64,
-        output_size: u64,
+        mut attempt: AttemptRecord,
     ) -> Result<(), DuraflowError> {
-        self.record(AttemptRecord {
-            run,
-            key: key.to_string(),
-            attempt: 1,
-            started_ms,
-            finished_ms: Some(finished_ms),
-            outcome: AttemptOutcome::Cached,
-            duration_us: Some(duration_us),
-            output_size: Some(output_size),
-        })
+        attempt.key = key.to_string();
+        self.record(attempt)
     }
 
     /// Stores `value` under `key` and `attempt` in one atomic step: neither exists without
@@ -165,23 +150,25 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_attempt_reaches_a_log_without_its_own_way_as_a_cached_record() {
+    fn a_record_with_a_shared_id_reaches_a_log_without_its_own_way_whole() {
         let log = Kept::default();
-        log.record_cached(7, &Arc::from("t/1"), 10, 12, 1_500, 9)
+        let record = AttemptRecord {
+            run: 7,
+            key: String::new(),
+            attempt: 1,
+            started_ms: 10,
+            finished_ms: Some(12),
+            outcome: crate::AttemptOutcome::Cached,
+            duration_us: Some(1_500),
+            output_size: Some(9),
+        };
+        log.record_shared(&Arc::from("t/1"), record.clone())
             .unwrap();
         let kept = log.0.into_inner().unwrap();
-        assert_eq!(
-            kept,
-            [AttemptRecord {
-                run: 7,
-                key: "t/1".to_owned(),
-                attempt: 1,
-                started_ms: 10,
-                finished_ms: Some(12),
-                outcome: AttemptOutcome::Cached,
-                duration_us: Some(1_500),
-                output_size: Some(9),
-            }]
-        );
+        let expected = AttemptRecord {
+            key: "t/1".to_owned(),
+            ..record
+        };
+        assert_eq!(kept, [expected]);
     }
 }

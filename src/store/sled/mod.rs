@@ -303,15 +303,18 @@ impl SledStore {
         }
     }
 
-    /// Hands a message that is answered to the writer; the ticket resolves with the answer.
     /// Keeps a `Cached` attempt for the writer's next batch, nudging it when needed.
     fn keep_cached(&self, attempt: CachedAttempt) -> Result<(), DuraflowError> {
+        if self.writer.is_none() {
+            return self.send(Msg::CachedKept); // the error
+        }
         if self.shared.cached.push(attempt) {
             self.send(Msg::CachedKept)?;
         }
         Ok(())
     }
 
+    /// Hands a message that is answered to the writer; the ticket resolves with the answer.
     fn send_acked(
         &self,
         msg: impl FnOnce(Reply) -> Msg,
@@ -554,35 +557,28 @@ impl RunLog for SledStore {
             return Ok(());
         }
         if attempt.outcome == AttemptOutcome::Cached {
-            if self.writer.is_none() {
-                return self.send(Msg::CachedKept); // the error
-            }
             return self.keep_cached(CachedAttempt::from(&attempt));
         }
         self.send(Msg::Record(attempt_record(&attempt)?))
     }
 
-    /// Like a `Cached` [`record`](RunLog::record), keeping the run's shared id.
-    fn record_cached(
-        &self,
-        run: RunId,
-        key: &Arc<str>,
-        started_ms: u64,
-        finished_ms: u64,
-        duration_us: u64,
-        output_size: u64,
-    ) -> Result<(), DuraflowError> {
-        if self.writer.is_none() {
-            return self.send(Msg::CachedKept); // the error
+    /// A `Cached` attempt is kept with the run's shared id (see [`record`](RunLog::record)
+    /// for when it is stored); any other is recorded as by `record`.
+    fn record_shared(&self, key: &Arc<str>, attempt: AttemptRecord) -> Result<(), DuraflowError> {
+        if attempt.outcome != AttemptOutcome::Cached {
+            return self.record(AttemptRecord {
+                key: key.to_string(),
+                ..attempt
+            });
         }
         self.keep_cached(CachedAttempt {
-            run,
+            run: attempt.run,
             key: Arc::clone(key),
-            attempt: 1,
-            started_ms,
-            finished_ms: Some(finished_ms),
-            duration_us: Some(duration_us),
-            output_size: Some(output_size),
+            attempt: attempt.attempt,
+            started_ms: attempt.started_ms,
+            finished_ms: attempt.finished_ms,
+            duration_us: attempt.duration_us,
+            output_size: attempt.output_size,
         })
     }
 

@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -159,27 +159,39 @@ impl Failure {
 /// `Cached` attempt records not stored yet, in arrival order; shared by the store, which
 /// adds to it, and its writer, which takes them.
 #[derive(Default)]
-pub(super) struct CachedRecords(Mutex<Vec<CachedAttempt>>);
+pub(super) struct CachedRecords {
+    kept: Mutex<Vec<CachedAttempt>>,
+    /// How many records the writer took last time.
+    last: AtomicUsize,
+}
 
 impl CachedRecords {
     /// Adds `record`; returns whether the writer needs a nudge ([`Msg::CachedKept`]): the
     /// buffer was empty, or holds a multiple of [`FULL`] records now.
     pub(super) fn push(&self, record: CachedAttempt) -> bool {
-        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.capacity() == 0 {
-            // Room for a full buffer at once: no reallocation while the lock is held.
-            kept.reserve(FULL);
-        }
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         kept.push(record);
         kept.len() == 1 || kept.len().is_multiple_of(FULL)
     }
 
     fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
+    /// Every kept record. The buffer left in their place is made here, outside the lock, as
+    /// large as the last one taken (up to [`FULL`]): a cached re-run's tasks, which all push
+    /// while the worker threads contend for the lock, then seldom regrow it under the lock.
     fn take(&self) -> Vec<CachedAttempt> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+        let next = Vec::with_capacity(self.last.load(Ordering::Relaxed).min(FULL));
+        let taken = std::mem::replace(
+            &mut *self.kept.lock().unwrap_or_else(PoisonError::into_inner),
+            next,
+        );
+        self.last.store(taken.len(), Ordering::Relaxed);
+        taken
     }
 }
 
