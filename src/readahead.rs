@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -132,8 +132,7 @@ impl ReadAhead {
 
     /// Accounts for a task having taken a read of `bytes` bytes (once per read).
     fn taken(&self, bytes: usize) {
-        self.ahead.bytes.fetch_sub(bytes, Ordering::SeqCst);
-        self.ahead.reads.fetch_sub(1, Ordering::SeqCst);
+        self.ahead.take(bytes);
     }
 }
 
@@ -200,18 +199,55 @@ impl Future for Read<'_> {
     }
 }
 
-/// What the read-ahead of one run holds that its tasks have not taken yet.
+/// What the read-ahead of one run holds that its tasks have not taken yet: reads and their
+/// bytes, packed in one word (reads in the high [`READS_BITS`] bits), so that handing a read
+/// over and taking it cost one atomic operation each on a line the I/O threads and the
+/// worker threads all write.
 #[derive(Default)]
-struct Ahead {
-    bytes: AtomicUsize,
-    reads: AtomicUsize,
+struct Ahead(AtomicU64);
+
+/// Bits of [`Ahead`] counting bytes; the rest count reads.
+const BYTES_BITS: u32 = 40;
+/// Bits of [`Ahead`] counting reads.
+const READS_BITS: u32 = 64 - BYTES_BITS;
+
+impl Ahead {
+    /// One read of `bytes` bytes, as added to or taken from the count. Bytes count only
+    /// towards [`MAX_AHEAD_BYTES`], so a larger read counts as just over it: the bytes held
+    /// then stay far below 2^40 (each I/O thread adds at most one read after the count is
+    /// full), and the reads' bits are never reached.
+    fn one(bytes: usize) -> u64 {
+        (1 << BYTES_BITS) | bytes.min(MAX_AHEAD_BYTES + 1) as u64
+    }
+
+    fn add(&self, bytes: usize) {
+        self.0.fetch_add(Ahead::one(bytes), Ordering::SeqCst);
+    }
+
+    fn take(&self, bytes: usize) {
+        self.0.fetch_sub(Ahead::one(bytes), Ordering::SeqCst);
+    }
+
+    /// (reads, bytes) held.
+    fn held(&self) -> (usize, usize) {
+        let held = self.0.load(Ordering::SeqCst);
+        (
+            (held >> BYTES_BITS) as usize,
+            (held & ((1 << BYTES_BITS) - 1)) as usize,
+        )
+    }
+
+    fn full(&self) -> bool {
+        let (reads, bytes) = self.held();
+        bytes > MAX_AHEAD_BYTES || reads >= MAX_AHEAD_READS
+    }
 }
+
+const _: () = assert!(MAX_AHEAD_READS < 1 << (READS_BITS - 1));
 
 fn read_chunk(db: &dyn Storage, ahead: &Ahead, chunk: Vec<Queued>) {
     for (key, tx) in chunk {
-        let full = ahead.bytes.load(Ordering::SeqCst) > MAX_AHEAD_BYTES
-            || ahead.reads.load(Ordering::SeqCst) >= MAX_AHEAD_READS;
-        if full || tx.is_canceled() {
+        if ahead.full() || tx.is_canceled() {
             continue; // dropping `tx` sends the task to read for itself
         }
         let result = db.read(&key);
@@ -219,11 +255,9 @@ fn read_chunk(db: &dyn Storage, ahead: &Ahead, chunk: Vec<Queued>) {
             Ok(Some(bytes)) => bytes.len(),
             _ => 0,
         };
-        ahead.bytes.fetch_add(len, Ordering::SeqCst);
-        ahead.reads.fetch_add(1, Ordering::SeqCst);
+        ahead.add(len);
         if tx.send(result).is_err() {
-            ahead.bytes.fetch_sub(len, Ordering::SeqCst);
-            ahead.reads.fetch_sub(1, Ordering::SeqCst);
+            ahead.take(len);
         }
     }
 }
@@ -243,20 +277,36 @@ mod tests {
         let db = MemoryStore::new();
         db.write("k", b"v").unwrap();
         let ahead = Ahead::default();
-        ahead.reads.store(MAX_AHEAD_READS, Ordering::SeqCst);
+        for _ in 0..MAX_AHEAD_READS {
+            ahead.add(0);
+        }
         let (chunk, rx) = one_key("k");
         read_chunk(&db, &ahead, chunk);
         assert!(
             futures::executor::block_on(rx).is_err(),
             "no read: the sender was dropped"
         );
-        assert_eq!(ahead.reads.load(Ordering::SeqCst), MAX_AHEAD_READS);
+        assert_eq!(ahead.held(), (MAX_AHEAD_READS, 0));
 
         let ahead = Ahead::default();
-        ahead.bytes.store(MAX_AHEAD_BYTES + 1, Ordering::SeqCst);
+        ahead.add(MAX_AHEAD_BYTES + 1);
         let (chunk, rx) = one_key("k");
         read_chunk(&db, &ahead, chunk);
         assert!(futures::executor::block_on(rx).is_err());
+    }
+
+    #[test]
+    fn held_reads_and_bytes_are_counted_apart() {
+        let ahead = Ahead::default();
+        ahead.add(5);
+        ahead.add(7);
+        ahead.add(usize::MAX);
+        assert_eq!(ahead.held().0, 3);
+        assert!(ahead.full(), "a read of more than MAX_AHEAD_BYTES fills it");
+        ahead.take(usize::MAX);
+        ahead.take(5);
+        assert_eq!(ahead.held(), (1, 7));
+        assert!(!ahead.full());
     }
 
     #[test]
@@ -268,8 +318,7 @@ mod tests {
         read_chunk(&db, &ahead, chunk);
         let read = futures::executor::block_on(rx).unwrap().unwrap();
         assert_eq!(read.as_deref(), Some(&b"value"[..]));
-        assert_eq!(ahead.reads.load(Ordering::SeqCst), 1);
-        assert_eq!(ahead.bytes.load(Ordering::SeqCst), 5);
+        assert_eq!(ahead.held(), (1, 5));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 use std::cmp::Ordering;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -82,29 +83,54 @@ fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
 }
 
 /// A `Cached` attempt waiting to be stored in a [`CachedBatch`]: an [`AttemptRecord`]
-/// without its outcome, holding the task id the run shares rather than a copy.
+/// without its outcome, holding the task id the run shares rather than a copy, in one cache
+/// line (every task of a cached re-run writes one): its optional numbers are kept as
+/// [`NONE`] when absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct CachedAttempt {
     pub(super) run: RunId,
-    pub(super) key: std::sync::Arc<str>,
-    pub(super) attempt: u32,
+    pub(super) key: Arc<str>,
     pub(super) started_ms: u64,
-    pub(super) finished_ms: Option<u64>,
-    pub(super) duration_us: Option<u64>,
-    pub(super) output_size: Option<u64>,
+    finished_ms: u64,
+    duration_us: u64,
+    output_size: u64,
+    pub(super) attempt: u32,
+}
+
+/// What a [`CachedAttempt`] keeps for an absent number. No time in milliseconds, duration
+/// in microseconds or size in bytes reaches it; one that did would read back as absent.
+const NONE: u64 = u64::MAX;
+
+impl CachedAttempt {
+    /// `record` (a `Cached` attempt), with `key` as its task id.
+    pub(super) fn new(key: Arc<str>, record: &AttemptRecord) -> CachedAttempt {
+        CachedAttempt {
+            run: record.run,
+            key,
+            started_ms: record.started_ms,
+            finished_ms: record.finished_ms.unwrap_or(NONE),
+            duration_us: record.duration_us.unwrap_or(NONE),
+            output_size: record.output_size.unwrap_or(NONE),
+            attempt: record.attempt,
+        }
+    }
+
+    fn finished_ms(&self) -> Option<u64> {
+        (self.finished_ms != NONE).then_some(self.finished_ms)
+    }
+
+    fn duration_us(&self) -> Option<u64> {
+        (self.duration_us != NONE).then_some(self.duration_us)
+    }
+
+    fn output_size(&self) -> Option<u64> {
+        (self.output_size != NONE).then_some(self.output_size)
+    }
 }
 
 impl From<&AttemptRecord> for CachedAttempt {
     fn from(record: &AttemptRecord) -> CachedAttempt {
-        CachedAttempt {
-            run: record.run,
-            key: record.key.as_str().into(),
-            attempt: record.attempt,
-            started_ms: record.started_ms,
-            finished_ms: record.finished_ms,
-            duration_us: record.duration_us,
-            output_size: record.output_size,
-        }
+        CachedAttempt::new(record.key.as_str().into(), record)
     }
 }
 
@@ -137,9 +163,9 @@ impl<'a> CachedBatch<&'a str> {
             keys: records.iter().map(|r| &*r.key).collect(),
             attempt: records.iter().map(|r| r.attempt).collect(),
             started_ms: records.iter().map(|r| r.started_ms).collect(),
-            finished_ms: records.iter().map(|r| r.finished_ms).collect(),
-            duration_us: records.iter().map(|r| r.duration_us).collect(),
-            output_size: records.iter().map(|r| r.output_size).collect(),
+            finished_ms: records.iter().map(CachedAttempt::finished_ms).collect(),
+            duration_us: records.iter().map(CachedAttempt::duration_us).collect(),
+            output_size: records.iter().map(CachedAttempt::output_size).collect(),
         }
     }
 }
@@ -549,6 +575,29 @@ mod tests {
             let expected = rmp_serde::to_vec_named(&record).unwrap();
             assert_eq!(encode_attempt(&record).unwrap(), expected, "{record:?}");
         }
+    }
+
+    #[test]
+    fn a_kept_cached_attempt_fits_a_cache_line_and_keeps_absent_numbers_absent() {
+        assert!(std::mem::size_of::<CachedAttempt>() <= 64);
+        let record = AttemptRecord {
+            run: 3,
+            key: "k".to_owned(),
+            attempt: 2,
+            started_ms: 10,
+            finished_ms: None,
+            outcome: AttemptOutcome::Cached,
+            duration_us: Some(0),
+            output_size: None,
+        };
+        let kept = CachedAttempt::from(&record);
+        assert_eq!(kept.finished_ms(), None);
+        assert_eq!(kept.duration_us(), Some(0));
+        assert_eq!(kept.output_size(), None);
+        let batch = CachedBatch::of(3, std::slice::from_ref(&kept));
+        let bytes = batch.encode();
+        let back = decode_batch(Path::new("x"), &bytes).unwrap();
+        assert_eq!(back.records(|_| true).collect::<Vec<_>>(), [record]);
     }
 
     #[test]

@@ -571,15 +571,7 @@ impl RunLog for SledStore {
                 ..attempt
             });
         }
-        self.keep_cached(CachedAttempt {
-            run: attempt.run,
-            key: Arc::clone(key),
-            attempt: attempt.attempt,
-            started_ms: attempt.started_ms,
-            finished_ms: attempt.finished_ms,
-            duration_us: attempt.duration_us,
-            output_size: attempt.output_size,
-        })
+        self.keep_cached(CachedAttempt::new(Arc::clone(key), &attempt))
     }
 
     fn commit(

@@ -6,8 +6,8 @@
 //! commit (which overwrites it) usually takes it back before the writer gets to it.
 //!
 //! `Cached` attempt records do not go through the queue one by one: the store appends them
-//! to a [`CachedRecords`] buffer shared with the writer, and only the first record of an
-//! empty buffer (and every [`FULL`]-th) sends the writer a nudge. The writer stores the
+//! to a [`CachedRecords`] buffer shared with the writer (sharded by thread), and only the
+//! first record of an empty shard (and every [`FULL`] / 4th) sends the writer a nudge. The writer stores the
 //! buffer as [`CachedBatch`] values, many records to a value: before it applies a group
 //! that someone waits for (what [`RunLog::record`](crate::RunLog::record) promises), once
 //! [`FULL`] records are kept, [`IDLE_WRITE`] after a nudge, and when the store closes. A
@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -156,43 +156,84 @@ impl Failure {
     }
 }
 
-/// `Cached` attempt records not stored yet, in arrival order; shared by the store, which
-/// adds to it, and its writer, which takes them.
+/// `Cached` attempt records not stored yet; shared by the store, which adds to it, and its
+/// writer, which takes them. In shards, one per adding thread (as far as there are shards):
+/// every task of a cached re-run adds one, and with one buffer the worker threads would
+/// take turns at its lock for every task.
 #[derive(Default)]
 pub(super) struct CachedRecords {
-    kept: Mutex<Vec<CachedAttempt>>,
-    /// How many records the writer took last time.
-    last: AtomicUsize,
+    shards: [CachedShard; CACHED_SHARDS],
 }
+
+/// Shards of [`CachedRecords`].
+const CACHED_SHARDS: usize = 4;
+
+/// One shard of [`CachedRecords`], on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct CachedShard {
+    kept: Mutex<Vec<CachedAttempt>>,
+    /// The buffer that takes `kept`'s place when the writer takes its records: the one
+    /// before it, emptied. A fresh buffer would cost the adding threads a page fault and a
+    /// cache miss every few records; this one was written a moment ago.
+    spare: Mutex<Vec<CachedAttempt>>,
+}
+
+/// Largest buffer a shard keeps as its spare.
+const MAX_SPARE: usize = FULL;
 
 impl CachedRecords {
     /// Adds `record`; returns whether the writer needs a nudge ([`Msg::CachedKept`]): the
-    /// buffer was empty, or holds a multiple of [`FULL`] records now.
+    /// shard was empty, or holds a multiple of [`FULL`] / [`CACHED_SHARDS`] records now.
     pub(super) fn push(&self, record: CachedAttempt) -> bool {
-        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        thread_local! {
+            /// This thread's shard: threads take them in turn as they first add a record.
+            static SHARD: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % CACHED_SHARDS
+            };
+        }
+        let shard = SHARD.with(|shard| *shard);
+        let mut kept = lock(&self.shards[shard].kept);
         kept.push(record);
-        kept.len() == 1 || kept.len().is_multiple_of(FULL)
+        kept.len() == 1 || kept.len().is_multiple_of(FULL / CACHED_SHARDS)
     }
 
     fn len(&self) -> usize {
-        self.kept
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shards
+            .iter()
+            .map(|shard| lock(&shard.kept).len())
+            .sum()
     }
 
-    /// Every kept record. The buffer left in their place is made here, outside the lock, as
-    /// large as the last one taken (up to [`FULL`]): a cached re-run's tasks, which all push
-    /// while the worker threads contend for the lock, then seldom regrow it under the lock.
-    fn take(&self) -> Vec<CachedAttempt> {
-        let next = Vec::with_capacity(self.last.load(Ordering::Relaxed).min(FULL));
-        let taken = std::mem::replace(
-            &mut *self.kept.lock().unwrap_or_else(PoisonError::into_inner),
-            next,
-        );
-        self.last.store(taken.len(), Ordering::Relaxed);
-        taken
+    /// Every kept record, shard by shard; each shard gets its spare buffer in their place.
+    /// Give the buffers back with [`give_back`](Self::give_back) once done with them.
+    fn take(&self) -> Vec<Vec<CachedAttempt>> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let spare = std::mem::take(&mut *lock(&shard.spare));
+                std::mem::replace(&mut *lock(&shard.kept), spare)
+            })
+            .collect()
     }
+
+    /// Empties the buffers [`take`](Self::take) returned and keeps them as the shards'
+    /// spares (all but oversized ones).
+    fn give_back(&self, taken: Vec<Vec<CachedAttempt>>) {
+        for (shard, mut buffer) in self.shards.iter().zip(taken) {
+            if buffer.capacity() <= MAX_SPARE {
+                buffer.clear();
+                *lock(&shard.spare) = buffer;
+            }
+        }
+    }
+}
+
+/// `mutex`, locked. Every critical section on these buffers is one call on a `Vec`, so a
+/// poisoned lock holds a consistent one.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `Running` attempt records not given to the writer yet, by attempt key; shared by the
@@ -430,7 +471,16 @@ impl Writer {
     fn store_batches(&mut self) -> Result<(), Failure> {
         self.store_by = None;
         let kept = self.shared.cached.take();
-        let mut rest = kept.as_slice();
+        let stored = kept
+            .iter()
+            .try_for_each(|shard| self.store_batches_of(shard));
+        self.shared.cached.give_back(kept);
+        stored
+    }
+
+    /// Stores `kept` (the records of one shard) as batches.
+    fn store_batches_of(&mut self, kept: &[CachedAttempt]) -> Result<(), Failure> {
+        let mut rest = kept;
         while let Some(first) = rest.first() {
             let run: RunId = first.run;
             let mut len = 0;
