@@ -243,7 +243,9 @@ impl Ahead {
     }
 }
 
+// Both counts fit their bits with room to spare (see `Ahead::one`).
 const _: () = assert!(MAX_AHEAD_READS < 1 << (READS_BITS - 1));
+const _: () = assert!(((MAX_AHEAD_BYTES + 1) as u64) < 1 << (BYTES_BITS - 1));
 
 fn read_chunk(db: &dyn Storage, ahead: &Ahead, chunk: Vec<Queued>) {
     for (key, tx) in chunk {

@@ -84,9 +84,10 @@ fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
 
 /// A `Cached` attempt waiting to be stored in a [`CachedBatch`]: an [`AttemptRecord`]
 /// without its outcome, holding the task id the run shares rather than a copy, in one cache
-/// line (every task of a cached re-run writes one): its optional numbers are kept as
-/// [`NONE`] when absent.
+/// line (every task of a cached re-run writes one): its optional numbers are kept as plain
+/// numbers and a mask of which are present.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[repr(align(64))]
 pub(super) struct CachedAttempt {
     pub(super) run: RunId,
     pub(super) key: Arc<str>,
@@ -95,36 +96,42 @@ pub(super) struct CachedAttempt {
     duration_us: u64,
     output_size: u64,
     pub(super) attempt: u32,
+    /// Which of the optional numbers are present: [`FINISHED`], [`DURATION`], [`SIZE`].
+    present: u8,
 }
 
-/// What a [`CachedAttempt`] keeps for an absent number. No time in milliseconds, duration
-/// in microseconds or size in bytes reaches it; one that did would read back as absent.
-const NONE: u64 = u64::MAX;
+const FINISHED: u8 = 1;
+const DURATION: u8 = 2;
+const SIZE: u8 = 4;
 
 impl CachedAttempt {
     /// `record` (a `Cached` attempt), with `key` as its task id.
     pub(super) fn new(key: Arc<str>, record: &AttemptRecord) -> CachedAttempt {
+        let bit = |number: Option<u64>, bit: u8| if number.is_some() { bit } else { 0 };
         CachedAttempt {
             run: record.run,
             key,
             started_ms: record.started_ms,
-            finished_ms: record.finished_ms.unwrap_or(NONE),
-            duration_us: record.duration_us.unwrap_or(NONE),
-            output_size: record.output_size.unwrap_or(NONE),
+            finished_ms: record.finished_ms.unwrap_or(0),
+            duration_us: record.duration_us.unwrap_or(0),
+            output_size: record.output_size.unwrap_or(0),
             attempt: record.attempt,
+            present: bit(record.finished_ms, FINISHED)
+                | bit(record.duration_us, DURATION)
+                | bit(record.output_size, SIZE),
         }
     }
 
     fn finished_ms(&self) -> Option<u64> {
-        (self.finished_ms != NONE).then_some(self.finished_ms)
+        (self.present & FINISHED != 0).then_some(self.finished_ms)
     }
 
     fn duration_us(&self) -> Option<u64> {
-        (self.duration_us != NONE).then_some(self.duration_us)
+        (self.present & DURATION != 0).then_some(self.duration_us)
     }
 
     fn output_size(&self) -> Option<u64> {
-        (self.output_size != NONE).then_some(self.output_size)
+        (self.present & SIZE != 0).then_some(self.output_size)
     }
 }
 
@@ -579,7 +586,7 @@ mod tests {
 
     #[test]
     fn a_kept_cached_attempt_fits_a_cache_line_and_keeps_absent_numbers_absent() {
-        assert!(std::mem::size_of::<CachedAttempt>() <= 64);
+        assert_eq!(std::mem::size_of::<CachedAttempt>(), 64);
         let record = AttemptRecord {
             run: 3,
             key: "k".to_owned(),
@@ -588,12 +595,12 @@ mod tests {
             finished_ms: None,
             outcome: AttemptOutcome::Cached,
             duration_us: Some(0),
-            output_size: None,
+            output_size: Some(u64::MAX),
         };
         let kept = CachedAttempt::from(&record);
         assert_eq!(kept.finished_ms(), None);
         assert_eq!(kept.duration_us(), Some(0));
-        assert_eq!(kept.output_size(), None);
+        assert_eq!(kept.output_size(), Some(u64::MAX));
         let batch = CachedBatch::of(3, std::slice::from_ref(&kept));
         let bytes = batch.encode();
         let back = decode_batch(Path::new("x"), &bytes).unwrap();

@@ -305,7 +305,8 @@ impl SledStore {
 
     /// Keeps a `Cached` attempt for the writer's next batch, nudging it when needed.
     fn keep_cached(&self, attempt: CachedAttempt) -> Result<(), DuraflowError> {
-        if self.writer.is_none() {
+        // A stopped store takes nothing more (nor would its writer ever store it).
+        if self.writer.is_none() || self.shared.failed.get().is_some() {
             return self.send(Msg::CachedKept); // the error
         }
         if self.shared.cached.push(attempt) {

@@ -6,11 +6,13 @@
 //! commit (which overwrites it) usually takes it back before the writer gets to it.
 //!
 //! `Cached` attempt records do not go through the queue one by one: the store appends them
-//! to a [`CachedRecords`] buffer shared with the writer (sharded by thread), and only the
-//! first record of an empty shard (and every [`FULL`] / 4th) sends the writer a nudge. The writer stores the
-//! buffer as [`CachedBatch`] values, many records to a value: before it applies a group
+//! to [`CachedRecords`], buffers shared with the writer (one of [`CACHED_SHARDS`], chosen by
+//! the adding thread), and only the first record of an empty shard (and every
+//! [`FULL`] / [`CACHED_SHARDS`]-th of a shard) sends the writer a nudge. The writer stores
+//! the shards as [`CachedBatch`] values, many records to a value: before it applies a group
 //! that someone waits for (what [`RunLog::record`](crate::RunLog::record) promises), once
-//! [`FULL`] records are kept, [`IDLE_WRITE`] after a nudge, and when the store closes. A
+//! about [`FULL`] records are kept (counted over the shards when a nudge arrives),
+//! [`IDLE_WRITE`] after a nudge, and when the store closes. A
 //! cached task thus costs neither a sled insert nor a thread wake-up.
 //!
 //! The first error sled returns to the writer (a full disk, say) fails its group and stops
@@ -74,7 +76,7 @@ pub(super) struct Record {
 pub(super) enum Msg {
     /// Store a record on its own; nobody waits for it.
     Record(Record),
-    /// `Cached` records were added to the shared buffer: store them, soon.
+    /// `Cached` records were added to [`CachedRecords`]: store them, soon.
     CachedKept,
     /// A `Running` record was kept in [`RunningRecords`]: store what is kept there now.
     RunningKept,
@@ -167,6 +169,10 @@ pub(super) struct CachedRecords {
 
 /// Shards of [`CachedRecords`].
 const CACHED_SHARDS: usize = 4;
+
+// A shard nudges the writer every `FULL / CACHED_SHARDS` records: that must be a whole,
+// non-zero number.
+const _: () = assert!(FULL.is_multiple_of(CACHED_SHARDS) && FULL >= CACHED_SHARDS);
 
 /// One shard of [`CachedRecords`], on cache lines of its own.
 #[repr(align(128))]
@@ -466,8 +472,9 @@ impl Writer {
             .map_err(|e| self.fail(&e))
     }
 
-    /// Stores the kept `Cached` records as batches, one run at a time (records of one run
-    /// arrive together, so a run's records stay in few batches).
+    /// Stores the kept `Cached` records as batches, shard by shard and one run at a time
+    /// within a shard (records of one run arrive together, so a run's records stay in a few
+    /// batches per shard).
     fn store_batches(&mut self) -> Result<(), Failure> {
         self.store_by = None;
         let kept = self.shared.cached.take();
