@@ -76,11 +76,7 @@ fn run_v2(
             for (i, id) in ids.iter().enumerate() {
                 d.add(id, Val(i as u64));
             }
-            dag.run(|f| {
-                tokio::spawn(f);
-            })
-            .await
-            .expect("duraflow-rs 2 run");
+            support::run_spawned(&dag, "duraflow-rs 2").await;
             d.stats()
         };
         (dag, stats)
@@ -98,11 +94,7 @@ fn run_v1(rt: &Runtime, ctx: &Arc<duraflow_v1::Context>, ids: &[String]) -> (Dur
             for (i, id) in ids.iter().enumerate() {
                 d.add(id, Val(i as u64));
             }
-            dag.run(|f| {
-                tokio::spawn(f);
-            })
-            .await
-            .expect("duraflow-rs 1.0.1 run");
+            support::run_spawned(&dag, "duraflow-rs 1.0.1").await;
         }
         dag
     });

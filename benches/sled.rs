@@ -149,11 +149,7 @@ fn run_raw_gets(rt: &Runtime, db: &sled::Db, ids: &[Arc<str>]) -> (Duration, Dag
                 key: Arc::clone(id),
             });
         }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("raw dagx + sled gets run");
+        support::run_spawned(&dag, "raw dagx + sled gets").await;
         dag
     });
     (start.elapsed(), dag)
@@ -173,11 +169,7 @@ fn run_durable(
             for (i, id) in ids.iter().enumerate() {
                 d.add(id, Val(i as u64));
             }
-            dag.run(|f| {
-                tokio::spawn(f);
-            })
-            .await
-            .expect("duraflow run");
+            support::run_spawned(&dag, "duraflow").await;
             d.stats()
         };
         (dag, stats)

@@ -152,11 +152,7 @@ fn run_once(
                 for (i, id) in ids.iter().enumerate() {
                     d.add(id, Val(i as u64));
                 }
-                dag.run(|f| {
-                    tokio::spawn(f);
-                })
-                .await
-                .expect("run");
+                support::run_spawned(&dag, "spans benchmark").await;
                 d.stats()
             };
             (dag, stats)

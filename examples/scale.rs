@@ -35,8 +35,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dagx::{task, DagRunner, Task};
+use dagx::DagRunner;
 use duraflow_rs::{Context, DurableDag, MemoryStore, RunStats, SledStore};
+
+// The benchmarks' trivial task, runtime and raw-dagx run: the floors printed here are the
+// same DAG the benchmarks time.
+#[allow(dead_code)]
+#[path = "../benches/support/mod.rs"]
+mod support;
+
+use support::Val;
 
 /// Tasks in the wide DAG.
 const N: usize = 100_000;
@@ -44,16 +52,6 @@ const N: usize = 100_000;
 const RSS_TARGET_MIB: f64 = 300.0;
 /// Reopen target.
 const REOPEN_TARGET: Duration = Duration::from_secs(1);
-
-/// A trivial task: returns the number it holds.
-struct Val(u64);
-
-#[task]
-impl Val {
-    async fn run(&self) -> u64 {
-        self.0
-    }
-}
 
 /// A field of `/proc/self/status` in KiB (`VmHWM`, `VmRSS`), if readable.
 fn status_kib(field: &str) -> Option<u64> {
@@ -110,11 +108,7 @@ fn run(rt: &tokio::runtime::Runtime, ctx: &Arc<Context>, n: usize) -> Run {
         for (i, id) in ids.iter().enumerate() {
             d.add(id, Val(i as u64));
         }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("dag run");
+        support::run_spawned(&dag, "scale").await;
         d.stats()
     });
     Run {
@@ -153,23 +147,6 @@ fn du(path: &std::path::Path) -> u64 {
     walk(path)
 }
 
-/// Builds and runs the wide DAG of `n` tasks with dagx alone.
-fn run_raw(rt: &tokio::runtime::Runtime, n: usize) -> Duration {
-    let start = Instant::now();
-    rt.block_on(async {
-        let dag = DagRunner::new();
-        for i in 0..n {
-            dag.add_task(Val(i as u64));
-        }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("raw dag run");
-    });
-    start.elapsed()
-}
-
 /// The floors: raw dagx (`raw`), or duraflow over a `MemoryStore`.
 fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
     let what = if raw {
@@ -181,7 +158,8 @@ fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
     memory("start");
     if raw {
         for label in ["first run:", "second run:"] {
-            let took = run_raw(rt, n);
+            let (took, dag) = support::run_raw(rt, n);
+            drop(dag);
             println!("{label:<21}{took:>10.3?}");
             memory(label.trim_end_matches(':'));
         }
@@ -199,10 +177,7 @@ fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
     let mode = args.next_if(|a| a == "--raw" || a == "--memory");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = support::runtime();
     if mode.is_some() {
         let n = match args.next() {
             Some(n) => n.parse()?,

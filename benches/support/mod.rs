@@ -225,12 +225,21 @@ pub fn run_raw(rt: &tokio::runtime::Runtime, n: usize) -> (Duration, DagRunner) 
         for i in 0..n {
             dag.add_task(Val(i as u64));
         }
-        dag.run(|f| {
-            tokio::spawn(f);
-        })
-        .await
-        .expect("raw dagx run");
+        run_spawned(&dag, "raw dagx").await;
         dag
     });
     (start.elapsed(), dag)
+}
+
+/// Runs `dag` with every task spawned on the current tokio runtime, as every benchmark
+/// does; panics (naming `what`) if dagx reports an error.
+pub async fn run_spawned(dag: &DagRunner, what: &str) {
+    if let Err(e) = dag
+        .run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+    {
+        panic!("{what} run: {e}");
+    }
 }
