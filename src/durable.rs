@@ -250,7 +250,7 @@ where
         if let Some(pending) = pending {
             let stored = run.read_stored(id, pending).await;
             if let Some((stored, size)) = Context::usable_output::<K::Stored>(id, stored) {
-                run.cached_attempt(id, &attempt, size);
+                run.end_attempt(id, &attempt, AttemptOutcome::Cached, Some(size));
                 let done = Step::Final(Outcome::Done(K::from_stored(stored)));
                 return end(run, id, span, Ending::Cached, done);
             }
@@ -320,7 +320,7 @@ where
 /// gave `result`.
 fn persisted<'r, O>(
     run: &'r RunState,
-    id: &str,
+    id: &Arc<str>,
     span: &tracing::Span,
     attempt: &Attempt,
     result: Result<(), DuraflowError>,
@@ -342,7 +342,7 @@ fn persisted<'r, O>(
             )
         }
         Err(error) => {
-            tracing::error!(key = id, %error, "task output not persisted");
+            tracing::error!(key = &**id, %error, "task output not persisted");
             run.end_attempt(id, attempt, failed(&error.to_string()), None);
             let step = Step::Final(Outcome::NotPersisted(value, Box::new(error)));
             end(run, id, span, Ending::Failed, step)

@@ -226,10 +226,11 @@ impl RunState {
     }
 
     /// Records how an attempt at task `id` ended (a `Succeeded` one is recorded by
-    /// [`persist`](Self::persist)).
+    /// [`persist`](Self::persist)). The id goes to the log as the run's shared `Arc`
+    /// ([`RunLog::record_shared`]): a cached re-run records a `Cached` attempt per task.
     pub(crate) fn end_attempt(
         &self,
-        id: &str,
+        id: &Arc<str>,
         attempt: &Attempt,
         outcome: AttemptOutcome,
         size: Option<usize>,
@@ -237,22 +238,8 @@ impl RunState {
         let Some(log) = self.log_of(attempt) else {
             return;
         };
-        if let Some(record) = attempt.ended(id, outcome, size) {
-            if let Err(error) = log.record(record) {
-                tracing::warn!(key = id, %error, "attempt not recorded");
-            }
-        }
-    }
-
-    /// Records the attempt at task `id` as `Cached`: its stored output of `size` bytes is
-    /// the task's output. The id goes to the log as the run's shared `Arc`
-    /// ([`RunLog::record_shared`]): a cached re-run records one of these per task.
-    pub(crate) fn cached_attempt(&self, id: &Arc<str>, attempt: &Attempt, size: usize) {
-        let Some(log) = self.log_of(attempt) else {
-            return;
-        };
         // The key is left empty (no allocation): `record_shared` takes it from `id`.
-        if let Some(record) = attempt.ended("", AttemptOutcome::Cached, Some(size)) {
+        if let Some(record) = attempt.ended("", outcome, size) {
             if let Err(error) = log.record_shared(id, record) {
                 tracing::warn!(key = &**id, %error, "attempt not recorded");
             }
