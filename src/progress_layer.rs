@@ -67,6 +67,10 @@ const TASK_SPAN: &str = "duraflow.task";
 ///   such filters on the other layers (`fmt::layer().with_filter(..)`) instead. If a task's
 ///   `duraflow.run` span is hidden while its own span is not, its count falls back to one
 ///   counter shared by every such task of this layer.
+/// - A scoped subscriber works even when it is the process's only one and runs without it
+///   reached duraflow's call sites first: a run made in a scope has tracing re-ask every
+///   call site whether it is enabled (tracing would otherwise keep the "no" it cached for a
+///   thread without the subscriber, tokio-rs/tracing#3611).
 /// - The callback runs inside the subscriber, on the thread that closed the span: keep it
 ///   short, and do not let it panic.
 pub struct ProgressLayer {

@@ -113,6 +113,18 @@ impl RunState {
                 NEXT.fetch_add(1, Ordering::Relaxed)
             }
         };
+        let dispatch = tracing::dispatcher::get_default(|d| {
+            let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
+            (!none && !is_global(d)).then(|| d.clone())
+        });
+        if dispatch.is_some() {
+            // tracing caches whether a call site is enabled when it is first reached, and
+            // while one `Dispatch` is all there is, asks only the default of the thread that
+            // reached it (tokio-rs/tracing#3611): a run made outside this subscriber's scope
+            // may have cached "never" for every duraflow span and event. Ask again, now that
+            // this subscriber is the default (once per run made in a scope).
+            tracing::callsite::rebuild_interest_cache();
+        }
         // `--cfg duraflow_no_spans` builds the crate without spans, as the baseline the
         // span-overhead benchmark compares against; it is not a supported configuration.
         let span = if cfg!(duraflow_no_spans) {
@@ -127,10 +139,6 @@ impl RunState {
                 failed = tracing::field::Empty,
             )
         };
-        let dispatch = tracing::dispatcher::get_default(|d| {
-            let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
-            (!none && !is_global(d)).then(|| d.clone())
-        });
         RunState {
             record,
             started_ms,
