@@ -44,11 +44,11 @@ fn a_scoped_progress_layer_reports_after_a_run_without_subscriber() {
     let rt = multi_thread_rt();
     let reported = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&reported);
-    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(
-        ProgressLayer::new(move |_, _| {
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(ProgressLayer::new(
+        move |_, _| {
             counter.fetch_add(1, Ordering::SeqCst);
-        }),
-    ));
+        },
+    )));
 
     // First, a run outside the subscriber's scope: it reaches every call site first, on
     // threads where the only subscriber is not the default.
