@@ -1,8 +1,9 @@
 //! [`ProgressLayer`]: progress reporting from the `duraflow.task` spans, as a
 //! `tracing_subscriber::Layer`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::field::{Field, Visit};
@@ -75,6 +76,8 @@ const TASK_SPAN: &str = "duraflow.task";
 ///   short, and do not let it panic.
 pub struct ProgressLayer {
     callback: ProgressFn,
+    /// This layer's number among every `ProgressLayer` of the process (see [`LAST_RUN`]).
+    serial: u64,
     /// The count of tasks whose `duraflow.run` span this layer does not see.
     unattached: AtomicUsize,
     /// The open `duraflow.task` spans, by span id, in shards. Kept here rather than in each
@@ -99,8 +102,10 @@ impl ProgressLayer {
     where
         F: Fn(&str, usize) + Send + Sync + 'static,
     {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         ProgressLayer {
             callback: Arc::new(callback),
+            serial: NEXT.fetch_add(1, Ordering::Relaxed),
             unattached: AtomicUsize::new(0),
             tasks: (0..TASK_SHARDS).map(|_| TaskShard::default()).collect(),
         }
@@ -124,7 +129,25 @@ impl std::fmt::Debug for ProgressLayer {
 }
 
 /// The count of a run's reported tasks, kept in its `duraflow.run` span's extensions.
-struct RunProgress(AtomicUsize);
+#[derive(Default)]
+struct RunProgress {
+    count: AtomicUsize,
+    /// Set when the run's span closes, after which its span id may name another span.
+    closed: AtomicBool,
+}
+
+/// A `duraflow.run` span's [`RunProgress`], as its extensions hold it.
+struct RunCounter(Arc<RunProgress>);
+
+thread_local! {
+    /// The run this thread last counted a task of, for one layer: `(layer serial, run span
+    /// id, its progress)`. A task's run span is open while the task's span closes (the task
+    /// holds it), and ids are unique among open spans; so while the cached run is not closed,
+    /// a task whose parent has the cached id belongs to it. That spares the lookup of the run
+    /// span and of its extensions (atomic operations on cache lines every worker shares) for
+    /// all but a thread's first task of each run.
+    static LAST_RUN: RefCell<Option<(u64, u64, Arc<RunProgress>)>> = const { RefCell::new(None) };
+}
 
 /// What the layer keeps of one open `duraflow.task` span.
 struct TaskProgress {
@@ -194,7 +217,7 @@ where
         } else if is(metadata, RUN_SPAN) {
             if let Some(span) = ctx.span(id) {
                 span.extensions_mut()
-                    .insert(RunProgress(AtomicUsize::new(0)));
+                    .insert(RunCounter(Arc::new(RunProgress::default())));
             }
         }
     }
@@ -219,6 +242,7 @@ where
     fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
         // Taken out first, so no lock is held while the callback runs.
         let Some(task) = self.shard(&id).remove(&id.into_u64()) else {
+            self.closing_run(&id, &ctx);
             return;
         };
         if !task.completed {
@@ -227,14 +251,94 @@ where
         let count = task
             .parent
             .as_ref()
-            .and_then(|parent| ctx.span(parent))
-            .filter(|run| is(run.metadata(), RUN_SPAN))
-            .and_then(|run| {
-                let extensions = run.extensions();
-                let progress = extensions.get::<RunProgress>()?;
-                Some(progress.0.fetch_add(1, Ordering::SeqCst) + 1)
-            });
+            .and_then(|run| self.count_in(run, &ctx));
         let completed = count.unwrap_or_else(|| self.unattached.fetch_add(1, Ordering::SeqCst) + 1);
         (self.callback)(&task.id, completed);
+    }
+}
+
+impl ProgressLayer {
+    /// Counts one reported task of the run whose span is `run` (the task's open parent), and
+    /// returns that run's count so far; `None` if `run` is not a `duraflow.run` span this
+    /// layer saw open.
+    fn count_in<S>(&self, run: &Id, ctx: &LayerContext<'_, S>) -> Option<usize>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let key = (self.serial, run.into_u64());
+        let cached = LAST_RUN.with(|last| match &*last.borrow() {
+            Some((serial, id, progress))
+                if (*serial, *id) == key && !progress.closed.load(Ordering::Acquire) =>
+            {
+                Some(progress.count.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+            _ => None,
+        });
+        if cached.is_some() {
+            return cached;
+        }
+        let span = ctx.span(run).filter(|span| is(span.metadata(), RUN_SPAN))?;
+        let progress = Arc::clone(&span.extensions().get::<RunCounter>()?.0);
+        let count = progress.count.fetch_add(1, Ordering::SeqCst) + 1;
+        LAST_RUN.with(|last| *last.borrow_mut() = Some((key.0, key.1, progress)));
+        Some(count)
+    }
+
+    /// Marks the run whose span `id` is closing as closed, if it is a `duraflow.run` span.
+    fn closing_run<S>(&self, id: &Id, ctx: &LayerContext<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        if let Some(span) = ctx.span(id).filter(|span| is(span.metadata(), RUN_SPAN)) {
+            if let Some(counter) = span.extensions().get::<RunCounter>() {
+                counter.0.closed.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Opens a task span of `run` (made here, so its target is under `duraflow_rs`), records
+    /// it as executed and closes it.
+    fn task(run: &tracing::Span, id: &str) {
+        let span = tracing::info_span!(parent: run, "duraflow.task", task.id = id, outcome = tracing::field::Empty);
+        span.record("outcome", "executed");
+    }
+
+    #[test]
+    fn counts_restart_per_run_and_stay_apart_for_runs_open_at_once() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        let layer = ProgressLayer::new(move |id: &str, n: usize| {
+            seen.lock().unwrap().push((id.to_owned(), n));
+        });
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            // Runs one after another: each closes before the next opens (the registry may
+            // give the next one a recycled slot), and each counts from 1.
+            for _ in 0..20 {
+                let run = tracing::info_span!("duraflow.run");
+                task(&run, "a");
+                task(&run, "b");
+            }
+            // Two runs open at once, their tasks alternating on this thread.
+            let (x, y) = (
+                tracing::info_span!("duraflow.run"),
+                tracing::info_span!("duraflow.run"),
+            );
+            for _ in 0..3 {
+                task(&x, "x");
+                task(&y, "y");
+            }
+        });
+        let calls = calls.lock().unwrap();
+        let mut expected: Vec<(String, usize)> = (0..20)
+            .flat_map(|_| [("a".to_owned(), 1), ("b".to_owned(), 2)])
+            .collect();
+        expected.extend((1..=3).flat_map(|n| [("x".to_owned(), n), ("y".to_owned(), n)]));
+        assert_eq!(*calls, expected);
     }
 }
