@@ -59,7 +59,8 @@ pub trait RunLog: Send + Sync {
         attempt: AttemptRecord,
     ) -> Result<Ticket, DuraflowError>;
 
-    /// Stores the final record of a run; the ticket resolves when it is durable.
+    /// Stores the final record of a run; the ticket resolves when it, and every record of the
+    /// run sent before it, can be read back and is as durable as the store promises for it.
     ///
     /// # Errors
     /// Any backend error.
