@@ -80,20 +80,30 @@ pub struct ProgressLayer {
     serial: u64,
     /// The count of tasks whose `duraflow.run` span this layer does not see.
     unattached: AtomicUsize,
-    /// The open `duraflow.task` spans, by span id, in shards. Kept here rather than in each
-    /// span's extensions: a shard is one uncontended lock and a small map, where the
-    /// registry's extensions cost a span lookup and a boxed entry per span, three times
-    /// over a task's life.
-    tasks: Box<[TaskShard]>,
+    /// The open `duraflow.task` and `duraflow.run` spans this layer saw, by span id, in
+    /// shards. Kept here rather than in each span's extensions: a shard is one uncontended
+    /// lock and a small map, where the registry's extensions cost a span lookup and a boxed
+    /// entry per span, three times over a task's life; and the extensions are shared by
+    /// every layer, so two `ProgressLayer`s in one subscriber would collide there.
+    open: Box<[SpanShard]>,
 }
 
-/// Shards of [`ProgressLayer::tasks`]: tasks ending on different threads rarely share one.
-const TASK_SHARDS: usize = 16;
+/// Shards of [`ProgressLayer::open`]: tasks ending on different threads rarely share one.
+const SHARDS: usize = 16;
 
-/// One shard of open task spans, on its own cache line(s).
+/// An open span the layer keeps track of.
+enum Open {
+    Task(TaskProgress),
+    Run(Arc<RunProgress>),
+}
+
+/// The map of one shard.
+type SpanMap = HashMap<u64, Open, foldhash::fast::RandomState>;
+
+/// One shard of open spans, on its own cache line(s).
 #[repr(align(128))]
 #[derive(Default)]
-struct TaskShard(Mutex<HashMap<u64, TaskProgress, foldhash::fast::RandomState>>);
+struct SpanShard(Mutex<SpanMap>);
 
 impl ProgressLayer {
     /// A layer calling `callback(task_id, completed)` once per completed task, as described
@@ -107,17 +117,14 @@ impl ProgressLayer {
             callback: Arc::new(callback),
             serial: NEXT.fetch_add(1, Ordering::Relaxed),
             unattached: AtomicUsize::new(0),
-            tasks: (0..TASK_SHARDS).map(|_| TaskShard::default()).collect(),
+            open: (0..SHARDS).map(|_| SpanShard::default()).collect(),
         }
     }
 
-    /// The shard holding task span `id`, locked. Every critical section is one map call, so
-    /// a poisoned lock holds a consistent map.
-    fn shard(
-        &self,
-        id: &Id,
-    ) -> MutexGuard<'_, HashMap<u64, TaskProgress, foldhash::fast::RandomState>> {
-        let shard = &self.tasks[(id.into_u64() % TASK_SHARDS as u64) as usize];
+    /// The shard holding span `id`, locked. Every critical section is one map call, so a
+    /// poisoned lock holds a consistent map.
+    fn shard(&self, id: &Id) -> MutexGuard<'_, SpanMap> {
+        let shard = &self.open[(id.into_u64() % SHARDS as u64) as usize];
         shard.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -128,7 +135,7 @@ impl std::fmt::Debug for ProgressLayer {
     }
 }
 
-/// The count of a run's reported tasks, kept in its `duraflow.run` span's extensions.
+/// The count of a run's reported tasks, kept while its `duraflow.run` span is open.
 #[derive(Default)]
 struct RunProgress {
     count: AtomicUsize,
@@ -136,16 +143,13 @@ struct RunProgress {
     closed: AtomicBool,
 }
 
-/// A `duraflow.run` span's [`RunProgress`], as its extensions hold it.
-struct RunCounter(Arc<RunProgress>);
-
 thread_local! {
     /// The run this thread last counted a task of, for one layer: `(layer serial, run span
     /// id, its progress)`. A task's run span is open while the task's span closes (the task
     /// holds it), and ids are unique among open spans; so while the cached run is not closed,
-    /// a task whose parent has the cached id belongs to it. That spares the lookup of the run
-    /// span and of its extensions (atomic operations on cache lines every worker shares) for
-    /// all but a thread's first task of each run.
+    /// a task whose parent has the cached id belongs to it. That spares all but a thread's
+    /// first task of each run the lookup of the run in the layer's map: a lock of the one
+    /// shard every task of the run would share between the worker threads.
     static LAST_RUN: RefCell<Option<(u64, u64, Arc<RunProgress>)>> = const { RefCell::new(None) };
 }
 
@@ -213,12 +217,10 @@ where
                 completed: fields.outcome.unwrap_or(false),
                 parent,
             };
-            self.shard(id).insert(id.into_u64(), task);
+            self.shard(id).insert(id.into_u64(), Open::Task(task));
         } else if is(metadata, RUN_SPAN) {
-            if let Some(span) = ctx.span(id) {
-                span.extensions_mut()
-                    .insert(RunCounter(Arc::new(RunProgress::default())));
-            }
+            let run = Open::Run(Arc::new(RunProgress::default()));
+            self.shard(id).insert(id.into_u64(), run);
         }
     }
 
@@ -229,7 +231,7 @@ where
         if fields.id.is_none() && fields.outcome.is_none() {
             return;
         }
-        if let Some(task) = self.shard(id).get_mut(&id.into_u64()) {
+        if let Some(Open::Task(task)) = self.shard(id).get_mut(&id.into_u64()) {
             if let Some(id) = fields.id {
                 task.id = id;
             }
@@ -239,61 +241,53 @@ where
         }
     }
 
-    fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+    fn on_close(&self, id: Id, _ctx: LayerContext<'_, S>) {
         // Taken out first, so no lock is held while the callback runs.
-        let Some(task) = self.shard(&id).remove(&id.into_u64()) else {
-            self.closing_run(&id, &ctx);
-            return;
+        let task = match self.shard(&id).remove(&id.into_u64()) {
+            Some(Open::Task(task)) => task,
+            Some(Open::Run(run)) => {
+                run.closed.store(true, Ordering::Release);
+                return;
+            }
+            None => return,
         };
         if !task.completed {
             return;
         }
-        let count = task
-            .parent
-            .as_ref()
-            .and_then(|run| self.count_in(run, &ctx));
+        let count = task.parent.as_ref().and_then(|run| self.count_in(run));
         let completed = count.unwrap_or_else(|| self.unattached.fetch_add(1, Ordering::SeqCst) + 1);
         (self.callback)(&task.id, completed);
     }
 }
 
 impl ProgressLayer {
-    /// Counts one reported task of the run whose span is `run` (the task's open parent), and
-    /// returns that run's count so far; `None` if `run` is not a `duraflow.run` span this
-    /// layer saw open.
-    fn count_in<S>(&self, run: &Id, ctx: &LayerContext<'_, S>) -> Option<usize>
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
+    /// Counts one reported task of the run whose span is `run` (the task's parent, open
+    /// while the task's span closes), and returns that run's count so far; `None` if `run`
+    /// is not a `duraflow.run` span this layer saw open.
+    fn count_in(&self, run: &Id) -> Option<usize> {
         let key = (self.serial, run.into_u64());
-        let cached = LAST_RUN.with(|last| match &*last.borrow() {
-            Some((serial, id, progress))
-                if (*serial, *id) == key && !progress.closed.load(Ordering::Acquire) =>
-            {
-                Some(progress.count.fetch_add(1, Ordering::SeqCst) + 1)
-            }
-            _ => None,
-        });
+        // `try_with`: a span may close while the thread's locals are being destroyed.
+        let cached = LAST_RUN
+            .try_with(|last| match &*last.borrow() {
+                Some((serial, id, progress))
+                    if (*serial, *id) == key && !progress.closed.load(Ordering::Acquire) =>
+                {
+                    Some(progress.count.fetch_add(1, Ordering::SeqCst) + 1)
+                }
+                _ => None,
+            })
+            .ok()
+            .flatten();
         if cached.is_some() {
             return cached;
         }
-        let span = ctx.span(run).filter(|span| is(span.metadata(), RUN_SPAN))?;
-        let progress = Arc::clone(&span.extensions().get::<RunCounter>()?.0);
+        let progress = match self.shard(run).get(&key.1) {
+            Some(Open::Run(progress)) => Arc::clone(progress),
+            Some(Open::Task(_)) | None => return None,
+        };
         let count = progress.count.fetch_add(1, Ordering::SeqCst) + 1;
-        LAST_RUN.with(|last| *last.borrow_mut() = Some((key.0, key.1, progress)));
+        let _ = LAST_RUN.try_with(|last| *last.borrow_mut() = Some((key.0, key.1, progress)));
         Some(count)
-    }
-
-    /// Marks the run whose span `id` is closing as closed, if it is a `duraflow.run` span.
-    fn closing_run<S>(&self, id: &Id, ctx: &LayerContext<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        if let Some(span) = ctx.span(id).filter(|span| is(span.metadata(), RUN_SPAN)) {
-            if let Some(counter) = span.extensions().get::<RunCounter>() {
-                counter.0.closed.store(true, Ordering::Release);
-            }
-        }
     }
 }
 
@@ -340,5 +334,36 @@ mod tests {
             .collect();
         expected.extend((1..=3).flat_map(|n| [("x".to_owned(), n), ("y".to_owned(), n)]));
         assert_eq!(*calls, expected);
+    }
+
+    #[test]
+    fn two_layers_in_one_subscriber_each_count_every_task() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let layer = |name: &'static str| {
+            let seen = Arc::clone(&calls);
+            ProgressLayer::new(move |id: &str, n: usize| {
+                seen.lock().unwrap().push((name, id.to_owned(), n));
+            })
+        };
+        let subscriber = tracing_subscriber::registry()
+            .with(layer("first"))
+            .with(layer("second"));
+        tracing::subscriber::with_default(subscriber, || {
+            let run = tracing::info_span!("duraflow.run");
+            task(&run, "a");
+            task(&run, "b");
+        });
+        let mut calls = calls.lock().unwrap().clone();
+        calls.sort();
+        let call = |layer, id: &str, n| (layer, id.to_owned(), n);
+        assert_eq!(
+            calls,
+            [
+                call("first", "a", 1),
+                call("first", "b", 2),
+                call("second", "a", 1),
+                call("second", "b", 2)
+            ]
+        );
     }
 }
