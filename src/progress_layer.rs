@@ -69,9 +69,11 @@ const TASK_SPAN: &str = "duraflow.task";
 ///   `duraflow.run` span is hidden while its own span is not, its count falls back to one
 ///   counter shared by every such task of this layer.
 /// - A scoped subscriber works even when it is the process's only one and runs without it
-///   reached duraflow's call sites first: a run made in a scope has tracing re-ask every
-///   call site whether it is enabled (tracing would otherwise keep the "no" it cached for a
-///   thread without the subscriber, tokio-rs/tracing#3611).
+///   reached duraflow's call sites first: tracing would keep the "no" it cached there for a
+///   thread without the subscriber (tokio-rs/tracing#3611), so a run made in a scope whose
+///   span (or a task's) comes out disabled while `INFO` is enabled has tracing re-ask every
+///   call site, at most once per run. A site first reached elsewhere during that run (by a
+///   concurrent run outside the scope) is re-asked by the next such run.
 /// - The callback runs inside the subscriber, on the thread that closed the span: keep it
 ///   short, and do not let it panic.
 pub struct ProgressLayer {

@@ -93,6 +93,9 @@ pub(crate) struct RunState {
     /// which every thread sees without being told (and setting a scope per poll costs a
     /// few contended atomic writes).
     dispatch: Option<tracing::Dispatch>,
+    /// Set once the run, or a task of it, found its span's call site stale and had tracing's
+    /// interest cache rebuilt (see [`stale`]): at most once per run.
+    rebuilt: AtomicBool,
 }
 
 const EXECUTED_ONE: u64 = 1;
@@ -117,28 +120,29 @@ impl RunState {
             let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
             (!none && !is_global(d)).then(|| d.clone())
         });
-        if dispatch.is_some() {
-            // tracing caches whether a call site is enabled when it is first reached, and
-            // while one `Dispatch` is all there is, asks only the default of the thread that
-            // reached it (tokio-rs/tracing#3611): a run made outside this subscriber's scope
-            // may have cached "never" for every duraflow span and event. Ask again, now that
-            // this subscriber is the default (once per run made in a scope).
-            tracing::callsite::rebuild_interest_cache();
-        }
         // `--cfg duraflow_no_spans` builds the crate without spans, as the baseline the
-        // span-overhead benchmark compares against; it is not a supported configuration.
-        let span = if cfg!(duraflow_no_spans) {
-            tracing::Span::none()
-        } else {
-            tracing::info_span!(
-                "duraflow.run",
-                run.id = span_id,
-                store = ctx.db.kind(),
-                executed = tracing::field::Empty,
-                cached = tracing::field::Empty,
-                failed = tracing::field::Empty,
-            )
+        // span-overhead benchmark compares against (benches/no-spans); it is not a
+        // supported configuration.
+        let run_span = || {
+            if cfg!(duraflow_no_spans) {
+                tracing::Span::none()
+            } else {
+                tracing::info_span!(
+                    "duraflow.run",
+                    run.id = span_id,
+                    store = ctx.db.kind(),
+                    executed = tracing::field::Empty,
+                    cached = tracing::field::Empty,
+                    failed = tracing::field::Empty,
+                )
+            }
         };
+        let mut span = run_span();
+        let rebuilt = dispatch.is_some() && stale(&span);
+        if rebuilt {
+            tracing::callsite::rebuild_interest_cache();
+            span = run_span();
+        }
         RunState {
             record,
             started_ms,
@@ -149,6 +153,7 @@ impl RunState {
             parent: span.id(),
             span: Mutex::new(Some(span)),
             dispatch,
+            rebuilt: AtomicBool::new(rebuilt),
             ctx,
             ids: Mutex::default(),
             progress: progress.map(OnceLock::from).unwrap_or_default(),
@@ -341,14 +346,22 @@ impl RunState {
         }
         // Made by a task's future, which is polled with the run's subscriber as the default
         // (see `Durable::execute`): the span goes to it without setting it here again.
-        tracing::info_span!(
-            parent: self.parent.clone(),
-            "duraflow.task",
-            task.id = id,
-            run.id = self.span_id,
-            attempt,
-            outcome = tracing::field::Empty,
-        )
+        let task_span = || {
+            tracing::info_span!(
+                parent: self.parent.clone(),
+                "duraflow.task",
+                task.id = id,
+                run.id = self.span_id,
+                attempt,
+                outcome = tracing::field::Empty,
+            )
+        };
+        let span = task_span();
+        if self.dispatch.is_some() && stale(&span) && !self.rebuilt.swap(true, Ordering::Relaxed) {
+            tracing::callsite::rebuild_interest_cache();
+            return task_span();
+        }
+        span
     }
 
     /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
@@ -410,6 +423,20 @@ impl Drop for RunState {
 /// polling its tasks in a scope: correct, only slower. Called once per run.
 fn is_global(dispatch: &tracing::Dispatch) -> bool {
     format!("{dispatch:?}").starts_with("Dispatch::Global")
+}
+
+/// Whether `span` (an `INFO` span) came out disabled although the subscribers take `INFO`:
+/// its call site's cached interest is likely stale. tracing caches
+/// whether a call site is enabled when it is first reached, and while one `Dispatch` is all
+/// there is, asks only the default of the thread that reached it (tokio-rs/tracing#3611). A
+/// run made outside a subscriber's scope can thus leave duraflow's spans and events disabled
+/// for a later run in that scope; `tracing::callsite::rebuild_interest_cache` asks again.
+/// (A disabled span carries no metadata to ask the subscriber about, so this asks tracing's
+/// global level filter; a subscriber that takes `INFO` but filters duraflow out by target
+/// costs a rebuild per run.)
+fn stale(span: &tracing::Span) -> bool {
+    use tracing::level_filters::LevelFilter;
+    span.is_disabled() && LevelFilter::current() >= LevelFilter::INFO
 }
 
 /// Unpacks [`RunState::done`] into (executed, cached).
