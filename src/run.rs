@@ -369,7 +369,8 @@ impl RunState {
         self.dispatch.as_ref()
     }
 
-    /// Writes the run's final record, durably.
+    /// Writes the run's final record, as durably as the store promises for it
+    /// ([`RunLog::finish_run`]).
     async fn close_record(&self, id: RunId, stats: RunStats) {
         let Some(log) = self.ctx.db.run_log() else {
             return;

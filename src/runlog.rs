@@ -14,9 +14,10 @@ use crate::DuraflowError;
 /// `Succeeded` attempt atomically. Reached through [`Storage::run_log`](crate::Storage::run_log).
 ///
 /// Every method is called from async code and **must not block**: queue the work and
-/// return; a [`Ticket`] resolves once it is durable.
+/// return; a [`Ticket`] resolves once the work is done, as durably as the store promises.
 pub trait RunLog: Send + Sync {
-    /// Starts a run and returns its id (increasing with every run of this store).
+    /// Starts a run and returns its id (increasing with every run of this store that is
+    /// recorded: a store may give the id of a run whose records a crash lost to a later run).
     ///
     /// # Errors
     /// Any backend error; the run then proceeds without records.
@@ -67,7 +68,8 @@ pub trait RunLog: Send + Sync {
     fn finish_run(&self, run: RunRecord) -> Result<Ticket, DuraflowError>;
 }
 
-/// Resolves when the work it stands for is durable, with the outcome of that work.
+/// Resolves when the work it stands for is done (as durably as its store promises), with
+/// the outcome of that work.
 #[derive(Debug)]
 pub struct Ticket(TicketState);
 

@@ -141,8 +141,8 @@ pub struct RunDetails {
 ///   returns, except for a run that executed and failed nothing (every task came from the
 ///   store): its record and its `Cached` attempts are stored then (a query sees them) and
 ///   reach the disk with sled's next flush, within 500 ms. After a crash in between, that
-///   run shows `Interrupted`, or is not recorded at all; every output it returned was on
-///   disk before it began.
+///   run shows `Interrupted`, or is not recorded at all (and its id goes to the next run);
+///   every output it returned was on disk before it began.
 /// - One handle at a time: a second open of the same path fails with
 ///   [`DuraflowError::StoreLocked`]; once the handle is dropped, the store can be opened
 ///   again at once.
