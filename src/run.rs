@@ -427,11 +427,11 @@ fn is_global(dispatch: &tracing::Dispatch) -> bool {
 }
 
 /// Whether `span` (an `INFO` span) came out disabled although the subscribers take `INFO`:
-/// its call site's cached interest is likely stale. tracing caches
-/// whether a call site is enabled when it is first reached, and while one `Dispatch` is all
-/// there is, asks only the default of the thread that reached it (tokio-rs/tracing#3611). A
-/// run made outside a subscriber's scope can thus leave duraflow's spans and events disabled
-/// for a later run in that scope; `tracing::callsite::rebuild_interest_cache` asks again.
+/// its call site's cached interest is likely stale. tracing caches whether a call site is
+/// enabled when it is first reached, and while one `Dispatch` is all there is, asks only the
+/// default of the thread that reached it (tokio-rs/tracing#3611). A run made outside a
+/// subscriber's scope can thus leave duraflow's spans and events disabled for a later run in
+/// that scope; `tracing::callsite::rebuild_interest_cache` asks again.
 /// (A disabled span carries no metadata to ask the subscriber about, so this asks tracing's
 /// global level filter; a subscriber that takes `INFO` but filters duraflow out by target
 /// costs a rebuild per run.)
