@@ -137,12 +137,10 @@ impl RunState {
                 )
             }
         };
-        let mut span = run_span();
-        let rebuilt = dispatch.is_some() && stale(&span);
-        if rebuilt {
-            tracing::callsite::rebuild_interest_cache();
-            span = run_span();
-        }
+        let (span, rebuilt) = match dispatch {
+            Some(_) => fresh_span(run_span, || true),
+            None => (run_span(), false),
+        };
         RunState {
             record,
             started_ms,
@@ -356,12 +354,10 @@ impl RunState {
                 outcome = tracing::field::Empty,
             )
         };
-        let span = task_span();
-        if self.dispatch.is_some() && stale(&span) && !self.rebuilt.swap(true, Ordering::Relaxed) {
-            tracing::callsite::rebuild_interest_cache();
+        if self.dispatch.is_none() {
             return task_span();
         }
-        span
+        fresh_span(task_span, || !self.rebuilt.swap(true, Ordering::Relaxed)).0
     }
 
     /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
@@ -438,6 +434,21 @@ fn is_global(dispatch: &tracing::Dispatch) -> bool {
 fn stale(span: &tracing::Span) -> bool {
     use tracing::level_filters::LevelFilter;
     span.is_disabled() && LevelFilter::current() >= LevelFilter::INFO
+}
+
+/// A span from `make` (in a run with a scoped subscriber), made again after rebuilding
+/// tracing's interest cache if it came out [`stale`] and `may_rebuild` (asked only then)
+/// agrees; and whether it rebuilt.
+fn fresh_span(
+    make: impl Fn() -> tracing::Span,
+    may_rebuild: impl FnOnce() -> bool,
+) -> (tracing::Span, bool) {
+    let span = make();
+    if stale(&span) && may_rebuild() {
+        tracing::callsite::rebuild_interest_cache();
+        return (make(), true);
+    }
+    (span, false)
 }
 
 /// Unpacks [`RunState::done`] into (executed, cached).
