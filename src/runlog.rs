@@ -153,7 +153,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_with_a_shared_id_reaches_a_log_without_its_own_way_whole() {
+    fn record_shared_by_default_fills_in_the_key_and_records() {
         let log = Kept::default();
         let record = AttemptRecord {
             run: 7,
