@@ -69,13 +69,16 @@ const N_SMOKE: usize = 100;
 const GROUP: &str = "spans_10k";
 /// The variant every other is compared with.
 const BASELINE: &str = "no_spans";
-/// The variants, in the order they run, and the target ratio of each against `no_spans`.
-const VARIANTS: [(&str, Option<f64>); 5] = [
-    (BASELINE, None),
-    ("no_subscriber", Some(1.05)),
-    ("registry_only", None),
-    ("progress_layer", Some(1.25)),
-    ("progress_layer_global", Some(1.25)),
+/// One variant: its id, what it runs as, and its target ratio against `no_spans`.
+type Case = (&'static str, Variant, Option<f64>);
+/// The variants, in the order they run: the first four in a process with no global
+/// subscriber, the last once one is installed.
+const VARIANTS: [Case; 5] = [
+    (BASELINE, Variant::NoSpans, None),
+    ("no_subscriber", Variant::Current, Some(1.05)),
+    ("registry_only", Variant::Registry, None),
+    ("progress_layer", Variant::Progress, Some(1.25)),
+    ("progress_layer_global", Variant::Current, Some(1.25)),
 ];
 /// Sets the number of interleaved rounds.
 const ROUNDS_VAR: &str = "DURAFLOW_SPANS_ROUNDS";
@@ -170,12 +173,12 @@ fn run_variant(
     elapsed
 }
 
-/// Criterion's measurement of `variants` (id and what it runs as).
+/// Criterion's measurement of `variants`.
 fn criterion_runs(
     c: &mut Criterion,
     rt: &Runtime,
     ids: &[String],
-    variants: &[(&str, Variant)],
+    variants: &[Case],
     global: Option<&AtomicUsize>,
 ) {
     let mut group = c.benchmark_group(GROUP);
@@ -184,7 +187,7 @@ fn criterion_runs(
         .sample_size(60)
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(8));
-    for &(id, variant) in variants {
+    for &(id, variant, _) in variants {
         if !support::selected(GROUP, id) {
             continue;
         }
@@ -208,13 +211,13 @@ fn interleaved_runs(
     rt: &Runtime,
     ids: &[String],
     rounds: usize,
-    variants: &[(&str, Variant)],
+    variants: &[Case],
     global: Option<&AtomicUsize>,
 ) {
-    let variants: Vec<(&str, Variant)> = variants
+    let variants: Vec<Case> = variants
         .iter()
         .enumerate()
-        .filter(|&(i, &(id, _))| i == 0 || support::selected(GROUP, id))
+        .filter(|&(i, &(id, _, _))| i == 0 || support::selected(GROUP, id))
         .map(|(_, v)| *v)
         .collect();
     if variants.len() < 2 || rounds == 0 {
@@ -234,7 +237,7 @@ fn interleaved_runs(
         "\n== interleaved: {rounds} rounds of {} ==",
         variants
             .iter()
-            .map(|(id, _)| *id)
+            .map(|(id, _, _)| *id)
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -242,7 +245,7 @@ fn interleaved_runs(
         "{:<24} {:>8}    ratio to {BASELINE}: median of rounds [quartiles]",
         "", "median"
     );
-    for (v, &(id, _)) in variants.iter().enumerate() {
+    for (v, &(id, _, target)) in variants.iter().enumerate() {
         let mut ratios: Vec<f64> = times[v]
             .iter()
             .zip(&times[0])
@@ -250,10 +253,6 @@ fn interleaved_runs(
             .collect();
         ratios.sort_by(f64::total_cmp);
         let quartile = |q: usize| ratios[(ratios.len() - 1) * q / 4];
-        let target = VARIANTS
-            .iter()
-            .find(|(i, _)| *i == id)
-            .and_then(|(_, t)| *t);
         println!(
             "{id:<24} {:>8.3} ms  {:>6.3}x  [{:.3} .. {:.3}]  {}",
             support::median_ms(&mut times[v].clone()),
@@ -277,23 +276,15 @@ fn main() {
     };
 
     // With no subscriber installed anywhere yet.
-    let scoped = [
-        (BASELINE, Variant::NoSpans),
-        ("no_subscriber", Variant::Current),
-        ("registry_only", Variant::Registry),
-        ("progress_layer", Variant::Progress),
-    ];
-    criterion_runs(&mut criterion, &rt, &ids, &scoped, None);
-    interleaved_runs(&rt, &ids, rounds, &scoped, None);
+    let scoped = &VARIANTS[..4];
+    criterion_runs(&mut criterion, &rt, &ids, scoped, None);
+    interleaved_runs(&rt, &ids, rounds, scoped, None);
 
     // Then with the global default, for good.
     let reported = Arc::new(AtomicUsize::new(0));
     tracing::subscriber::set_global_default(progress_subscriber(&reported))
         .expect("no global subscriber yet");
-    let global = [
-        (BASELINE, Variant::NoSpans),
-        ("progress_layer_global", Variant::Current),
-    ];
+    let global = [VARIANTS[0], VARIANTS[4]];
     criterion_runs(&mut criterion, &rt, &ids, &global[1..], Some(&reported));
     interleaved_runs(&rt, &ids, rounds, &global, Some(&reported));
 
@@ -302,9 +293,9 @@ fn main() {
     // without a verdict (the verdicts are the interleaved ones above).
     let ratios: Vec<_> = VARIANTS[1..]
         .iter()
-        .map(|&(id, _)| (id, BASELINE, None))
+        .map(|&(id, _, _)| (id, BASELINE, None))
         .collect();
-    let ids: Vec<&str> = VARIANTS.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<&str> = VARIANTS.iter().map(|(id, _, _)| *id).collect();
     support::print_summary(GROUP, N, &ids, &ratios, since);
     println!("(criterion's variants ran one after another; the verdicts are the interleaved ones)");
 }
