@@ -129,11 +129,6 @@ impl ReadAhead {
             Pending::Own => Read::own(db, id),
         }
     }
-
-    /// Accounts for a task having taken a read of `bytes` bytes (once per read).
-    fn taken(&self, bytes: usize) {
-        self.ahead.take(bytes);
-    }
 }
 
 /// A task's read of its stored output. A plain future (no box, no copy of the id): every
@@ -173,7 +168,8 @@ impl Future for Read<'_> {
                 } => match Pin::new(rx).poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(read)) => {
-                        readahead.taken(match &read {
+                        // Taken: no longer held (once per read, as `Done` follows).
+                        readahead.ahead.take(match &read {
                             Ok(Some(bytes)) => bytes.len(),
                             _ => 0,
                         });
