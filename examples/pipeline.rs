@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagx::{task, DagRunner, Task, TaskHandle};
-use duraflow_rs::{Context, DurableDag, SledStore};
+use duraflow_rs::{Context, DurableDag, RunHistory, SledStore};
 use serde::{Deserialize, Serialize};
 
 const SHARDS: usize = 32;
@@ -304,7 +304,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(d);
     println!("\nruns recorded in {}:", args.store);
-    for run in store.runs()? {
+    for run in store.runs().await? {
         println!(
             "  run {:>3}  {:<12} {:>3} executed {:>3} cached {:>3} failed  {} ms",
             run.id,

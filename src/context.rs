@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};
+use crate::store::wait;
 use crate::{validate_key, DuraflowError, Storage};
 
 /// The store a pipeline persists into, plus a counter of completed tasks.
@@ -35,7 +36,8 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// A context over `store`, with a completed count of zero.
+    /// A context over `store`, with a completed count of zero. `store` may be an `Arc` of a
+    /// store, so that the caller keeps a handle to it (for its queries, say).
     pub fn new<S: Storage + 'static>(store: S) -> Context {
         Context {
             db: Arc::new(store),
@@ -45,9 +47,9 @@ impl Context {
 
     /// The value stored under `key` as a `T`, or `None` if there is none or it cannot be
     /// read as a `T` (the reason is logged with `tracing::warn!`; use
-    /// [`try_get`](Context::try_get) to see it). Blocks on the store: from async code, call
-    /// it through your runtime's blocking facility (e.g. `tokio::task::spawn_blocking`) for
-    /// stores that do I/O.
+    /// [`try_get`](Context::try_get) to see it). Blocks the calling thread until the store
+    /// answers: from async code, await `ctx.db.read(key)` instead, or call this through your
+    /// runtime's blocking facility (e.g. `tokio::task::spawn_blocking`).
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         match self.try_get(key) {
             Ok(v) => v,
@@ -69,7 +71,7 @@ impl Context {
     /// [`DuraflowError::InvalidKey`]; any error of the store.
     pub fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DuraflowError> {
         validate_key(key)?;
-        match self.db.read(key)? {
+        match wait(self.db.read(key))? {
             None => Ok(None),
             Some(bytes) => codec::decode(key, &bytes, TypeCheck::Structural).map(Some),
         }
@@ -84,7 +86,7 @@ impl Context {
     /// [`DuraflowError::InvalidKey`]; any error of the store.
     pub fn inspect(&self, key: &str) -> Result<Option<StoredValue>, DuraflowError> {
         validate_key(key)?;
-        let Some(bytes) = self.db.read(key)? else {
+        let Some(bytes) = wait(self.db.read(key))? else {
             return Ok(None);
         };
         let (type_name, value) = codec::inspect(key, &bytes)?;
@@ -96,39 +98,17 @@ impl Context {
     }
 
     /// Stores `value` under `key`, replacing any previous value, with the store's durability
-    /// guarantee. A task with id `key` will return this value instead of running.
+    /// guarantee. A task with id `key` will return this value instead of running. Blocks
+    /// the calling thread until the store answers, as [`get`](Context::get) does.
     ///
     /// # Errors
-    /// [`DuraflowError::Persist`] naming the key, with the encoder's or store's error as its
-    /// source; the previous value is then unchanged.
+    /// [`DuraflowError::InvalidKey`] for a key no store accepts; [`DuraflowError::Persist`]
+    /// naming the key, with the encoder's or store's error as its source. The previous
+    /// value is then unchanged.
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), DuraflowError> {
-        validate_key(key)
-            .and_then(|()| codec::encode(key, value))
-            .and_then(|bytes| self.db.write_owned(key, bytes))
-            .map_err(|e| e.into_persist(key))
-    }
-
-    /// The stored output of task `key` and its size in bytes, given what reading `key`
-    /// returned, if it can be handed to the task's dependents: present, intact and written
-    /// by the same type. Anything else is logged and treated as absent, so the task runs
-    /// again and overwrites it.
-    pub(crate) fn usable_output<T: DeserializeOwned>(
-        key: &str,
-        read: Result<Option<Vec<u8>>, DuraflowError>,
-    ) -> Option<(T, usize)> {
-        let found = read.and_then(|bytes| match bytes {
-            None => Ok(None),
-            Some(bytes) => {
-                codec::decode(key, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
-            }
-        });
-        match found {
-            Ok(v) => v,
-            Err(error) => {
-                tracing::warn!(key, %error, "stored output unusable; running the task again");
-                None
-            }
-        }
+        validate_key(key)?;
+        let bytes = codec::encode(key, value).map_err(|e| e.into_persist(key))?;
+        wait(self.db.write(key, bytes)).map_err(|e| e.into_persist(key))
     }
 }
 

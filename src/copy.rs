@@ -9,8 +9,7 @@ use crate::{codec, DuraflowError, Storage};
 /// value stops the copy instead of spreading. Each write has `to`'s own durability; outputs
 /// already copied stay copied if a later one fails. `from` is only read.
 ///
-/// Blocks on both stores: from async code, call it through your runtime's blocking
-/// facility (e.g. `tokio::task::spawn_blocking`).
+/// Awaits one store call at a time, in key order.
 ///
 /// # Errors
 /// [`DuraflowError::Unsupported`] when `from` cannot list its keys;
@@ -19,17 +18,18 @@ use crate::{codec, DuraflowError, Storage};
 ///
 /// [`FileStore`]: crate::FileStore
 /// [`SledStore`]: crate::SledStore
-pub fn copy(from: &dyn Storage, to: &dyn Storage) -> Result<usize, DuraflowError> {
-    let mut keys = from.keys()?;
+pub async fn copy(from: &dyn Storage, to: &dyn Storage) -> Result<usize, DuraflowError> {
+    let mut keys = from.keys().await?;
     keys.sort();
     let mut copied = 0;
     for key in keys {
         // A key removed since it was listed is simply not copied.
-        let Some(bytes) = from.read(&key)? else {
+        let Some(bytes) = from.read(&key).await? else {
             continue;
         };
         codec::open(&key, &bytes)?;
-        to.write_owned(&key, bytes)
+        to.write(&key, bytes)
+            .await
             .map_err(|e| e.into_persist(&key))?;
         copied += 1;
     }

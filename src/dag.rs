@@ -8,7 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::run::{RunState, RunStats};
 use std::fmt::Display;
 
-use crate::durable::Retry;
+use crate::retry::Retry;
 use crate::{validate_key, Context, Durable, DuraflowError, Fallible, OutputKind, RetryPolicy};
 
 /// Adds tasks to a dagx [`DagRunner`] so that each one's output is persisted in a
@@ -19,8 +19,6 @@ use crate::{validate_key, Context, Durable, DuraflowError, Fallible, OutputKind,
 pub struct DurableDag<'a> {
     dag: &'a DagRunner,
     run: Arc<RunState>,
-    /// The policy of tasks added with `add_fallible`.
-    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for DurableDag<'_> {
@@ -38,7 +36,6 @@ impl<'a> DurableDag<'a> {
         DurableDag {
             dag,
             run: Arc::new(RunState::new(ctx, None)),
-            retry: RetryPolicy::default(),
         }
     }
 
@@ -96,28 +93,16 @@ impl<'a> DurableDag<'a> {
         self.add_kind(id, task, None)
     }
 
-    /// Sets the retry policy of tasks added from now on with
-    /// [`add_fallible`](DurableDag::add_fallible). The default makes one attempt.
-    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
-    }
-
     /// Adds a task whose output is a `Result`: `Ok(T)` is persisted (as a `T`, so
     /// `Context::get::<T>` reads it) and reused by later runs; an `Err` is recorded as a
-    /// failed attempt with the error's text, never persisted, and — once the attempts of this
-    /// DAG's [`RetryPolicy`] (see [`with_retry`](DurableDag::with_retry)) are spent — handed
-    /// to dependents as dagx would. A panic or a timeout is a failed attempt too. A later run
-    /// executes a task that ended in `Err` again.
+    /// failed attempt with the error's text, never persisted, and handed to dependents as
+    /// dagx would. A panic is a failed attempt too. The task is attempted once per run (see
+    /// [`add_fallible_with`](DurableDag::add_fallible_with) to retry it); a later run executes
+    /// a task that ended in `Err` again.
     ///
     /// A dependent receives the `Result` itself. Make dependents fallible too and propagate
     /// the error (as `Result::map` does): a dependent that turns an upstream `Err` into an
     /// `Ok` output has that output stored and reused like any other.
-    ///
-    /// Retrying runs a fresh clone of the task on a clone of its input, hence the `Clone`
-    /// bounds. dagx hands a task with two or more dependencies its inputs in a form only the
-    /// task itself can unpack: such a task is attempted once (a `warn!` says so); give it
-    /// one dependency (a task that combines the others) to have it retried.
     ///
     /// # Panics
     /// As [`add`](DurableDag::add), when `id` is used already or is not a valid key.
@@ -127,15 +112,25 @@ impl<'a> DurableDag<'a> {
         task: Tk,
     ) -> TaskBuilder<'a, Durable<Tk, Fallible>, Pending>
     where
-        Tk: Task<Output = Result<T, E>> + Clone + 'static,
-        Tk::Input: Clone + Sync + 'static,
+        Tk: Task<Output = Result<T, E>> + 'static,
+        Tk::Input: Clone + 'static,
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Display + Clone + Send + Sync + 'static,
     {
-        self.add_fallible_with(id, task, self.retry.clone())
+        match self.add_kind(id, task, None) {
+            Ok(builder) => builder,
+            Err(error) => panic!("DurableDag::add_fallible: {error}"),
+        }
     }
 
-    /// [`add_fallible`](DurableDag::add_fallible) with a policy of its own for this task.
+    /// [`add_fallible`](DurableDag::add_fallible), attempted again under `policy` while it
+    /// fails (returns `Err`, panics or times out) and attempts are left; once they are spent,
+    /// the last `Err` goes to dependents.
+    ///
+    /// Retrying runs a fresh clone of the task on a clone of its input, hence the `Clone`
+    /// bounds. dagx hands a task with two or more dependencies its inputs in a form only the
+    /// task itself can unpack: such a task is attempted once (a `warn!` says so); give it
+    /// one dependency (a task that combines the others) to have it retried.
     ///
     /// # Panics
     /// As [`add`](DurableDag::add).
@@ -160,8 +155,8 @@ impl<'a> DurableDag<'a> {
 
     /// Adds an infallible task that is attempted again, under `policy`, when it panics or
     /// times out; otherwise as [`add`](DurableDag::add). Retrying runs a fresh clone of the
-    /// task on a clone of its input (see [`add_fallible`](DurableDag::add_fallible) for tasks
-    /// with several dependencies).
+    /// task on a clone of its input (see [`add_fallible_with`](DurableDag::add_fallible_with)
+    /// for tasks with several dependencies).
     ///
     /// # Panics
     /// As [`add`](DurableDag::add).
@@ -197,8 +192,8 @@ impl<'a> DurableDag<'a> {
         K: OutputKind<Tk::Output>,
     {
         validate_key(id)?;
-        let (id, pending) = self.run.claim(id)?;
-        let durable = Durable::in_run(id, task, self.run.clone(), pending, retry);
+        self.run.claim(id)?;
+        let durable = Durable::in_run(id.into(), task, self.run.clone(), retry);
         Ok(self.dag.add_task(durable))
     }
 

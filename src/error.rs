@@ -150,8 +150,8 @@ pub enum DuraflowError {
         attempts: u32,
     },
 
-    /// Store work for `key` was abandoned because its I/O thread went away (the process is
-    /// shutting down).
+    /// Store work for `key` was abandoned because the thread doing it went away (the
+    /// process is shutting down).
     #[error("store work for key {key:?} was abandoned: the process is shutting down")]
     RuntimeShutdown {
         /// The key whose operation was abandoned.
@@ -182,10 +182,11 @@ fn key_preview(key: &str) -> String {
 }
 
 impl DuraflowError {
-    /// Wraps `self` as the cause of a failed persist of `key` (no double wrapping).
+    /// Wraps `self` as the cause of a failed persist of `key` (no double wrapping; a key no
+    /// store accepts stays [`DuraflowError::InvalidKey`]).
     pub(crate) fn into_persist(self, key: &str) -> DuraflowError {
         match self {
-            e @ DuraflowError::Persist { .. } => e,
+            e @ (DuraflowError::Persist { .. } | DuraflowError::InvalidKey { .. }) => e,
             other => DuraflowError::Persist {
                 key: key.to_owned(),
                 source: Box::new(other),

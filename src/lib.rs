@@ -11,14 +11,13 @@ mod dag;
 mod durable;
 mod error;
 mod key;
-mod offload;
 mod output;
 mod progress_layer;
-mod readahead;
 mod record;
 mod retry;
 mod run;
 mod runlog;
+mod spans;
 mod store;
 
 pub use context::{Context, StoredValue};
@@ -29,10 +28,13 @@ pub use error::{BoxError, DuraflowError};
 pub use key::{validate_key, MAX_KEY_LEN};
 pub use output::{Fallible, OutputKind, Plain};
 pub use progress_layer::ProgressLayer;
-pub use record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
+pub use record::{
+    AttemptOutcome, AttemptRecord, GcStats, RunDetails, RunHistory, RunId, RunRecord, RunStatus,
+};
 pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
-pub use runlog::{RunLog, Ticket, TicketSender};
+pub use runlog::RunLog;
 pub use store::{
-    Durability, FileStore, GcStats, MemoryStore, RunDetails, SledConfig, SledStore, Storage,
+    open_existing, unblock, Durability, FileStore, MemoryStore, SledConfig, SledStore, Storage,
+    StoreFuture,
 };

@@ -1,9 +1,7 @@
 //! [`ProgressLayer`]: progress reporting from the `duraflow.task` spans, as a
 //! `tracing_subscriber::Layer`.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing::field::{Field, Visit};
@@ -78,34 +76,12 @@ const TASK_SPAN: &str = "duraflow.task";
 ///   short, and do not let it panic.
 pub struct ProgressLayer {
     callback: ProgressFn,
-    /// This layer's number among every `ProgressLayer` of the process (see [`LAST_RUN`]).
+    /// This layer's number among every `ProgressLayer` of the process: its key in the
+    /// counts a run span carries, so two layers in one subscriber count apart.
     serial: u64,
     /// The count of tasks whose `duraflow.run` span this layer does not see.
     unattached: AtomicUsize,
-    /// The open `duraflow.task` and `duraflow.run` spans this layer saw, by span id, in
-    /// shards. Kept here rather than in each span's extensions: a shard is one uncontended
-    /// lock and a small map, where the registry's extensions cost a span lookup and a boxed
-    /// entry per span, three times over a task's life; and the extensions are shared by
-    /// every layer, so two `ProgressLayer`s in one subscriber would collide there.
-    open: Box<[SpanShard]>,
 }
-
-/// Shards of [`ProgressLayer::open`]: tasks ending on different threads rarely share one.
-const SHARDS: usize = 16;
-
-/// An open span the layer keeps track of.
-enum Open {
-    Task(TaskProgress),
-    Run(Arc<RunProgress>),
-}
-
-/// The map of one shard.
-type SpanMap = HashMap<u64, Open, foldhash::fast::RandomState>;
-
-/// One shard of open spans, on its own cache line(s).
-#[repr(align(128))]
-#[derive(Default)]
-struct SpanShard(Mutex<SpanMap>);
 
 impl ProgressLayer {
     /// A layer calling `callback(task_id, completed)` once per completed task, as described
@@ -119,15 +95,7 @@ impl ProgressLayer {
             callback: Arc::new(callback),
             serial: NEXT.fetch_add(1, Ordering::Relaxed),
             unattached: AtomicUsize::new(0),
-            open: (0..SHARDS).map(|_| SpanShard::default()).collect(),
         }
-    }
-
-    /// The shard holding span `id`, locked. Every critical section is one map call, so a
-    /// poisoned lock holds a consistent map.
-    fn shard(&self, id: &Id) -> MutexGuard<'_, SpanMap> {
-        let shard = &self.open[(id.into_u64() % SHARDS as u64) as usize];
-        shard.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -137,45 +105,24 @@ impl std::fmt::Debug for ProgressLayer {
     }
 }
 
-/// The count of a run's reported tasks, kept while its `duraflow.run` span is open.
+/// In a `duraflow.run` span's extensions: the count of its reported tasks, per layer.
 #[derive(Default)]
-struct RunProgress {
-    count: AtomicUsize,
-    /// Set when the run's span closes, after which its span id may name another span.
-    closed: AtomicBool,
-}
+struct RunCounts(Mutex<Vec<(u64, usize)>>);
 
-thread_local! {
-    /// The run this thread last counted a task of, for one layer: `(layer serial, run span
-    /// id, its progress)`. A task's run span is open while the task's span closes (the task
-    /// holds it), and ids are unique among open spans; so while the cached run is not closed,
-    /// a task whose parent has the cached id belongs to it. That spares all but a thread's
-    /// first task of each run the lookup of the run in the layer's map: a lock of the one
-    /// shard every task of the run would share between the worker threads.
-    static LAST_RUN: RefCell<Option<(u64, u64, Arc<RunProgress>)>> = const { RefCell::new(None) };
-}
-
-/// What the layer keeps of one open `duraflow.task` span.
-struct TaskProgress {
-    id: Box<str>,
-    /// Set when `outcome` is recorded as `executed` or `cached`.
-    completed: bool,
-    /// The span's parent (its run's span, for duraflow's own).
-    parent: Option<Id>,
-}
-
-/// The fields of a `duraflow.task` span this layer reads.
+/// In a `duraflow.task` span's extensions: what it says of its task (the same for every
+/// layer, which may each record it).
 #[derive(Default)]
 struct TaskFields {
     id: Option<Box<str>>,
-    outcome: Option<bool>,
+    /// Whether `outcome` is `executed` or `cached`.
+    completed: Option<bool>,
 }
 
 impl Visit for TaskFields {
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
             "task.id" => self.id = Some(value.into()),
-            "outcome" => self.outcome = Some(matches!(value, "executed" | "cached")),
+            "outcome" => self.completed = Some(matches!(value, "executed" | "cached")),
             _ => {}
         }
     }
@@ -187,12 +134,6 @@ impl Visit for TaskFields {
             self.record_str(field, text.trim_matches('"'));
         }
     }
-
-    // The other fields (`run.id`, `attempt`) are numbers: skip them without the default
-    // detour through `record_debug`.
-    fn record_u64(&mut self, _: &Field, _: u64) {}
-    fn record_i64(&mut self, _: &Field, _: i64) {}
-    fn record_bool(&mut self, _: &Field, _: bool) {}
 }
 
 /// Whether `metadata` is the duraflow span `name` (not a user's span of the same name).
@@ -205,92 +146,65 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let metadata = attrs.metadata();
-        if is(metadata, TASK_SPAN) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if is(attrs.metadata(), TASK_SPAN) {
             let mut fields = TaskFields::default();
             attrs.record(&mut fields);
-            let parent = match attrs.parent() {
-                Some(parent) => Some(parent.clone()),
-                None if attrs.is_contextual() => ctx.current_span().id().cloned(),
-                None => None,
-            };
-            let task = TaskProgress {
-                id: fields.id.unwrap_or_default(),
-                completed: fields.outcome.unwrap_or(false),
-                parent,
-            };
-            self.shard(id).insert(id.into_u64(), Open::Task(task));
-        } else if is(metadata, RUN_SPAN) {
-            let run = Open::Run(Arc::new(RunProgress::default()));
-            self.shard(id).insert(id.into_u64(), run);
+            extensions.replace(fields);
+        } else if is(attrs.metadata(), RUN_SPAN) {
+            if extensions.get_mut::<RunCounts>().is_none() {
+                extensions.insert(RunCounts::default());
+            }
+            if let Some(counts) = extensions.get_mut::<RunCounts>() {
+                lock(&counts.0).push((self.serial, 0));
+            }
         }
     }
 
-    fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: LayerContext<'_, S>) {
-        // The fields first: most records (any span's but a task's `outcome`) need no lock.
-        let mut fields = TaskFields::default();
-        values.record(&mut fields);
-        if fields.id.is_none() && fields.outcome.is_none() {
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        if !is(span.metadata(), TASK_SPAN) {
             return;
         }
-        if let Some(Open::Task(task)) = self.shard(id).get_mut(&id.into_u64()) {
-            if let Some(id) = fields.id {
-                task.id = id;
-            }
-            if let Some(completed) = fields.outcome {
-                task.completed = completed;
-            }
+        let mut recorded = TaskFields::default();
+        values.record(&mut recorded);
+        let mut extensions = span.extensions_mut();
+        if let Some(fields) = extensions.get_mut::<TaskFields>() {
+            fields.id = recorded.id.or(fields.id.take());
+            fields.completed = recorded.completed.or(fields.completed);
         }
     }
 
-    fn on_close(&self, id: Id, _ctx: LayerContext<'_, S>) {
-        // Taken out first, so no lock is held while the callback runs.
-        let task = match self.shard(&id).remove(&id.into_u64()) {
-            Some(Open::Task(task)) => task,
-            Some(Open::Run(run)) => {
-                run.closed.store(true, Ordering::Release);
-                return;
-            }
-            None => return,
+    fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let task = match span.extensions().get::<TaskFields>() {
+            Some(TaskFields {
+                id: Some(task),
+                completed: Some(true),
+            }) => task.clone(),
+            _ => return,
         };
-        if !task.completed {
-            return;
-        }
-        let count = task.parent.as_ref().and_then(|run| self.count_in(run));
+        // A task's run span is open while the task's span closes: the task holds it.
+        let count = span
+            .parent()
+            .filter(|run| is(run.metadata(), RUN_SPAN))
+            .and_then(|run| {
+                let extensions = run.extensions();
+                let mut counts = lock(&extensions.get::<RunCounts>()?.0);
+                let (_, count) = counts.iter_mut().find(|(layer, _)| *layer == self.serial)?;
+                *count += 1;
+                Some(*count)
+            });
         let completed = count.unwrap_or_else(|| self.unattached.fetch_add(1, Ordering::SeqCst) + 1);
-        (self.callback)(&task.id, completed);
+        (self.callback)(&task, completed);
     }
 }
 
-impl ProgressLayer {
-    /// Counts one reported task of the run whose span is `run` (the task's parent, open
-    /// while the task's span closes), and returns that run's count so far; `None` if `run`
-    /// is not a `duraflow.run` span this layer saw open.
-    fn count_in(&self, run: &Id) -> Option<usize> {
-        let key = (self.serial, run.into_u64());
-        // `try_with`: a span may close while the thread's locals are being destroyed.
-        let cached = LAST_RUN
-            .try_with(|last| match &*last.borrow() {
-                Some((serial, id, progress))
-                    if (*serial, *id) == key && !progress.closed.load(Ordering::Acquire) =>
-                {
-                    Some(progress.count.fetch_add(1, Ordering::SeqCst) + 1)
-                }
-                _ => None,
-            })
-            .ok()
-            .flatten();
-        if cached.is_some() {
-            return cached;
-        }
-        let progress = match self.shard(run).get(&key.1) {
-            Some(Open::Run(progress)) => Arc::clone(progress),
-            Some(Open::Task(_)) | None => return None,
-        };
-        let count = progress.count.fetch_add(1, Ordering::SeqCst) + 1;
-        let _ = LAST_RUN.try_with(|last| *last.borrow_mut() = Some((key.0, key.1, progress)));
-        Some(count)
-    }
+/// `mutex`, locked. Every critical section is one update of a `Vec`, so a poisoned lock
+/// holds a consistent one.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
-//! Run and attempt records: what a store with a run log keeps about every run.
+//! Run and attempt records, what a store with a run log keeps about every run, and
+//! [`RunHistory`], how they are read back.
 
 use serde::{Deserialize, Serialize};
+
+use crate::StoreFuture;
 
 /// A run's id: assigned by the store, increasing with every run it sees.
 pub type RunId = u64;
@@ -92,6 +95,67 @@ pub struct AttemptRecord {
     /// The size of the stored output in bytes, when one was stored or reused.
     #[serde(default)]
     pub output_size: Option<u64>,
+}
+
+/// A run with all its attempts, from [`RunHistory::run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunDetails {
+    /// The run.
+    pub run: RunRecord,
+    /// Its attempts, ordered by key, then attempt number.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// What [`RunHistory::gc`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcStats {
+    /// The ids of the runs whose records were removed, oldest first.
+    pub runs_removed: Vec<RunId>,
+    /// How many attempts those runs had.
+    pub attempts_removed: u64,
+    /// How many stored entries were removed (a store may keep several attempts in one).
+    pub records_removed: u64,
+    /// The sizes of the removed entries' keys and values, added up, in bytes. A store's
+    /// files need not shrink by that much at once.
+    pub bytes_reclaimed: u64,
+}
+
+/// A store whose run and attempt records can be read back: what the `duraflow` command-line
+/// tool and its report are built on. Reached through
+/// [`Storage::history`](crate::Storage::history).
+///
+/// Attempt records reach a store in the background; those of a finished run (one whose
+/// `dag.run` returned) are all there.
+pub trait RunHistory: Send + Sync {
+    /// Every run, oldest first.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Corrupt`](crate::DuraflowError::Corrupt) for a record that does not
+    /// decode; any backend error.
+    fn runs(&self) -> StoreFuture<'_, Vec<RunRecord>>;
+
+    /// One run and its attempts, or `None` if there is no run `id`.
+    ///
+    /// # Errors
+    /// As [`runs`](RunHistory::runs).
+    fn run(&self, id: RunId) -> StoreFuture<'_, Option<RunDetails>>;
+
+    /// Every attempt at task `key`, over all runs, oldest first.
+    ///
+    /// # Errors
+    /// [`DuraflowError::InvalidKey`](crate::DuraflowError::InvalidKey); otherwise as
+    /// [`runs`](RunHistory::runs).
+    fn attempts_of<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Vec<AttemptRecord>>;
+
+    /// Removes the records of every run but the newest `keep_runs` (by id), with all their
+    /// attempts. Outputs are never touched, so nothing runs again because of a gc; nor is a
+    /// run that is still `Running`. Durable when it resolves.
+    ///
+    /// # Errors
+    /// As [`runs`](RunHistory::runs); runs removed before a failure stay removed.
+    fn gc(&self, keep_runs: usize) -> StoreFuture<'_, GcStats>;
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -1,17 +1,18 @@
-//! One run of a pipeline: its task ids, counters and progress callback.
+//! One run of a pipeline: its task ids, counters, records and progress callback.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::codec;
-use crate::offload::{off_executor, Offloaded};
-use crate::readahead::{Pending, Read, ReadAhead};
+use crate::codec::{self, TypeCheck};
 use crate::record::now_ms;
+use crate::spans::RunSpans;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
 };
@@ -49,6 +50,7 @@ pub(crate) enum Ending {
 }
 
 impl Ending {
+    /// The task span's `outcome` field.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Ending::Executed => "executed",
@@ -59,47 +61,28 @@ impl Ending {
 }
 
 /// Shared by every task of one run (one [`DurableDag`](crate::DurableDag), or one standalone
-/// [`Durable`](crate::Durable)): each task holds one `Arc` of it, which also reaches the
-/// context.
+/// [`Durable`](crate::Durable)).
 pub(crate) struct RunState {
     pub(crate) ctx: Arc<Context>,
-    ids: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    pub(crate) spans: RunSpans,
+    ids: Mutex<HashSet<String>>,
     /// Set before the run starts; read without a lock by every task.
     progress: OnceLock<ProgressFn>,
-    /// Executed tasks in the low 32 bits, cached ones in the high 32: one atomic add both
-    /// counts a task and yields the distinct running count its callback reports, so two
-    /// worker threads share one contended cache line per task instead of several.
-    done: AtomicU64,
+    /// Completed tasks: the count each one's progress callback reports.
+    completed: AtomicUsize,
+    executed: AtomicUsize,
+    cached: AtomicUsize,
     failed: AtomicUsize,
+    /// Tasks claimed in this run: the run is over when this many have ended.
+    total: AtomicUsize,
+    /// Set by the task that finds every task of the run ended (or by the drop).
+    closed: AtomicBool,
+    /// Set once a progress callback panicked (it is then logged once).
+    callback_panicked: AtomicBool,
     /// The run's id in the store's run log, if the store keeps one.
     record: Option<RunId>,
     started_ms: u64,
-    /// Set by the task that finds every task of the run final and closes the record.
-    closed: AtomicBool,
-    /// Tasks claimed in this run: the run is over when this many have ended.
-    total: AtomicUsize,
-    /// The run's id in spans: its run-log id, or a process-wide sequence number when the
-    /// store keeps no run log.
-    span_id: u64,
-    /// The `duraflow.run` span, dropped (closed, once its tasks' spans close) when the run
-    /// ends. Task spans name it as their parent.
-    span: Mutex<Option<tracing::Span>>,
-    parent: Option<tracing::Id>,
-    /// Reads the run's stored outputs ahead of its tasks, for stores whose reads block.
-    readahead: Option<ReadAhead>,
-    /// The subscriber that was current when the run was made, if it was a scoped (thread)
-    /// default: every task's future is polled with it, so spans reach it from whatever
-    /// worker thread runs the task. `None` with no subscriber, and with the global default,
-    /// which every thread sees without being told (and setting a scope per poll costs a
-    /// few contended atomic writes).
-    dispatch: Option<tracing::Dispatch>,
-    /// Set once the run, or a task of it, found its span's call site stale and had tracing's
-    /// interest cache rebuilt (see [`stale`]): at most once per run.
-    rebuilt: AtomicBool,
 }
-
-const EXECUTED_ONE: u64 = 1;
-const CACHED_ONE: u64 = 1 << 32;
 
 impl RunState {
     pub(crate) fn new(ctx: Arc<Context>, progress: Option<ProgressFn>) -> RunState {
@@ -109,54 +92,23 @@ impl RunState {
                 .map_err(|error| tracing::warn!(%error, "run not recorded"))
                 .ok()
         });
-        let span_id = match record {
-            Some(id) => id,
-            None => {
-                static NEXT: AtomicU64 = AtomicU64::new(1);
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            }
-        };
-        let dispatch = tracing::dispatcher::get_default(|d| {
-            let none = cfg!(duraflow_no_spans) || d.is::<tracing::subscriber::NoSubscriber>();
-            (!none && !is_global(d)).then(|| d.clone())
-        });
-        // `--cfg duraflow_no_spans` builds the crate without spans, as the baseline the
-        // span-overhead benchmark compares against (benches/no-spans); it is not a
-        // supported configuration.
-        let run_span = || {
-            if cfg!(duraflow_no_spans) {
-                tracing::Span::none()
-            } else {
-                tracing::info_span!(
-                    "duraflow.run",
-                    run.id = span_id,
-                    store = ctx.db.kind(),
-                    executed = tracing::field::Empty,
-                    cached = tracing::field::Empty,
-                    failed = tracing::field::Empty,
-                )
-            }
-        };
-        let (span, rebuilt) = match dispatch {
-            Some(_) => fresh_span(run_span, || true),
-            None => (run_span(), false),
-        };
+        // Without a run log, runs are numbered in spans by a process-wide sequence.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let span_id = record.unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed));
         RunState {
-            record,
-            started_ms,
-            closed: AtomicBool::new(false),
-            total: AtomicUsize::new(0),
-            readahead: (ctx.db.may_block() && ctx.db.read_ahead()).then(ReadAhead::new),
-            span_id,
-            parent: span.id(),
-            span: Mutex::new(Some(span)),
-            dispatch,
-            rebuilt: AtomicBool::new(rebuilt),
+            spans: RunSpans::new(span_id, ctx.db.kind()),
             ctx,
             ids: Mutex::default(),
             progress: progress.map(OnceLock::from).unwrap_or_default(),
-            done: AtomicU64::new(0),
+            completed: AtomicUsize::new(0),
+            executed: AtomicUsize::new(0),
+            cached: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            callback_panicked: AtomicBool::new(false),
+            record,
+            started_ms,
         }
     }
 
@@ -172,141 +124,115 @@ impl RunState {
         }
     }
 
-    /// Claims `id` for one task of this run; the returned id is shared with the claim set.
-    /// With read-ahead, also returns what the task's stored-output read will arrive on.
-    pub(crate) fn claim(&self, id: &str) -> Result<(Arc<str>, Option<Pending>), DuraflowError> {
-        // One hash and probe: insert, and learn from that whether the id was taken.
-        let shared: Arc<str> = Arc::from(id);
-        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        let fresh = ids.insert(Arc::clone(&shared));
-        drop(ids);
+    /// Claims `id` for one task of this run.
+    ///
+    /// # Errors
+    /// [`DuraflowError::DuplicateTaskId`] when a task of this run has it already.
+    pub(crate) fn claim(&self, id: &str) -> Result<(), DuraflowError> {
+        let fresh = self
+            .ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned());
         if !fresh {
             return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
         }
-        let id = shared;
         self.total.fetch_add(1, Ordering::SeqCst);
-        let pending = self.readahead.as_ref().map(|r| r.enqueue(Arc::clone(&id)));
-        Ok((id, pending))
+        Ok(())
     }
 
-    /// Reads what the store holds under `id`, off the executor: from the run's read-ahead
-    /// when the task has a `pending` read there (starting the read-ahead if this is the
-    /// run's first task), otherwise with a read of its own.
-    pub(crate) fn read_stored<'a>(&'a self, id: &'a str, pending: Option<Pending>) -> Read<'a> {
-        match (&self.readahead, pending) {
-            (Some(readahead), Some(pending)) => {
-                readahead.start(&self.ctx.db);
-                readahead.read(&self.ctx.db, id, pending)
+    /// The stored output of task `id` and its size in bytes, if it can be handed to the
+    /// task's dependents: present, intact and written by the same type. Anything else is
+    /// logged and treated as absent, so the task runs again and overwrites it.
+    pub(crate) async fn stored<T: DeserializeOwned>(&self, id: &str) -> Option<(T, usize)> {
+        let found = self.ctx.db.read(id).await.and_then(|bytes| match bytes {
+            None => Ok(None),
+            Some(bytes) => {
+                codec::decode(id, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
             }
-            _ => Read::own(&self.ctx.db, id),
-        }
+        });
+        found
+            .map_err(|error| {
+                tracing::warn!(key = id, %error, "stored output unusable; running the task again");
+            })
+            .ok()
+            .flatten()
     }
 
-    /// Starts an attempt at task `id` (recorded only when it ends or starts running).
-    pub(crate) fn start_attempt(&self, attempt: u32) -> Attempt {
+    /// Starts attempt `number` at a task.
+    pub(crate) fn start_attempt(&self, number: u32) -> Attempt {
         Attempt {
-            // `record` is set only for a store with a run log.
-            start: self.record.map(|run| AttemptStart {
-                run,
-                attempt,
-                started_ms: now_ms(),
-                started: Instant::now(),
-            }),
+            number,
+            started_ms: now_ms(),
+            started: Instant::now(),
         }
     }
 
-    /// The run log `attempt` is to be recorded in: `None` at once, without asking the store,
-    /// for an attempt of a run without one.
-    fn log_of(&self, attempt: &Attempt) -> Option<&dyn RunLog> {
-        attempt.start.as_ref()?;
-        self.ctx.db.run_log()
+    /// The run log this run's records go to, if the store keeps one.
+    fn log(&self) -> Option<(&dyn RunLog, RunId)> {
+        Some((self.ctx.db.run_log()?, self.record?))
     }
 
-    /// Records the attempt at task `id` as `Running`: the inner task is about to run, and a
-    /// crash from here on leaves it `Interrupted`. (A cached task never runs and is
-    /// recorded once.)
-    pub(crate) fn mark_running(&self, id: &str, attempt: &Attempt) {
-        let Some(log) = self.log_of(attempt) else {
-            return;
-        };
-        if let Some(record) = attempt.running(id) {
-            if let Err(error) = log.record(record) {
-                tracing::warn!(key = id, %error, "attempt not recorded");
-            }
-        }
-    }
-
-    /// Records how an attempt at task `id` ended (a `Succeeded` one is recorded by
-    /// [`persist`](Self::persist)). The id goes to the log as the run's shared `Arc`
-    /// ([`RunLog::record_shared`]): a cached re-run records a `Cached` attempt per task.
-    pub(crate) fn end_attempt(
+    /// Records attempt `attempt` at task `id` as `outcome`: `Running` when the inner task is
+    /// about to run (a crash from here on leaves it `Interrupted`), or how it ended (a
+    /// `Succeeded` attempt is recorded by [`persist`](Self::persist)).
+    pub(crate) fn record(
         &self,
-        id: &Arc<str>,
+        id: &str,
         attempt: &Attempt,
         outcome: AttemptOutcome,
         size: Option<usize>,
     ) {
-        let Some(log) = self.log_of(attempt) else {
+        let Some((log, run)) = self.log() else {
             return;
         };
-        // The key is left empty (no allocation): `record_shared` takes it from `id`.
-        if let Some(record) = attempt.ended("", outcome, size) {
-            if let Err(error) = log.record_shared(id, record) {
-                tracing::warn!(key = &**id, %error, "attempt not recorded");
-            }
+        if let Err(error) = log.record(attempt.record(run, id, outcome, size)) {
+            tracing::warn!(key = id, %error, "attempt not recorded");
         }
     }
 
     /// Persists the output of task `id`: with its `Succeeded` attempt in one atomic commit
-    /// where the store keeps records, as a plain write otherwise. Returns once durable.
-    /// The caller awaits the returned future and maps its error with
-    /// [`DuraflowError::into_persist`]: building the future does the encoding and queues the
-    /// write, so the future itself stays small.
-    pub(crate) fn persist<T: Serialize>(
-        &self,
-        id: &Arc<str>,
+    /// where the store keeps records, as a plain write otherwise. The value is encoded now;
+    /// the future resolves once the output is durable.
+    pub(crate) fn persist<'a, T: Serialize>(
+        &'a self,
+        id: &'a str,
         value: &T,
         attempt: &Attempt,
-    ) -> Offloaded<'static, ()> {
-        let bytes = match codec::encode(id, value) {
-            Ok(bytes) => bytes,
-            Err(e) => return Offloaded::now(Err(e)),
-        };
-        let size = bytes.len();
-        let logged = self.log_of(attempt).and_then(|log| {
-            let record = attempt.ended(id, AttemptOutcome::Succeeded, Some(size));
-            Some((log, record?))
+    ) -> impl Future<Output = Result<(), DuraflowError>> + Send + 'a {
+        let encoded = codec::encode(id, value);
+        let commit = self.log().map(|(log, run)| {
+            let size = encoded.as_ref().map_or(None, |bytes| Some(bytes.len()));
+            (
+                log,
+                attempt.record(run, id, AttemptOutcome::Succeeded, size),
+            )
         });
-        match logged {
-            Some((log, record)) => match log.commit(id, bytes, record) {
-                Ok(ticket) => Offloaded::Later(Box::pin(ticket)),
-                Err(e) => Offloaded::now(Err(e)),
-            },
-            None => {
-                let key = Arc::clone(id);
-                off_executor(&self.ctx.db, id, move |db, _| db.write_shared(&key, bytes))
-            }
+        async move {
+            let bytes = encoded?;
+            let written = match commit {
+                Some((log, record)) => log.commit(id, bytes, record).await,
+                None => self.ctx.db.write(id, bytes).await,
+            };
+            written.map_err(|e| e.into_persist(id))
         }
     }
 
-    /// Records how task `id` ended. A completed task (executed or cached) bumps the
-    /// context's and the run's counts and then calls the progress callback, once.
-    ///
-    /// Returns the work left when this task is the last of the run to end: closing the
-    /// run's record. It is boxed, and only then, so the future of every task stays small.
-    pub(crate) fn finish(&self, id: &str, ending: Ending) -> Option<BoxFuture<'_, ()>> {
+    /// Counts how task `id` ended. A completed task (executed or cached) bumps the context's
+    /// and the run's counts and then calls the progress callback, once. The task that ends
+    /// the run closes its span and writes its final record, whatever the callback did.
+    pub(crate) async fn finish(&self, id: &str, ending: Ending) {
         match ending {
             Ending::Executed | Ending::Cached => {
-                let one = if ending == Ending::Executed {
-                    EXECUTED_ONE
-                } else {
-                    CACHED_ONE
+                let counter = match ending {
+                    Ending::Executed => &self.executed,
+                    _ => &self.cached,
                 };
+                counter.fetch_add(1, Ordering::SeqCst);
                 self.ctx.completed_count.fetch_add(1, Ordering::SeqCst);
-                let before = self.done.fetch_add(one, Ordering::SeqCst);
-                if let Some(cb) = self.progress.get() {
-                    let (executed, cached) = split(before + one);
-                    cb(id, executed + cached);
+                let completed = self.completed.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(callback) = self.progress.get() {
+                    self.call(callback, id, completed);
                 }
             }
             Ending::Failed => {
@@ -314,61 +240,30 @@ impl RunState {
             }
         }
         let stats = self.stats();
-        let ended = stats.executed + stats.cached + stats.failed;
+        let ended = stats.completed() + stats.failed;
         if ended < self.total.load(Ordering::SeqCst) || self.closed.swap(true, Ordering::SeqCst) {
-            return None;
+            return;
         }
-        self.close_span(stats);
-        self.record
-            .map(|id| Box::pin(self.close_record(id, stats)) as BoxFuture<'_, ()>)
+        self.spans.close(stats);
+        self.close_record(stats).await;
     }
 
-    /// Records the run's counts on its span and lets it close.
-    fn close_span(&self, stats: RunStats) {
-        let span = self
-            .span
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(span) = span {
-            span.record("executed", stats.executed);
-            span.record("cached", stats.cached);
-            span.record("failed", stats.failed);
+    /// Calls the progress callback; a panic in it is caught and logged (once per run), so
+    /// that it cannot leave the run's record unfinished.
+    fn call(&self, callback: &ProgressFn, id: &str, completed: usize) {
+        let called = catch_unwind(AssertUnwindSafe(|| callback(id, completed)));
+        if called.is_err() && !self.callback_panicked.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                key = id,
+                "the progress callback panicked; the run goes on (logged once per run)"
+            );
         }
-    }
-
-    /// A span for one attempt at task `id`, a child of the run's span.
-    pub(crate) fn task_span(&self, id: &str, attempt: u32) -> tracing::Span {
-        if cfg!(duraflow_no_spans) {
-            return tracing::Span::none();
-        }
-        // Made by a task's future, which is polled with the run's subscriber as the default
-        // (see `Durable::execute`): the span goes to it without setting it here again.
-        let task_span = || {
-            tracing::info_span!(
-                parent: self.parent.clone(),
-                "duraflow.task",
-                task.id = id,
-                run.id = self.span_id,
-                attempt,
-                outcome = tracing::field::Empty,
-            )
-        };
-        if self.dispatch.is_none() {
-            return task_span();
-        }
-        fresh_span(task_span, || !self.rebuilt.swap(true, Ordering::Relaxed)).0
-    }
-
-    /// The subscriber every task of the run is polled with (see [`RunState::dispatch`]).
-    pub(crate) fn dispatch(&self) -> Option<&tracing::Dispatch> {
-        self.dispatch.as_ref()
     }
 
     /// Writes the run's final record, as durably as the store promises for it
     /// ([`RunLog::finish_run`]).
-    async fn close_record(&self, id: RunId, stats: RunStats) {
-        let Some(log) = self.ctx.db.run_log() else {
+    async fn close_record(&self, stats: RunStats) {
+        let Some((log, id)) = self.log() else {
             return;
         };
         let record = RunRecord {
@@ -385,20 +280,15 @@ impl RunState {
             failed: stats.failed as u64,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let closed = match log.finish_run(record) {
-            Ok(ticket) => ticket.await,
-            Err(e) => Err(e),
-        };
-        if let Err(error) = closed {
+        if let Err(error) = log.finish_run(record).await {
             tracing::warn!(run = id, %error, "run record not closed");
         }
     }
 
     pub(crate) fn stats(&self) -> RunStats {
-        let (executed, cached) = split(self.done.load(Ordering::SeqCst));
         RunStats {
-            executed,
-            cached,
+            executed: self.executed.load(Ordering::SeqCst),
+            cached: self.cached.load(Ordering::SeqCst),
             failed: self.failed.load(Ordering::SeqCst),
         }
     }
@@ -409,116 +299,40 @@ impl Drop for RunState {
     /// gets its counts on its span.
     fn drop(&mut self) {
         if !self.closed.swap(true, Ordering::SeqCst) {
-            self.close_span(self.stats());
+            self.spans.close(self.stats());
         }
     }
 }
 
-/// Whether `dispatch` is the global default subscriber. tracing-core offers no identity
-/// check for this; its `Debug` output names the kind (`Dispatch::Global(..)` or
-/// `Dispatch::Scoped(..)`). Were that output to change, this says `false` and the run keeps
-/// polling its tasks in a scope: correct, only slower. Called once per run.
-fn is_global(dispatch: &tracing::Dispatch) -> bool {
-    format!("{dispatch:?}").starts_with("Dispatch::Global")
-}
-
-/// Whether `span` (an `INFO` span) came out disabled although the subscribers take `INFO`:
-/// its call site's cached interest is likely stale. tracing caches whether a call site is
-/// enabled when it is first reached, and while one `Dispatch` is all there is, asks only the
-/// default of the thread that reached it (tokio-rs/tracing#3611). A run made outside a
-/// subscriber's scope can thus leave duraflow's spans and events disabled for a later run in
-/// that scope; `tracing::callsite::rebuild_interest_cache` asks again.
-/// (A disabled span carries no metadata to ask the subscriber about, so this asks tracing's
-/// global level filter; a subscriber that takes `INFO` but filters duraflow out by target
-/// costs a rebuild per run.)
-fn stale(span: &tracing::Span) -> bool {
-    use tracing::level_filters::LevelFilter;
-    span.is_disabled() && LevelFilter::current() >= LevelFilter::INFO
-}
-
-/// A span from `make` (in a run with a scoped subscriber), made again after rebuilding
-/// tracing's interest cache if it came out [`stale`] and `may_rebuild` (asked only then)
-/// agrees; and whether it rebuilt.
-fn fresh_span(
-    make: impl Fn() -> tracing::Span,
-    may_rebuild: impl FnOnce() -> bool,
-) -> (tracing::Span, bool) {
-    let span = make();
-    if stale(&span) && may_rebuild() {
-        tracing::callsite::rebuild_interest_cache();
-        return (make(), true);
-    }
-    (span, false)
-}
-
-/// Unpacks [`RunState::done`] into (executed, cached).
-fn split(done: u64) -> (usize, usize) {
-    ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
-}
-
-/// One attempt at one task, as the run log will record it. Its record is made only when
-/// one is stored (the task's id is copied then), so an attempt costs nothing up front.
+/// One attempt at one task: when it started, for its records.
 pub(crate) struct Attempt {
-    /// `None` when the store keeps no run log: nothing to record, nothing to time.
-    start: Option<AttemptStart>,
-}
-
-/// When and in which run an attempt started.
-struct AttemptStart {
-    run: RunId,
-    attempt: u32,
+    number: u32,
     started_ms: u64,
     started: Instant,
 }
 
 impl Attempt {
-    /// The record of this attempt at task `key`, running (`None` without a run log).
-    fn running(&self, key: &str) -> Option<AttemptRecord> {
-        let start = self.start.as_ref()?;
-        Some(AttemptRecord {
-            run: start.run,
-            key: key.to_owned(),
-            attempt: start.attempt,
-            started_ms: start.started_ms,
-            finished_ms: None,
-            outcome: AttemptOutcome::Running,
-            duration_us: None,
-            output_size: None,
-        })
-    }
-
-    /// The record of this attempt at task `key` ending now with `outcome` (`None` without a
-    /// run log). Its end is its start plus its duration on the monotonic clock: one clock
-    /// read, not two, in every task's end.
-    fn ended(
+    /// The record of this attempt at task `key` in run `run`, as `outcome`. An attempt that
+    /// has ended (any outcome but `Running`) ends at its start plus its duration on the
+    /// monotonic clock, so a system clock set back meanwhile cannot make it end before it
+    /// started.
+    fn record(
         &self,
+        run: RunId,
         key: &str,
         outcome: AttemptOutcome,
         size: Option<usize>,
-    ) -> Option<AttemptRecord> {
-        let elapsed = self.start.as_ref()?.started.elapsed();
-        let mut record = self.running(key)?;
-        record.finished_ms = Some(record.started_ms.saturating_add(elapsed.as_millis() as u64));
-        record.outcome = outcome;
-        record.duration_us = Some(elapsed.as_micros() as u64);
-        record.output_size = size.map(|s| s as u64);
-        Some(record)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_global;
-
-    #[test]
-    fn tells_the_global_default_from_a_scoped_one() {
-        // `Dispatch::none()` is the global kind; a `Dispatch::new` is what `set_default` and
-        // `with_default` install.
-        assert!(is_global(&tracing::Dispatch::none()));
-        let scoped = tracing::Dispatch::new(tracing_subscriber::registry());
-        assert!(!is_global(&scoped));
-        tracing::dispatcher::with_default(&scoped, || {
-            tracing::dispatcher::get_default(|current| assert!(!is_global(current)));
-        });
+    ) -> AttemptRecord {
+        let elapsed = (outcome != AttemptOutcome::Running).then(|| self.started.elapsed());
+        AttemptRecord {
+            run,
+            key: key.to_owned(),
+            attempt: self.number,
+            started_ms: self.started_ms,
+            finished_ms: elapsed.map(|e| self.started_ms.saturating_add(e.as_millis() as u64)),
+            outcome,
+            duration_us: elapsed.map(|e| e.as_micros() as u64),
+            output_size: size.map(|s| s as u64),
+        }
     }
 }

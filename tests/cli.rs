@@ -14,6 +14,9 @@
 
 mod common;
 
+use common::wait;
+use duraflow_rs::RunHistory;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -295,7 +298,7 @@ fn fixture() -> &'static Path {
 
         // Reopening marks the killed run interrupted.
         let store = SledStore::open(&path).unwrap();
-        let runs = store.runs().unwrap();
+        let runs = wait(store.runs()).unwrap();
         let statuses: Vec<_> = runs.iter().map(|r| r.status).collect();
         assert_eq!(
             statuses,
@@ -305,7 +308,7 @@ fn fixture() -> &'static Path {
                 RunStatus::Interrupted
             ]
         );
-        let killed = store.run(3).unwrap().unwrap();
+        let killed = wait(store.run(3)).unwrap().unwrap();
         let slow = killed.attempts.iter().find(|a| a.key == "slow");
         assert_eq!(
             slow.map(|a| &a.outcome),
@@ -558,9 +561,7 @@ fn get_prints_the_type_and_the_value_as_json() {
 
     let raw = duraflow(["get", path, "report", "--raw"]);
     raw.ok();
-    let stored = SledStore::open(&store)
-        .unwrap()
-        .read("report")
+    let stored = wait(SledStore::open(&store).unwrap().read("report"))
         .unwrap()
         .unwrap();
     assert_eq!(raw.raw, stored, "the stored bytes, unchanged");
@@ -598,7 +599,7 @@ fn rm_removes_outputs_so_the_next_run_recomputes_them() {
     let prefix = duraflow(["rm", path, "--prefix", "fetch/"]);
     let prefix = prefix.ok();
     assert!(prefix.ends_with("removed 3 outputs; the next run computes them again\n"));
-    let keys = SledStore::open(&store).unwrap().keys().unwrap();
+    let keys = wait(SledStore::open(&store).unwrap().keys()).unwrap();
     assert!(!keys.iter().any(|k| k.starts_with("fetch/")), "{keys:?}");
     assert!(keys.iter().any(|k| k == "join"), "{keys:?}");
 
@@ -636,8 +637,8 @@ fn rerun(path: &Path) -> Vec<String> {
         tokio::spawn(f);
     }))
     .unwrap();
-    let latest = store.runs().unwrap().last().unwrap().id;
-    let attempts = store.run(latest).unwrap().unwrap().attempts;
+    let latest = wait(store.runs()).unwrap().last().unwrap().id;
+    let attempts = wait(store.run(latest)).unwrap().unwrap().attempts;
     attempts
         .into_iter()
         .filter(|a| a.outcome == AttemptOutcome::Succeeded)
@@ -655,9 +656,9 @@ fn gc_keeps_the_newest_runs_and_every_output() {
         let s = SledStore::open(&store).unwrap();
         let attempts: usize = [1, 2]
             .iter()
-            .map(|&id| s.run(id).unwrap().unwrap().attempts.len())
+            .map(|&id| wait(s.run(id)).unwrap().unwrap().attempts.len())
             .sum();
-        (sorted(s.keys().unwrap()), attempts)
+        (sorted(wait(s.keys()).unwrap()), attempts)
     };
 
     let out = duraflow(["gc", path, "--keep-runs", "1"]);
@@ -674,17 +675,20 @@ fn gc_keeps_the_newest_runs_and_every_output() {
     );
 
     let s = SledStore::open(&store).unwrap();
-    let runs: Vec<_> = s.runs().unwrap().iter().map(|r| r.id).collect();
+    let runs: Vec<_> = wait(s.runs()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(runs, [3]);
-    assert!(s.run(1).unwrap().is_none() && s.run(2).unwrap().is_none());
-    let history: Vec<_> = s
-        .attempts_of("fetch/orders")
+    assert!(wait(s.run(1)).unwrap().is_none() && wait(s.run(2)).unwrap().is_none());
+    let history: Vec<_> = wait(s.attempts_of("fetch/orders"))
         .unwrap()
         .iter()
         .map(|a| a.run)
         .collect();
     assert_eq!(history, [3], "the attempts of runs 1 and 2 are gone");
-    assert_eq!(sorted(s.keys().unwrap()), keys_before, "outputs untouched");
+    assert_eq!(
+        sorted(wait(s.keys()).unwrap()),
+        keys_before,
+        "outputs untouched"
+    );
     drop(s);
 
     let again = duraflow(["gc", path, "--keep-runs", "1"]);
@@ -703,22 +707,22 @@ fn gc_directly_reports_what_it_removed_and_spares_a_running_run() {
     let store = SledStore::open(sled_copy(dir.path())).unwrap();
     let attempts: usize = [1, 2, 3]
         .iter()
-        .map(|&id| store.run(id).unwrap().unwrap().attempts.len())
+        .map(|&id| wait(store.run(id)).unwrap().unwrap().attempts.len())
         .sum();
-    let keys = sorted(store.keys().unwrap());
+    let keys = sorted(wait(store.keys()).unwrap());
 
     // A run of this process, still running.
     let running = store.begin_run(1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while store.run(running).unwrap().is_none() {
+    while wait(store.run(running)).unwrap().is_none() {
         assert!(Instant::now() < deadline, "the run record never landed");
         std::thread::sleep(Duration::from_millis(5));
     }
 
-    let nothing = store.gc(10).unwrap();
+    let nothing = wait(store.gc(10)).unwrap();
     assert!(nothing.runs_removed.is_empty() && nothing.bytes_reclaimed == 0);
 
-    let stats = store.gc(0).unwrap();
+    let stats = wait(store.gc(0)).unwrap();
     assert_eq!(stats.runs_removed, [1, 2, 3]);
     assert_eq!(stats.attempts_removed, attempts as u64);
     assert!(
@@ -730,10 +734,10 @@ fn gc_directly_reports_what_it_removed_and_spares_a_running_run() {
         stats.bytes_reclaimed >= 50 * stats.records_removed,
         "{stats:?}"
     );
-    let left: Vec<_> = store.runs().unwrap().iter().map(|r| r.id).collect();
+    let left: Vec<_> = wait(store.runs()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(left, [running], "the running run stays, whatever its age");
-    assert!(store.attempts_of("fetch/orders").unwrap().is_empty());
-    assert_eq!(sorted(store.keys().unwrap()), keys);
+    assert!(wait(store.attempts_of("fetch/orders")).unwrap().is_empty());
+    assert_eq!(sorted(wait(store.keys()).unwrap()), keys);
 }
 
 #[test]
@@ -748,7 +752,7 @@ fn file_stores_have_values_but_no_run_records() {
         vec!["gc", path, "--keep-runs", "1"],
         vec!["report", path],
     ] {
-        duraflow(&args).fails_with("is a FileStore directory, which keeps no run records");
+        duraflow(&args).fails_with("is a file store, which keeps no run records");
     }
     let out = duraflow(["get", path, "fetch/users"]);
     assert_eq!(
@@ -761,7 +765,7 @@ fn file_stores_have_values_but_no_run_records() {
         "removed fetch/orders\nremoved fetch/users\nremoved 2 outputs; the next run computes \
          them again\n"
     );
-    let left = FileStore::new(&store).unwrap().keys().unwrap();
+    let left = wait(FileStore::new(&store).unwrap().keys()).unwrap();
     assert_eq!(left, ["total"]);
 }
 
@@ -806,13 +810,14 @@ fn a_missing_path_is_an_error_and_is_not_created() {
         vec!["gc", m, "--keep-runs", "2"],
         vec!["report", m, "-o", "-"],
     ] {
-        duraflow(&args).fails_with(&format!("no store at {m}"));
+        duraflow(&args).fails_with(&format!("{m} is not a duraflow store: nothing is there"));
     }
     assert!(!dir.path().join("no").exists(), "nothing created");
 
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    duraflow(["runs".as_ref(), empty.as_os_str()]).fails_with("(an empty directory)");
+    duraflow(["runs".as_ref(), empty.as_os_str()])
+        .fails_with("is not a duraflow store: an empty directory");
     assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "still empty");
 
     let foreign = dir.path().join("photos");
@@ -822,7 +827,8 @@ fn a_missing_path_is_an_error_and_is_not_created() {
         .fails_with("is not a duraflow store");
     let file = dir.path().join("plain");
     std::fs::write(&file, b"x").unwrap();
-    duraflow(["runs".as_ref(), file.as_os_str()]).fails_with("is a file, not a store");
+    duraflow(["runs".as_ref(), file.as_os_str()])
+        .fails_with("is not a duraflow store: a file, not a directory");
 }
 
 #[test]

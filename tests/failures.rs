@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{capture, current_thread_rt, multi_thread_rt, Boom, Val};
 use dagx::{DagError, DagRunner, Task};
-use duraflow_rs::{Context, Durable, DurableDag, DuraflowError, MemoryStore, Storage};
+use duraflow_rs::{Context, Durable, DurableDag, DuraflowError, MemoryStore, Storage, StoreFuture};
 
 #[test]
 fn a_lone_panicking_task_fails_the_run_exactly_as_without_the_wrapper() {
@@ -87,13 +87,15 @@ fn a_panicking_task_among_many_leaves_the_others_persisted() {
 /// A store whose writes always fail, as a full disk would.
 struct FullDisk;
 impl Storage for FullDisk {
-    fn read(&self, _key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
-        Ok(None)
+    fn read<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async { Ok(None) })
     }
-    fn write(&self, key: &str, _value: &[u8]) -> Result<(), DuraflowError> {
-        Err(DuraflowError::Io {
-            path: format!("/full/{key}").into(),
-            source: std::io::Error::other("No space left on device"),
+    fn write<'a>(&'a self, key: &'a str, _value: Vec<u8>) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            Err(DuraflowError::Io {
+                path: format!("/full/{key}").into(),
+                source: std::io::Error::other("No space left on device"),
+            })
         })
     }
 }

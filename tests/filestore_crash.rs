@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::wait;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -89,8 +91,7 @@ fn child_writer() {
     for round in start.. {
         for (ki, key) in keys.iter().enumerate() {
             let value = make_value(ki, key, round);
-            store
-                .write(key, &value)
+            wait(store.write(key, value.clone()))
                 .unwrap_or_else(|e| panic!("child_writer: write {key:?} round {round}: {e}"));
             let mut out = stdout.lock();
             writeln!(out, "{ACK}{ki} {round}").expect("child_writer: print ack");
@@ -229,7 +230,7 @@ fn kill9_at_random_moments_leaves_old_or_new_values() {
         let mut max_round = start;
         for (ki, key) in keys.iter().enumerate() {
             let short: String = key.chars().take(16).collect();
-            let got = match store.read(key) {
+            let got = match wait(store.read(key)) {
                 Ok(v) => v,
                 Err(e @ DuraflowError::Corrupt { .. }) => {
                     panic!("{ctx}: key {ki} ({short:?}) is torn/corrupt after SIGKILL: {e}")
@@ -275,9 +276,7 @@ fn kill9_at_random_moments_leaves_old_or_new_values() {
             max_round = max_round.max(round.unwrap_or(0));
         }
         // Every key present reads back and is listed; nothing else is.
-        let mut listed = store
-            .keys()
-            .unwrap_or_else(|e| panic!("{ctx}: list keys: {e}"));
+        let mut listed = wait(store.keys()).unwrap_or_else(|e| panic!("{ctx}: list keys: {e}"));
         listed.sort();
         let mut present: Vec<String> = keys
             .iter()

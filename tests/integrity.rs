@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::wait;
+
 use std::sync::Arc;
 
 use common::{capture, current_thread_rt, Val};
@@ -123,7 +125,7 @@ fn inside_a_dag_a_value_of_another_type_is_recomputed_even_if_it_decodes() {
     );
     assert_eq!(ctx.try_get::<u64>("task").unwrap(), Some(9));
     // Garbage bytes written by someone else are treated the same way.
-    ctx.db.write("task", b"not an envelope").unwrap();
+    wait(ctx.db.write("task", b"not an envelope".to_vec())).unwrap();
     assert_eq!(run_val(&ctx, "task", 10), 10);
     assert_eq!(run_val(&ctx, "task", 11), 10);
 }

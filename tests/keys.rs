@@ -1,6 +1,10 @@
 //! Promise: any key of 1..=4096 bytes is stored under its own name, inside the store's root,
 //! and reads back after a reopen; the empty key is `InvalidKey`.
 
+mod common;
+
+use common::wait;
+
 use std::path::Path;
 
 use duraflow_rs::{Context, DuraflowError, FileStore, MemoryStore, Storage, MAX_KEY_LEN};
@@ -61,7 +65,7 @@ fn tricky_keys_round_trip_distinctly_after_reopen() {
         }
     }
     let store = FileStore::new(&root).unwrap();
-    let mut listed = store.keys().unwrap();
+    let mut listed = wait(store.keys()).unwrap();
     let ctx = Context::new(store);
     for (i, key) in keys.iter().enumerate() {
         let got: (u64, String) = ctx.try_get(key).unwrap().expect("key present after reopen");
@@ -115,25 +119,31 @@ fn empty_and_overlong_keys_are_invalid_in_every_store_and_write_nothing() {
     let long = "k".repeat(MAX_KEY_LEN + 1);
     for store in &stores {
         for key in ["", long.as_str()] {
-            match store.write(key, b"x") {
+            match wait(store.write(key, b"x".to_vec())) {
                 Err(DuraflowError::InvalidKey { key: k, .. }) => assert_eq!(k, key),
                 other => panic!("{}: expected InvalidKey, got {other:?}", store.kind()),
             }
             assert!(matches!(
-                store.read(key),
+                wait(store.read(key)),
                 Err(DuraflowError::InvalidKey { .. })
             ));
         }
-        assert!(store.keys().unwrap().is_empty());
+        assert!(wait(store.keys()).unwrap().is_empty());
     }
     let ctx = Context::new(MemoryStore::new());
     match ctx.save("", &1u8) {
-        Err(DuraflowError::Persist { key, source }) => {
+        Err(DuraflowError::InvalidKey { key, reason }) => {
             assert_eq!(key, "");
-            assert!(source.to_string().contains("empty"), "{source}");
+            assert!(reason.contains("empty"), "{reason}");
         }
-        other => panic!("expected Persist(InvalidKey), got {other:?}"),
+        other => panic!("expected InvalidKey, got {other:?}"),
     }
+    let ctx = std::sync::Arc::new(ctx);
+    let durable = duraflow_rs::Durable::new("", ctx.clone(), common::Val(1), None);
+    assert!(matches!(
+        wait(durable.run_result(())),
+        Err(DuraflowError::InvalidKey { .. })
+    ));
     assert!(matches!(
         ctx.try_get::<u8>(""),
         Err(DuraflowError::InvalidKey { .. })
@@ -145,12 +155,12 @@ fn remove_deletes_durably_and_reports_presence() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = FileStore::new(dir.path()).unwrap();
-        store.write("a/b", b"1").unwrap();
-        assert!(store.remove("a/b").unwrap());
-        assert!(!store.remove("a/b").unwrap());
-        assert_eq!(store.read("a/b").unwrap(), None);
+        wait(store.write("a/b", b"1".to_vec())).unwrap();
+        assert!(wait(store.remove("a/b")).unwrap());
+        assert!(!wait(store.remove("a/b")).unwrap());
+        assert_eq!(wait(store.read("a/b")).unwrap(), None);
     }
     let store = FileStore::new(dir.path()).unwrap();
-    assert_eq!(store.read("a/b").unwrap(), None);
-    assert!(store.keys().unwrap().is_empty());
+    assert_eq!(wait(store.read("a/b")).unwrap(), None);
+    assert!(wait(store.keys()).unwrap().is_empty());
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::wait;
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,7 @@ fn run_once(ctx: &Arc<Context>, width: usize) -> (Vec<(String, usize, bool)>, Ru
     let db = ctx.db.clone();
     let sink = calls.clone();
     let d = DurableDag::new(&dag, ctx.clone()).with_progress(move |id, completed| {
-        let persisted = db.read(id).ok().flatten().is_some();
+        let persisted = wait(db.read(id)).ok().flatten().is_some();
         sink.lock()
             .unwrap()
             .push((id.to_owned(), completed, persisted));
@@ -86,7 +88,7 @@ fn a_partly_cached_run_reports_every_task_once() {
     let ctx = Arc::new(Context::new(MemoryStore::new()));
     run_once(&ctx, 10);
     for w in (0..10).step_by(2) {
-        assert!(ctx.db.remove(&format!("inc2/{w}")).unwrap());
+        assert!(wait(ctx.db.remove(&format!("inc2/{w}"))).unwrap());
     }
     let (calls, stats, out) = run_once(&ctx, 10);
     check_calls(&calls, 30);

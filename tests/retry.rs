@@ -10,6 +10,9 @@
 
 mod common;
 
+use common::wait;
+use duraflow_rs::RunHistory;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -190,9 +193,8 @@ fn failing_twice_then_succeeding_is_persisted_once_with_three_attempts() {
     let dag = DagRunner::new();
     let p = progress.clone();
     let d = DurableDag::new(&dag, ctx.clone())
-        .with_progress(move |id, n| p.lock().unwrap().push((id.to_owned(), n)))
-        .with_retry(no_wait(3));
-    let h = d.add_fallible("flaky", flaky.clone());
+        .with_progress(move |id, n| p.lock().unwrap().push((id.to_owned(), n)));
+    let h = d.add_fallible_with("flaky", flaky.clone(), no_wait(3));
     paused_rt()
         .block_on(dag.run(|f| {
             tokio::spawn(f);
@@ -209,7 +211,7 @@ fn failing_twice_then_succeeding_is_persisted_once_with_three_attempts() {
         "a task that succeeds on a retry is executed, not failed"
     );
 
-    let attempts = store.attempts_of("flaky").unwrap();
+    let attempts = wait(store.attempts_of("flaky")).unwrap();
     let summary: Vec<(u32, AttemptOutcome)> = attempts
         .iter()
         .map(|a| (a.attempt, a.outcome.clone()))
@@ -253,9 +255,11 @@ fn a_task_failing_every_time_is_never_cached_and_runs_again_next_time() {
     let flaky = Flaky::new(4);
     for round in 1..=3u32 {
         let dag = DagRunner::new();
-        let d = DurableDag::new(&dag, ctx.clone()).with_retry(no_wait(2));
-        let up = d.add_fallible("up", flaky.clone());
-        let down = d.add_fallible("down", PlusOne).depends_on(&up);
+        let d = DurableDag::new(&dag, ctx.clone());
+        let up = d.add_fallible_with("up", flaky.clone(), no_wait(2));
+        let down = d
+            .add_fallible_with("down", PlusOne, no_wait(2))
+            .depends_on(&up);
         paused_rt()
             .block_on(dag.run(|f| {
                 tokio::spawn(f);
@@ -280,8 +284,7 @@ fn a_task_failing_every_time_is_never_cached_and_runs_again_next_time() {
             assert_eq!((d.stats().executed, d.stats().failed), (2, 0));
         }
     }
-    let status: Vec<RunStatus> = store
-        .runs()
+    let status: Vec<RunStatus> = wait(store.runs())
         .unwrap()
         .into_iter()
         .map(|r| r.status)
@@ -290,7 +293,7 @@ fn a_task_failing_every_time_is_never_cached_and_runs_again_next_time() {
         status,
         [RunStatus::Failed, RunStatus::Failed, RunStatus::Succeeded]
     );
-    assert_eq!(store.attempts_of("up").unwrap().len(), 5);
+    assert_eq!(wait(store.attempts_of("up")).unwrap().len(), 5);
 }
 
 #[test]
@@ -311,8 +314,7 @@ fn a_panicking_task_is_retried_under_the_same_policy() {
         .unwrap();
     assert_eq!(dag.get(h).unwrap(), 7);
     assert_eq!(shaky.calls.load(Ordering::SeqCst), 2);
-    let outcomes: Vec<AttemptOutcome> = store
-        .attempts_of("shaky")
+    let outcomes: Vec<AttemptOutcome> = wait(store.attempts_of("shaky"))
         .unwrap()
         .into_iter()
         .map(|a| a.outcome)
@@ -354,7 +356,7 @@ fn a_hanging_attempt_is_cut_off_by_its_timeout_and_retried() {
         elapsed >= Duration::from_millis(120_020) && elapsed < Duration::from_secs(121),
         "{elapsed:?}"
     );
-    let attempts = store.attempts_of("hangs").unwrap();
+    let attempts = wait(store.attempts_of("hangs")).unwrap();
     assert_eq!(attempts.len(), 3);
     for a in &attempts[..2] {
         assert_eq!(
@@ -395,8 +397,8 @@ fn backoff_doubles_between_attempts_on_the_paused_clock() {
     let policy = RetryPolicy::attempts(4)
         .backoff(Duration::from_secs(1), Duration::from_secs(60))
         .jitter(false);
-    let d = DurableDag::new(&dag, ctx).with_retry(policy);
-    d.add_fallible("flaky", flaky.clone());
+    let d = DurableDag::new(&dag, ctx);
+    d.add_fallible_with("flaky", flaky.clone(), policy);
     paused_rt()
         .block_on(dag.run(|f| {
             tokio::spawn(f);

@@ -6,6 +6,9 @@
 
 mod common;
 
+use common::wait;
+use duraflow_rs::RunHistory;
+
 use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -92,7 +95,7 @@ fn runs_and_attempts_are_recorded_and_queryable() {
     run_round(&path, &runs, true); // cached + one panicking task
 
     let store = SledStore::open(&path).unwrap();
-    let all = store.runs().unwrap();
+    let all = wait(store.runs()).unwrap();
     assert_eq!(all.len(), 2);
     let (clean, failed) = (&all[0], &all[1]);
     assert!(clean.id < failed.id, "run ids increase");
@@ -105,18 +108,18 @@ fn runs_and_attempts_are_recorded_and_queryable() {
     );
     assert!(clean.finished_ms.unwrap() >= clean.started_ms);
 
-    let details = store.run(clean.id).unwrap().unwrap();
+    let details = wait(store.run(clean.id)).unwrap().unwrap();
     assert_eq!(details.attempts.len(), TASKS as usize);
     for a in &details.attempts {
         assert_eq!(a.outcome, AttemptOutcome::Succeeded, "{a:?}");
         assert_eq!(a.attempt, 1);
         assert!(a.output_size.unwrap() > 0 && a.duration_us.is_some());
         assert!(
-            store.read(&a.key).unwrap().is_some(),
+            wait(store.read(&a.key)).unwrap().is_some(),
             "a Succeeded attempt has its output"
         );
     }
-    let details = store.run(failed.id).unwrap().unwrap();
+    let details = wait(store.run(failed.id)).unwrap().unwrap();
     let boom = details.attempts.iter().find(|a| a.key == "boom").unwrap();
     match &boom.outcome {
         AttemptOutcome::Failed { error } => assert!(error.contains("boom"), "{error}"),
@@ -129,7 +132,7 @@ fn runs_and_attempts_are_recorded_and_queryable() {
         .count();
     assert_eq!(cached, TASKS as usize);
 
-    let history = store.attempts_of("t/3").unwrap();
+    let history = wait(store.attempts_of("t/3")).unwrap();
     let outcomes: Vec<_> = history.iter().map(|a| (a.run, a.outcome.clone())).collect();
     assert_eq!(
         outcomes,
@@ -138,8 +141,8 @@ fn runs_and_attempts_are_recorded_and_queryable() {
             (failed.id, AttemptOutcome::Cached)
         ]
     );
-    assert!(store.run(failed.id + 100).unwrap().is_none());
-    assert!(store.attempts_of("never-ran").unwrap().is_empty());
+    assert!(wait(store.run(failed.id + 100)).unwrap().is_none());
+    assert!(wait(store.attempts_of("never-ran")).unwrap().is_empty());
 }
 
 /// Far longer than a prompt `StoreLocked` takes, far shorter than the 2 s an open waits
@@ -193,7 +196,7 @@ fn a_dropped_store_opens_again_at_once_in_the_same_process() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), TASKS as usize);
     let store = SledStore::open(&path).unwrap();
-    assert_eq!(store.runs().unwrap().len(), 20);
+    assert_eq!(wait(store.runs()).unwrap().len(), 20);
 }
 
 #[test]
@@ -372,10 +375,10 @@ fn a_value_over_the_maximum_size_is_a_persist_error_and_the_old_value_stays() {
     let store = Arc::new(SledConfig::new(&path).max_value_size(LIMIT).open().unwrap());
 
     // The store's own write: the limit is on the stored bytes, inclusive.
-    store.write("raw", b"old").unwrap();
-    store.write("raw", &[7; LIMIT]).unwrap();
-    assert_too_large(store.write("raw", &[8; LIMIT + 1]), "raw", LIMIT);
-    assert_eq!(store.read("raw").unwrap().unwrap(), vec![7; LIMIT]);
+    wait(store.write("raw", b"old".to_vec())).unwrap();
+    wait(store.write("raw", vec![7; LIMIT])).unwrap();
+    assert_too_large(wait(store.write("raw", vec![8; LIMIT + 1])), "raw", LIMIT);
+    assert_eq!(wait(store.read("raw")).unwrap().unwrap(), vec![7; LIMIT]);
 
     // Through a context and a task: the previous value (of another type, so the task runs
     // and tries to replace it) stays.
@@ -417,9 +420,9 @@ fn a_value_over_the_maximum_size_is_a_persist_error_and_the_old_value_stays() {
         ctx.try_get::<String>("small").unwrap(),
         Some("x".repeat(10))
     );
-    let last = store.runs().unwrap().pop().unwrap();
+    let last = wait(store.runs()).unwrap().pop().unwrap();
     assert_eq!(last.status, RunStatus::Failed);
-    let attempts = store.run(last.id).unwrap().unwrap().attempts;
+    let attempts = wait(store.run(last.id)).unwrap().unwrap().attempts;
     let failed = attempts.iter().find(|a| a.key == "big").unwrap();
     match &failed.outcome {
         AttemptOutcome::Failed { error } => {
@@ -435,12 +438,12 @@ fn the_default_maximum_value_size_is_16_mib() {
     assert_eq!(limit, 16 * 1024 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path().join("default.db")).unwrap();
-    store.write("k", b"old").unwrap();
-    let over = store.write("k", &vec![0; limit + 1]);
+    wait(store.write("k", b"old".to_vec())).unwrap();
+    let over = wait(store.write("k", vec![0; limit + 1].to_vec()));
     assert_too_large(over, "k", limit);
-    assert_eq!(store.read("k").unwrap().unwrap(), b"old");
+    assert_eq!(wait(store.read("k")).unwrap().unwrap(), b"old");
     // The source is an `io::Error` of kind `InvalidInput`.
-    match store.write("k", &vec![0; limit + 1]) {
+    match wait(store.write("k", vec![0; limit + 1].to_vec())) {
         Err(e @ DuraflowError::Persist { .. }) => {
             let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
             assert_eq!(
@@ -517,7 +520,7 @@ fn cached_attempts_are_queryable_in_order_and_counted_when_a_run_is_interrupted(
     drop(ctx); // the last handle: the store applies what is queued and closes
 
     let store = SledStore::open(&path).unwrap();
-    let all = store.runs().unwrap();
+    let all = wait(store.runs()).unwrap();
     let interrupted = all.last().unwrap();
     assert_eq!(interrupted.status, RunStatus::Interrupted);
     assert_eq!(
@@ -525,7 +528,7 @@ fn cached_attempts_are_queryable_in_order_and_counted_when_a_run_is_interrupted(
         (0, TASKS, 0),
         "counts rebuilt from the attempts at open, cached ones included"
     );
-    let attempts = store.run(interrupted.id).unwrap().unwrap().attempts;
+    let attempts = wait(store.run(interrupted.id)).unwrap().unwrap().attempts;
     let keys: Vec<&str> = attempts.iter().map(|a| a.key.as_str()).collect();
     let mut expected: Vec<String> = (0..TASKS).map(|n| format!("t/{n}")).collect();
     expected.push("stuck".to_owned());
@@ -543,8 +546,7 @@ fn cached_attempts_are_queryable_in_order_and_counted_when_a_run_is_interrupted(
             assert!(a.duration_us.is_some(), "{a:?}");
         }
     }
-    let history: Vec<_> = store
-        .attempts_of("t/7")
+    let history: Vec<_> = wait(store.attempts_of("t/7"))
         .unwrap()
         .into_iter()
         .map(|a| (a.run, a.outcome))

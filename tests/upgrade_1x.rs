@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::wait;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -231,7 +233,7 @@ fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = FileStore::new(dir.path()).unwrap();
-        store.write("k", b"not read").unwrap();
+        wait(store.write("k", b"not read".to_vec())).unwrap();
     }
     std::fs::write(
         dir.path().join(".duraflow-format"),
@@ -347,8 +349,8 @@ fn copy_moves_every_output_between_stores() {
     let file = FileStore::new(dir.path()).unwrap();
     let sled_dir = tempfile::tempdir().unwrap();
     let sled = SledStore::open(sled_dir.path().join("db")).unwrap();
-    let copied = duraflow_rs::copy(&file, &sled).unwrap();
-    assert_eq!(copied, file.keys().unwrap().len());
+    let copied = wait(duraflow_rs::copy(&file, &sled)).unwrap();
+    assert_eq!(copied, wait(file.keys()).unwrap().len());
     assert_eq!(copied, 16);
     check_values(&Context::new(sled));
 
@@ -356,9 +358,9 @@ fn copy_moves_every_output_between_stores() {
     let mem = MemoryStore::new();
     let ctx = Context::new(MemoryStore::new());
     ctx.save("n", &5u32).unwrap();
-    duraflow_rs::copy(ctx.db.as_ref(), &mem).unwrap();
+    wait(duraflow_rs::copy(ctx.db.as_ref(), &mem)).unwrap();
     let out = tempfile::tempdir().unwrap();
     let out_store = FileStore::new(out.path()).unwrap();
-    assert_eq!(duraflow_rs::copy(&mem, &out_store).unwrap(), 1);
+    assert_eq!(wait(duraflow_rs::copy(&mem, &out_store)).unwrap(), 1);
     assert_eq!(Context::new(out_store).get::<u32>("n"), Some(5));
 }

@@ -27,9 +27,9 @@
 use std::fs;
 use std::path::Path;
 
-use crate::{codec, DuraflowError, Storage};
+use crate::{codec, DuraflowError};
 
-use super::{write_small_file, FileStore, UPGRADE_LIST};
+use super::{write_small_file, Dir, UPGRADE_LIST};
 
 /// The names of the 1.x value files in `root`: regular files whose names 1.x could have
 /// made (non-empty, only `[A-Za-z0-9_-]`).
@@ -64,7 +64,7 @@ fn is_legacy_name(name: &str) -> bool {
 /// Converts the 1.x files `names` of `store`, then commits format 1 with `commit` (which
 /// writes the manifest) and deletes the converted files.
 pub(super) fn upgrade(
-    store: &FileStore,
+    store: &Dir,
     names: &[String],
     commit: impl FnOnce() -> Result<(), DuraflowError>,
 ) -> Result<(), DuraflowError> {

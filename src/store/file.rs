@@ -1,12 +1,13 @@
 //! [`FileStore`]: one directory per key, atomic and durable writes, one writer per root.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
+use super::{unblock, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
@@ -85,7 +86,7 @@ const STRIPES: usize = 64;
 /// # Guarantees
 /// - **Atomic and durable**: a value is written to a temporary file in the key's directory,
 ///   fsynced, renamed over the old value, and the directory is fsynced (the root too, for a
-///   key's first value); when [`write`](Storage::write) returns `Ok`, the value survives a
+///   key's first value); when [`write`](Storage::write) resolves to `Ok`, the value survives a
 ///   crash or power loss, and a crash at any moment leaves the old value or the new one,
 ///   never a torn one. A write that fails before the rename (a full disk, say) leaves the
 ///   old value; one whose final directory sync fails may have left either.
@@ -95,6 +96,7 @@ const STRIPES: usize = 64;
 ///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
 ///   the process dies.
 /// - Nothing is written outside the root.
+/// - The executor is never blocked: every file operation runs inside [`unblock`].
 ///
 /// # Formats and duraflow-rs 1.x
 /// [`FileStore::new`] on a directory written by duraflow-rs 1.x (one JSON file per key)
@@ -105,6 +107,12 @@ const STRIPES: usize = 64;
 /// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
 #[derive(Debug)]
 pub struct FileStore {
+    dir: Arc<Dir>,
+}
+
+/// The store's directory and its blocking operations.
+#[derive(Debug)]
+pub(crate) struct Dir {
     root: PathBuf,
     /// Holds the exclusive lock for as long as the store lives.
     _lock: File,
@@ -133,7 +141,7 @@ impl FileStore {
                 supported: FORMAT,
             });
         }
-        let store = FileStore::lock(root)?;
+        let store = Dir::lock(root)?;
         match found {
             Some(_) => from_1x::finish(&store.root)?,
             None => {
@@ -147,11 +155,39 @@ impl FileStore {
                 }
             }
         }
-        Ok(store)
+        Ok(FileStore {
+            dir: Arc::new(store),
+        })
     }
 
+    /// The store's root directory (canonicalised).
+    pub fn root(&self) -> &Path {
+        &self.dir.root
+    }
+
+    /// The file that holds (or would hold) the value of `key`.
+    ///
+    /// # Errors
+    /// [`DuraflowError::InvalidKey`] for a key no store accepts.
+    pub fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
+        self.dir.value_path(key)
+    }
+
+    /// Runs `op` on the directory, off the executor, with its own copy of `key`.
+    fn off<T: Send + 'static>(
+        &self,
+        key: &str,
+        op: fn(&Dir, &str) -> Result<T, DuraflowError>,
+    ) -> StoreFuture<'static, T> {
+        let dir = Arc::clone(&self.dir);
+        let key = key.to_owned();
+        unblock(move || op(&dir, &key))
+    }
+}
+
+impl Dir {
     /// Takes the lock of the store at `root`.
-    fn lock(root: PathBuf) -> Result<FileStore, DuraflowError> {
+    fn lock(root: PathBuf) -> Result<Dir, DuraflowError> {
         let lock_path = root.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
@@ -166,23 +202,19 @@ impl FileStore {
             }
             Err(fs::TryLockError::Error(e)) => return Err(DuraflowError::io(&lock_path, e)),
         }
-        Ok(FileStore {
+        Ok(Dir {
             root,
             _lock: lock,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
 
-    /// The store's root directory (canonicalised).
-    pub fn root(&self) -> &Path {
+    /// The store's root directory.
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The file that holds (or would hold) the value of `key`.
-    ///
-    /// # Errors
-    /// [`DuraflowError::InvalidKey`] for a key no store accepts.
-    pub fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
+    fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
         validate_key(key)?;
         Ok(self.key_dir(key).join(VALUE_FILE))
     }
@@ -199,7 +231,7 @@ impl FileStore {
     }
 
     fn read_record(&self, key: &str, path: &Path) -> Result<Option<Vec<u8>>, DuraflowError> {
-        let bytes = match read_file(path) {
+        let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DuraflowError::io(path, e)),
@@ -219,15 +251,14 @@ impl FileStore {
         }
         Ok(Some(value.to_vec()))
     }
-}
 
-impl Storage for FileStore {
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         let path = self.value_path(key)?;
         self.read_record(key, &path)
     }
 
-    fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
+    /// Writes `value` under `key`: see [`FileStore`]'s guarantees.
+    pub(crate) fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
         validate_key(key)?;
         let dir = self.key_dir(key);
         let _guard = self.stripe(key);
@@ -279,7 +310,7 @@ impl Storage for FileStore {
         Ok(true)
     }
 
-    fn keys(&self) -> Result<Vec<String>, DuraflowError> {
+    fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
         let entries = fs::read_dir(&self.root).map_err(|e| DuraflowError::io(&self.root, e))?;
         let mut keys = Vec::new();
         for entry in entries {
@@ -300,7 +331,7 @@ impl Storage for FileStore {
                     }
                 }
             } else if name.starts_with("h-") {
-                match read_file(&path) {
+                match fs::read(&path) {
                     Ok(bytes) => match parse_record(&bytes) {
                         Ok((key, _)) => key.to_owned(),
                         Err(reason) => {
@@ -323,49 +354,30 @@ impl Storage for FileStore {
         }
         Ok(keys)
     }
+}
+
+impl Storage for FileStore {
+    fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        self.off(key, Dir::read)
+    }
+
+    fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+        let dir = Arc::clone(&self.dir);
+        let key = key.to_owned();
+        unblock(move || dir.write(&key, &value))
+    }
+
+    fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        self.off(key, Dir::remove)
+    }
+
+    fn keys(&self) -> StoreFuture<'_, Vec<String>> {
+        self.off("", Dir::keys)
+    }
 
     fn kind(&self) -> &'static str {
         "file"
     }
-
-    /// A read opens, reads and closes a file: reading a run's outputs in batches on the I/O
-    /// threads beats a hand-over per task.
-    fn read_ahead(&self) -> bool {
-        true
-    }
-}
-
-/// The first read of a value file asks for this many bytes: most records are smaller.
-const READ_GUESS: usize = 512;
-
-/// The whole content of the file at `path`. Unlike `fs::read`, which asks the file's size
-/// first (a `statx` per read), this reads into a buffer of [`READ_GUESS`] bytes and asks
-/// for the size only when the file fills it: a cached re-run reads one small value file
-/// per task, and the system call saved is a fifth of the read's.
-fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    // Not `read_to_end`: `File`'s asks for the size too.
-    let mut file = File::open(path)?;
-    let mut bytes = vec![0; READ_GUESS];
-    let mut len = 0;
-    loop {
-        if len == bytes.len() {
-            // A large file: room for all of it (and the read that finds its end) at once.
-            let size = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-            let want = size.max(len * 2).saturating_add(1);
-            bytes
-                .try_reserve_exact(want - len)
-                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-            bytes.resize(want, 0);
-        }
-        match file.read(&mut bytes[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    bytes.truncate(len);
-    Ok(bytes)
 }
 
 /// The directory name of `key` (see [`FileStore`]'s layout).
@@ -458,27 +470,6 @@ fn sync_dir(dir: &Path) -> Result<(), DuraflowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_file_is_read_whole_whatever_its_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        for size in [
-            0,
-            1,
-            READ_GUESS - 1,
-            READ_GUESS,
-            READ_GUESS + 1,
-            3 * READ_GUESS,
-            70_001,
-        ] {
-            let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-            fs::write(&path, &content).unwrap();
-            assert!(read_file(&path).unwrap() == content, "{size} bytes");
-        }
-        let missing = read_file(&dir.path().join("missing")).unwrap_err();
-        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
-    }
 
     #[test]
     fn names_are_injective_safe_and_reversible() {

@@ -1,40 +1,19 @@
 //! [`MemoryStore`]: a process-local map, for tests and examples.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use foldhash::fast::RandomState;
-
+use super::{ready, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
-/// Independent locks, so tasks finishing on different worker threads rarely contend.
-const SHARDS: usize = 16;
-
-/// Keys are shared with the run that wrote them (see [`Storage::write_shared`]).
-type Map = HashMap<Arc<str>, Vec<u8>, RandomState>;
-
-/// One shard on its own cache line(s), so two shards' locks never share one.
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard(Mutex<Map>);
-
-/// A [`Storage`] that keeps values in memory.
+/// A [`Storage`] that keeps values in a map in memory.
 ///
-/// Values are visible to every reader as soon as `write` returns and are gone when the
-/// process ends: nothing survives a crash. Never blocks on I/O.
+/// A value is visible to every reader as soon as its write resolves, and gone when the
+/// process ends: nothing survives a crash. Never waits on I/O: every future it returns is
+/// ready at once.
+#[derive(Default)]
 pub struct MemoryStore {
-    hasher: RandomState,
-    shards: Box<[Shard]>,
-}
-
-impl Default for MemoryStore {
-    fn default() -> Self {
-        MemoryStore {
-            hasher: RandomState::default(),
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-        }
-    }
+    map: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -53,7 +32,7 @@ impl MemoryStore {
 
     /// The number of stored keys.
     pub fn len(&self) -> usize {
-        (0..SHARDS).map(|i| lock(&self.shards[i]).len()).sum()
+        self.map().len()
     }
 
     /// Whether the store holds no key.
@@ -61,63 +40,35 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Map> {
-        let i = self.hasher.hash_one(key) as usize % SHARDS;
-        lock(&self.shards[i])
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        // Every critical section is a single map call, so a panic cannot leave the map
+        // half-updated and a poisoned lock is safe to use.
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-fn lock(shard: &Shard) -> MutexGuard<'_, Map> {
-    // Every critical section is a single map call, so a panic cannot leave a shard
-    // half-updated and a poisoned lock is safe to use.
-    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Storage for MemoryStore {
-    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
-        validate_key(key)?;
-        Ok(self.shard(key).get(key).cloned())
+    fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        ready(validate_key(key).map(|()| self.map().get(key).cloned()))
     }
 
-    fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
-        self.write_owned(key, value.to_vec())
+    fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+        ready(validate_key(key).map(|()| {
+            // The old value is dropped after the lock is released.
+            let old = self.map().insert(key.to_owned(), value);
+            drop(old);
+        }))
     }
 
-    fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
-        self.write_shared(&Arc::from(key), value)
+    fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        ready(validate_key(key).map(|()| self.map().remove(key).is_some()))
     }
 
-    fn write_shared(&self, key: &Arc<str>, value: Vec<u8>) -> Result<(), DuraflowError> {
-        validate_key(key)?;
-        // The old value is dropped after the lock is released.
-        let old = self.shard(key).insert(Arc::clone(key), value);
-        drop(old);
-        Ok(())
-    }
-
-    fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
-        validate_key(key)?;
-        Ok(self.shard(key).remove(key).is_some())
-    }
-
-    fn keys(&self) -> Result<Vec<String>, DuraflowError> {
-        Ok(self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                lock(shard)
-                    .keys()
-                    .map(|k| k.to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect())
+    fn keys(&self) -> StoreFuture<'_, Vec<String>> {
+        ready(Ok::<_, DuraflowError>(self.map().keys().cloned().collect()))
     }
 
     fn kind(&self) -> &'static str {
         "memory"
-    }
-
-    fn may_block(&self) -> bool {
-        false
     }
 }

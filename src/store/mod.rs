@@ -5,114 +5,141 @@
 
 mod file;
 mod memory;
+mod open;
 mod sled;
 
-pub use self::sled::{Durability, GcStats, RunDetails, SledConfig, SledStore};
+pub use self::open::open_existing;
+pub use self::sled::{Durability, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::{DuraflowError, RunLog};
+use crate::{DuraflowError, RunHistory, RunLog};
 
-/// An object-safe byte store that duraflow-rs persists task outputs in.
+/// What every store method returns: a boxed future of its result, so that [`Storage`] stays
+/// object-safe and each store decides where its work runs.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DuraflowError>> + Send + 'a>>;
+
+/// An object-safe, asynchronous byte store that duraflow-rs persists task outputs in.
 ///
 /// Implement [`read`](Storage::read) and [`write`](Storage::write) to plug in your own
 /// backend; every other method has a default. Keys reaching a store have passed
 /// [`validate_key`](crate::validate_key); values are opaque bytes.
 ///
-/// Methods are synchronous and may block: duraflow-rs calls them off the async executor
-/// (on a small pool of I/O threads) unless [`may_block`](Storage::may_block) says they never
-/// block.
+/// duraflow-rs awaits these futures on the async executor, so **a store must not block in
+/// them**: a store that waits on files or a blocking client does that work inside
+/// [`unblock`] (as [`FileStore`] and [`SledStore`] do); one that never waits (like
+/// [`MemoryStore`]) answers with a ready future.
 pub trait Storage: Send + Sync {
-    /// Returns the bytes last written under `key`, or `None` if the key was never written
-    /// (or was removed).
+    /// The bytes last written under `key`, or `None` if the key was never written (or was
+    /// removed).
     ///
     /// # Errors
     /// Any [`DuraflowError`] the backend meets; [`DuraflowError::Corrupt`] when the stored
     /// bytes fail the backend's own integrity check.
-    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError>;
+    fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
 
     /// Stores `value` under `key`, replacing any previous value atomically: a reader (or a
-    /// restart after a crash) sees the old bytes or the new ones, never a mix. When it
-    /// returns `Ok`, the value is as durable as the store promises in its own docs.
+    /// restart after a crash) sees the old bytes or the new ones, never a mix. When the
+    /// future resolves to `Ok`, the value is as durable as the store promises in its docs.
     ///
     /// # Errors
     /// Any [`DuraflowError`] the backend meets. The store then holds the previous value or
     /// the new one, never a mix; stores document which (a failure before anything is
     /// replaced, such as a full disk, leaves the previous value).
-    fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError>;
+    fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()>;
 
-    /// Like [`write`](Storage::write), with the same guarantees, but takes the value by
-    /// ownership: duraflow-rs persists every output through this method, so a store that
-    /// keeps the bytes as they are (such as [`MemoryStore`]) can override it to avoid a
-    /// copy. Defaults to calling `write`.
-    ///
-    /// # Errors
-    /// As [`write`](Storage::write).
-    fn write_owned(&self, key: &str, value: Vec<u8>) -> Result<(), DuraflowError> {
-        self.write(key, &value)
-    }
-
-    /// Like [`write_owned`](Storage::write_owned), with the same guarantees, but also gets
-    /// the key as a shared string: duraflow-rs persists every task output through this
-    /// method, so a store that keeps its keys in memory (such as [`MemoryStore`]) can
-    /// keep this one instead of copying it. Defaults to calling `write_owned`.
-    ///
-    /// # Errors
-    /// As [`write`](Storage::write).
-    fn write_shared(&self, key: &Arc<str>, value: Vec<u8>) -> Result<(), DuraflowError> {
-        self.write_owned(key, value)
-    }
-
-    /// Removes `key`; returns whether it was present.
+    /// Removes `key`; resolves to whether it was present.
     ///
     /// # Errors
     /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
-    fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
+    fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
         let _ = key;
-        Err(DuraflowError::Unsupported {
-            store: self.kind(),
-            operation: "remove",
-        })
+        unsupported(self.kind(), "remove")
     }
 
-    /// Lists every stored key, in no particular order.
+    /// Every stored key, in no particular order.
     ///
     /// # Errors
     /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
-    fn keys(&self) -> Result<Vec<String>, DuraflowError> {
-        Err(DuraflowError::Unsupported {
-            store: self.kind(),
-            operation: "keys",
-        })
+    fn keys(&self) -> StoreFuture<'_, Vec<String>> {
+        unsupported(self.kind(), "keys")
     }
 
-    /// A short name for the kind of store (`"memory"`, `"file"`, …), used in spans and
-    /// messages. Defaults to `"custom"`.
+    /// A short name for the kind of store (`"memory"`, `"file"`, `"sled"`, …), used in spans
+    /// and messages. Defaults to `"custom"`.
     fn kind(&self) -> &'static str {
         "custom"
     }
 
-    /// The store's run log, if it keeps run and attempt records (only [`SledStore`] among
-    /// the built-in stores). `None` by default.
+    /// The store's run log, if it records runs and attempts ([`SledStore`] among the
+    /// built-in stores). `None` by default.
     fn run_log(&self) -> Option<&dyn RunLog> {
         None
     }
 
-    /// Whether duraflow-rs should read a run's stored outputs ahead of its tasks, in
-    /// batches on its I/O threads, rather than one read per task when it starts. Worth it
-    /// when a read costs more than handing it to another thread (a file, the network); it
-    /// holds a channel per task while the run lasts. Only consulted when
-    /// [`may_block`](Storage::may_block) is `true`. Defaults to `false`.
-    fn read_ahead(&self) -> bool {
-        false
+    /// The store's run history, if it keeps one that can be queried ([`SledStore`] among
+    /// the built-in stores). `None` by default.
+    fn history(&self) -> Option<&dyn RunHistory> {
+        None
     }
+}
 
-    /// Whether the methods may block the calling thread (disk, network). When `true`, the
-    /// default, duraflow-rs runs them on its I/O threads, never on the async executor.
-    /// Return `false` only for stores that never wait on I/O or contended locks.
-    fn may_block(&self) -> bool {
-        true
+/// An `Arc` of a store is that store, so a caller can keep a handle to it
+/// (`Context::new(store.clone())`).
+impl<S: Storage + ?Sized> Storage for Arc<S> {
+    fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        (**self).read(key)
     }
+    fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+        (**self).write(key, value)
+    }
+    fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        (**self).remove(key)
+    }
+    fn keys(&self) -> StoreFuture<'_, Vec<String>> {
+        (**self).keys()
+    }
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    fn run_log(&self) -> Option<&dyn RunLog> {
+        (**self).run_log()
+    }
+    fn history(&self) -> Option<&dyn RunHistory> {
+        (**self).history()
+    }
+}
+
+/// Runs `work`, which may block (files, sled, a blocking client), on a thread pool shared by
+/// the process (the `blocking` crate's), never on the calling thread: what a [`Storage`]
+/// implementation wraps its blocking calls in. Works under any async runtime, and without
+/// one. A panic in `work` is resumed where the future is awaited.
+pub fn unblock<T, F>(work: F) -> StoreFuture<'static, T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, DuraflowError> + Send + 'static,
+{
+    Box::pin(blocking::unblock(work))
+}
+
+/// A future that is ready with `result`.
+pub(crate) fn ready<'a, T: Send + 'a>(result: Result<T, DuraflowError>) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(result))
+}
+
+fn unsupported<'a, T: Send + 'a>(
+    store: &'static str,
+    operation: &'static str,
+) -> StoreFuture<'a, T> {
+    ready(Err(DuraflowError::Unsupported { store, operation }))
+}
+
+/// Waits for a store future on the calling thread, for the crate's synchronous entry points
+/// ([`Context::get`](crate::Context::get) and friends), which document that they block.
+pub(crate) fn wait<T>(future: StoreFuture<'_, T>) -> Result<T, DuraflowError> {
+    futures::executor::block_on(future)
 }

@@ -194,3 +194,8 @@ pub fn child_test(test: &str) -> std::process::Command {
     ]);
     command
 }
+
+/// Waits for a store future on this thread.
+pub fn wait<F: std::future::Future>(future: F) -> F::Output {
+    futures::executor::block_on(future)
+}

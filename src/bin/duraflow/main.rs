@@ -16,16 +16,17 @@ use std::process::ExitCode;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
-use duraflow_rs::{DuraflowError, RunDetails, RunId, RunStatus, SledStore};
+use duraflow_rs::{DuraflowError, RunDetails, RunHistory, RunId, RunStatus};
 
-use open::Store;
+use open::{wait, Store};
 use text::Align;
 
 /// Look into a duraflow-rs store: runs, task attempts, stored values; invalidate outputs,
 /// drop old run records, write an HTML report of a run.
 ///
 /// STORE is a sled store (a directory made by `SledStore::open`) or a FileStore directory;
-/// the kind is detected. Run records (runs, show, gc, report) exist in sled stores only.
+/// the kind is detected. Run records (runs, show, gc, report) exist in stores that keep a
+/// run history (sled stores).
 /// Exit status: 0 success, 1 error (one line on stderr), 2 usage error.
 #[derive(Parser)]
 #[command(name = "duraflow", version)]
@@ -177,8 +178,8 @@ fn run(command: Command, out: &mut dyn Write) -> Result<(), Failure> {
 /// `duraflow runs`.
 fn runs(path: &Path, out: &mut dyn Write) -> Result<(), Failure> {
     let store = Store::open(path)?;
-    let sled = store.runs(path)?;
-    let runs = sled.runs()?;
+    let history = store.history(path)?;
+    let runs = wait(history.runs())?;
     if runs.is_empty() {
         writeln!(out, "no runs recorded in {}", path.display())?;
         return Ok(());
@@ -190,7 +191,8 @@ fn runs(path: &Path, out: &mut dyn Write) -> Result<(), Failure> {
             text::run_duration(run, &[])
         } else {
             // The end of an interrupted run is its last recorded activity.
-            let attempts = sled.run(run.id)?.map(|d| d.attempts).unwrap_or_default();
+            let details = wait(history.run(run.id))?;
+            let attempts = details.map(|d| d.attempts).unwrap_or_default();
             text::run_duration(run, &attempts)
         };
         lower_bounds |= at_least;
@@ -233,8 +235,12 @@ fn runs(path: &Path, out: &mut dyn Write) -> Result<(), Failure> {
 }
 
 /// The run `id`, or the latest; an error naming the runs there are otherwise.
-fn find_run(sled: &SledStore, path: &Path, id: Option<RunId>) -> Result<RunDetails, Failure> {
-    let runs = sled.runs()?;
+fn find_run(
+    history: &dyn RunHistory,
+    path: &Path,
+    id: Option<RunId>,
+) -> Result<RunDetails, Failure> {
+    let runs = wait(history.runs())?;
     let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
         return Err(Failure::new(format!(
             "no runs recorded in {}",
@@ -242,7 +248,7 @@ fn find_run(sled: &SledStore, path: &Path, id: Option<RunId>) -> Result<RunDetai
         )));
     };
     let id = id.unwrap_or(last.id);
-    sled.run(id)?.ok_or_else(|| {
+    wait(history.run(id))?.ok_or_else(|| {
         Failure::new(format!(
             "no run {id} in {} ({})",
             path.display(),
@@ -290,7 +296,7 @@ fn show(
     out: &mut dyn Write,
 ) -> Result<(), Failure> {
     let store = Store::open(path)?;
-    let details = find_run(store.runs(path)?, path, id)?;
+    let details = find_run(store.history(path)?, path, id)?;
     writeln!(out, "{}", run_summary(&details))?;
     let mut attempts: Vec<_> = details
         .attempts
@@ -337,7 +343,7 @@ fn get(path: &Path, key: &str, json: bool, raw: bool, out: &mut dyn Write) -> Re
     let store = Store::open(path)?;
     let missing = || Failure::new(format!("no value stored under key {key:?}"));
     if raw {
-        let bytes = store.storage().read(key)?.ok_or_else(missing)?;
+        let bytes = wait(store.storage().read(key))?.ok_or_else(missing)?;
         out.write_all(&bytes)?;
         return Ok(());
     }
@@ -369,15 +375,14 @@ fn rm(
     let storage = store.storage();
     let mut targets: Vec<String> = Vec::new();
     for key in keys {
-        if storage.read(key)?.is_some() {
+        if wait(storage.read(key))?.is_some() {
             targets.push(key.clone());
         } else {
             writeln!(out, "not stored: {}", text::printable(key))?;
         }
     }
     if let Some(prefix) = prefix {
-        let mut matching: Vec<String> = storage
-            .keys()?
+        let mut matching: Vec<String> = wait(storage.keys())?
             .into_iter()
             .filter(|k| k.starts_with(prefix))
             .collect();
@@ -398,7 +403,7 @@ fn rm(
         if dry_run {
             writeln!(out, "would remove {}", text::printable(key))?;
             removed += 1;
-        } else if storage.remove(key)? {
+        } else if wait(storage.remove(key))? {
             writeln!(out, "removed {}", text::printable(key))?;
             removed += 1;
         }
@@ -425,11 +430,11 @@ fn rm(
 /// `duraflow gc`.
 fn gc(path: &Path, keep_runs: u64, out: &mut dyn Write) -> Result<(), Failure> {
     let store = Store::open(path)?;
-    let sled = store.runs(path)?;
+    let history = store.history(path)?;
     let keep = usize::try_from(keep_runs).unwrap_or(usize::MAX);
-    let stats = sled.gc(keep)?;
+    let stats = wait(history.gc(keep))?;
     if stats.runs_removed.is_empty() {
-        let runs = sled.runs()?.len();
+        let runs = wait(history.runs())?.len();
         writeln!(
             out,
             "nothing to remove: the store has {}, keeping the newest {keep_runs}",
@@ -449,7 +454,7 @@ fn gc(path: &Path, keep_runs: u64, out: &mut dyn Write) -> Result<(), Failure> {
     )?;
     writeln!(
         out,
-        "kept the newest {} and every output; sled's files shrink as it compacts",
+        "kept the newest {} and every output",
         text::count(keep_runs, "run"),
     )?;
     Ok(())
@@ -463,7 +468,7 @@ fn report(
     out: &mut dyn Write,
 ) -> Result<(), Failure> {
     let store = Store::open(path)?;
-    let details = find_run(store.runs(path)?, path, id)?;
+    let details = find_run(store.history(path)?, path, id)?;
     let html = report::html(path, &details);
     let output = output.unwrap_or_else(|| PathBuf::from(format!("run-{}.html", details.run.id)));
     if output.as_os_str() == "-" {

@@ -4,22 +4,21 @@
 //! - `meta`: [`FORMAT_KEY`] → the format version (u64 BE); its presence marks a duraflow
 //!   store.
 //! - `outputs`: task id (UTF-8) → the stored bytes of its output.
-//! - `runs`: run id (u64 BE) → a [`RunRecord`].
+//! - `runs`: run id (u64 BE) → a [`RunRecord`](crate::RunRecord).
 //! - `attempts`, two kinds of entries, both under the run's id so that a run's attempts are
 //!   one prefix scan:
 //!   - `run (u64 BE) | key | 0xFF | attempt (u32 BE)` → one [`AttemptRecord`];
-//!   - `run (u64 BE) | 0xFF | epoch (u64 BE) | seq (u32 BE)` → a [`CachedBatch`]: many
-//!     `Cached` attempts of that run in one value (a cached task costs a few microseconds;
-//!     one sled insert per task would cost more than the task). A task id is non-empty UTF-8, whose first byte is
-//!     never 0xFF, so the two kinds never collide and a run's batches sort after its single
-//!     records.
+//!   - `run (u64 BE) | 0xFF | id` → a [`CachedBatch`]: many `Cached` attempts of that run in
+//!     one value (a cached task costs a few microseconds; one sled insert each would cost
+//!     more than the task). `id` is unique over the database's life. A task id is non-empty
+//!     UTF-8, whose first byte is never 0xFF, so the two kinds never collide and a run's
+//!     batches sort after its single records.
 //!
 //! Every value is rmp-serde's named (map) encoding, so records can gain `#[serde(default)]`
 //! fields.
 
 use std::cmp::Ordering;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +30,7 @@ pub(super) const FORMAT_VERSION: u64 = 1;
 /// Key of the format version in the `meta` tree: its presence marks a duraflow store.
 pub(super) const FORMAT_KEY: &[u8] = b"duraflow.format";
 /// Separates a key from what follows it in record keys; never occurs in UTF-8.
-pub(super) const SEP: u8 = 0xFF;
+const SEP: u8 = 0xFF;
 
 /// The trees a store uses besides `meta`.
 #[derive(Clone)]
@@ -58,92 +57,27 @@ fn batch_prefix(run: RunId) -> [u8; 9] {
     k
 }
 
-/// `run (u64 BE) | 0xFF | epoch (u64 BE) | seq (u32 BE)`: the key of one cached batch.
-/// `epoch` is an id from sled's `generate_id` (unique over the database's life, taken by
-/// each writer), `seq` counts the writer's batches.
-pub(super) fn batch_key(run: RunId, epoch: u64, seq: u32) -> [u8; 21] {
-    let mut k = [0u8; 21];
-    k[..9].copy_from_slice(&batch_prefix(run));
-    k[9..17].copy_from_slice(&epoch.to_be_bytes());
-    k[17..].copy_from_slice(&seq.to_be_bytes());
+/// `run (u64 BE) | 0xFF | id (u64 BE)`: the key of one cached batch.
+pub(super) fn batch_key(run: RunId, id: u64) -> Vec<u8> {
+    let mut k = batch_prefix(run).to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
 /// Whether an `attempts` key (after its 8-byte run id) is a cached batch.
-fn is_batch_key(k: &[u8]) -> bool {
+pub(super) fn is_batch_key(k: &[u8]) -> bool {
     k.get(8) == Some(&SEP)
 }
 
 /// The order of single attempt records in the tree: by `key | 0xFF`, then attempt number.
-/// [`crate::store::SledStore::run`] returns attempts in this order.
 fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
     let ka = a.key.bytes().chain(std::iter::once(SEP));
     let kb = b.key.bytes().chain(std::iter::once(SEP));
     ka.cmp(kb).then(a.attempt.cmp(&b.attempt))
 }
 
-/// A `Cached` attempt waiting to be stored in a [`CachedBatch`]: an [`AttemptRecord`]
-/// without its outcome, holding the task id the run shares rather than a copy, in one cache
-/// line (every task of a cached re-run writes one): its optional numbers are kept as plain
-/// numbers and a mask of which are present.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[repr(align(64))]
-pub(super) struct CachedAttempt {
-    pub(super) run: RunId,
-    pub(super) key: Arc<str>,
-    pub(super) started_ms: u64,
-    finished_ms: u64,
-    duration_us: u64,
-    output_size: u64,
-    pub(super) attempt: u32,
-    /// Which of the optional numbers are present: [`FINISHED`], [`DURATION`], [`SIZE`].
-    present: u8,
-}
-
-const FINISHED: u8 = 1;
-const DURATION: u8 = 2;
-const SIZE: u8 = 4;
-
-impl CachedAttempt {
-    /// `record` (a `Cached` attempt), with `key` as its task id.
-    pub(super) fn new(key: Arc<str>, record: &AttemptRecord) -> CachedAttempt {
-        let bit = |number: Option<u64>, bit: u8| if number.is_some() { bit } else { 0 };
-        CachedAttempt {
-            run: record.run,
-            key,
-            started_ms: record.started_ms,
-            finished_ms: record.finished_ms.unwrap_or(0),
-            duration_us: record.duration_us.unwrap_or(0),
-            output_size: record.output_size.unwrap_or(0),
-            attempt: record.attempt,
-            present: bit(record.finished_ms, FINISHED)
-                | bit(record.duration_us, DURATION)
-                | bit(record.output_size, SIZE),
-        }
-    }
-
-    fn finished_ms(&self) -> Option<u64> {
-        (self.present & FINISHED != 0).then_some(self.finished_ms)
-    }
-
-    fn duration_us(&self) -> Option<u64> {
-        (self.present & DURATION != 0).then_some(self.duration_us)
-    }
-
-    fn output_size(&self) -> Option<u64> {
-        (self.present & SIZE != 0).then_some(self.output_size)
-    }
-}
-
-impl From<&AttemptRecord> for CachedAttempt {
-    fn from(record: &AttemptRecord) -> CachedAttempt {
-        CachedAttempt::new(record.key.as_str().into(), record)
-    }
-}
-
 /// Many `Cached` attempts of one run, stored as one value: an [`AttemptRecord`] without
-/// the fields they share, by column (entry `i` of every column is attempt `i`), so that
-/// field names are written once per batch rather than once per attempt.
+/// the fields they share, by column (entry `i` of every column is attempt `i`).
 #[derive(Serialize, Deserialize)]
 pub(super) struct CachedBatch<K> {
     /// The run every attempt belongs to.
@@ -151,197 +85,35 @@ pub(super) struct CachedBatch<K> {
     /// [`AttemptRecord::key`] of each attempt.
     pub(super) keys: Vec<K>,
     /// [`AttemptRecord::attempt`].
-    pub(super) attempt: Vec<u32>,
+    attempt: Vec<u32>,
     /// [`AttemptRecord::started_ms`].
-    pub(super) started_ms: Vec<u64>,
+    started_ms: Vec<u64>,
     /// [`AttemptRecord::finished_ms`].
-    pub(super) finished_ms: Vec<Option<u64>>,
+    finished_ms: Vec<Option<u64>>,
     /// [`AttemptRecord::duration_us`].
-    pub(super) duration_us: Vec<Option<u64>>,
+    duration_us: Vec<Option<u64>>,
     /// [`AttemptRecord::output_size`].
-    pub(super) output_size: Vec<Option<u64>>,
+    output_size: Vec<Option<u64>>,
 }
 
 impl<'a> CachedBatch<&'a str> {
     /// The batch of `records`, which are `Cached` attempts of `run`.
-    pub(super) fn of(run: RunId, records: &'a [CachedAttempt]) -> Self {
+    pub(super) fn of(run: RunId, records: &'a [AttemptRecord]) -> Self {
         CachedBatch {
             run,
-            keys: records.iter().map(|r| &*r.key).collect(),
+            keys: records.iter().map(|r| r.key.as_str()).collect(),
             attempt: records.iter().map(|r| r.attempt).collect(),
             started_ms: records.iter().map(|r| r.started_ms).collect(),
-            finished_ms: records.iter().map(CachedAttempt::finished_ms).collect(),
-            duration_us: records.iter().map(CachedAttempt::duration_us).collect(),
-            output_size: records.iter().map(CachedAttempt::output_size).collect(),
+            finished_ms: records.iter().map(|r| r.finished_ms).collect(),
+            duration_us: records.iter().map(|r| r.duration_us).collect(),
+            output_size: records.iter().map(|r| r.output_size).collect(),
         }
     }
 }
 
 impl CachedBatch<&str> {
-    /// The batch's named msgpack encoding: the bytes [`encode_record`] gives (rmp-serde's
-    /// named encoding, the most compact marker for every length and integer), written
-    /// directly into a buffer of the right size. The writer thread encodes every cached
-    /// attempt of every cached re-run, at the end of the run, so rmp-serde's per-element
-    /// dispatch cost the run a few hundred nanoseconds per task.
-    pub(super) fn encode(&self) -> Vec<u8> {
-        let keys: usize = self.keys.iter().map(|k| k.len() + 5).sum();
-        // At most: 128 bytes of markers, names and the run; per entry its key and 41 bytes.
-        let mut out = Vec::with_capacity(128 + keys + self.keys.len() * 41);
-        map_len(&mut out, 7);
-        str(&mut out, "run");
-        uint(&mut out, self.run);
-        str(&mut out, "keys");
-        array_len(&mut out, self.keys.len());
-        for key in &self.keys {
-            str(&mut out, key);
-        }
-        str(&mut out, "attempt");
-        array_len(&mut out, self.attempt.len());
-        for &a in &self.attempt {
-            uint(&mut out, u64::from(a));
-        }
-        for (name, column) in [
-            ("started_ms", None),
-            ("finished_ms", Some(&self.finished_ms)),
-            ("duration_us", Some(&self.duration_us)),
-            ("output_size", Some(&self.output_size)),
-        ] {
-            str(&mut out, name);
-            match column {
-                None => {
-                    array_len(&mut out, self.started_ms.len());
-                    for &v in &self.started_ms {
-                        uint(&mut out, v);
-                    }
-                }
-                Some(column) => {
-                    array_len(&mut out, column.len());
-                    for &v in column {
-                        option(&mut out, v);
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// An attempt record's named msgpack encoding: the bytes [`encode_record`] gives, written
-/// directly for every outcome but `Failed` (which goes through rmp-serde). Two records are
-/// encoded per executed task, on the executor's threads, and rmp-serde's growing buffer and
-/// per-field dispatch cost several thousand instructions per record.
-///
-/// # Errors
-/// As [`encode_record`] (only for a `Failed` outcome).
-pub(super) fn encode_attempt(record: &AttemptRecord) -> Result<Vec<u8>, DuraflowError> {
-    // Every field by name: a field added to the record fails to compile here, rather than
-    // being left out of the encoding.
-    let AttemptRecord {
-        run,
-        key,
-        attempt,
-        started_ms,
-        finished_ms,
-        outcome,
-        duration_us,
-        output_size,
-    } = record;
-    let outcome = match outcome {
-        AttemptOutcome::Running => "Running",
-        AttemptOutcome::Succeeded => "Succeeded",
-        AttemptOutcome::Cached => "Cached",
-        AttemptOutcome::Interrupted => "Interrupted",
-        AttemptOutcome::Failed { .. } => return encode_record(record),
-    };
-    // The most it can take: 72 bytes of map marker and names, at most 62 of values besides
-    // the key's bytes, 4 more for a long key's marker. No realloc, and no spare half.
-    let mut out = Vec::with_capacity(140 + key.len());
-    map_len(&mut out, 8);
-    str(&mut out, "run");
-    uint(&mut out, *run);
-    str(&mut out, "key");
-    str(&mut out, key);
-    str(&mut out, "attempt");
-    uint(&mut out, u64::from(*attempt));
-    str(&mut out, "started_ms");
-    uint(&mut out, *started_ms);
-    str(&mut out, "finished_ms");
-    option(&mut out, *finished_ms);
-    str(&mut out, "outcome");
-    str(&mut out, outcome);
-    str(&mut out, "duration_us");
-    option(&mut out, *duration_us);
-    str(&mut out, "output_size");
-    option(&mut out, *output_size);
-    Ok(out)
-}
-
-// msgpack markers, as rmp writes them (the smallest that fits).
-
-fn option(out: &mut Vec<u8>, v: Option<u64>) {
-    match v {
-        Some(v) => uint(out, v),
-        None => out.push(0xc0), // nil
-    }
-}
-
-fn map_len(out: &mut Vec<u8>, len: usize) {
-    sized(out, len, 0x80, 0xde, 0xdf);
-}
-
-fn array_len(out: &mut Vec<u8>, len: usize) {
-    sized(out, len, 0x90, 0xdc, 0xdd);
-}
-
-/// A map or array length: a fix marker below 16, else a 16- or 32-bit one.
-fn sized(out: &mut Vec<u8>, len: usize, fix: u8, m16: u8, m32: u8) {
-    if len < 16 {
-        out.push(fix | len as u8);
-    } else if let Ok(len) = u16::try_from(len) {
-        out.push(m16);
-        out.extend_from_slice(&len.to_be_bytes());
-    } else {
-        out.push(m32);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-}
-
-fn str(out: &mut Vec<u8>, s: &str) {
-    let len = s.len();
-    if len < 32 {
-        out.push(0xa0 | len as u8);
-    } else if let Ok(len) = u8::try_from(len) {
-        out.extend_from_slice(&[0xd9, len]);
-    } else if let Ok(len) = u16::try_from(len) {
-        out.push(0xda);
-        out.extend_from_slice(&len.to_be_bytes());
-    } else {
-        out.push(0xdb);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn uint(out: &mut Vec<u8>, v: u64) {
-    if v < 128 {
-        out.push(v as u8);
-    } else if let Ok(v) = u8::try_from(v) {
-        out.extend_from_slice(&[0xcc, v]);
-    } else if let Ok(v) = u16::try_from(v) {
-        out.push(0xcd);
-        out.extend_from_slice(&v.to_be_bytes());
-    } else if let Ok(v) = u32::try_from(v) {
-        out.push(0xce);
-        out.extend_from_slice(&v.to_be_bytes());
-    } else {
-        out.push(0xcf);
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-}
-
-impl<K: AsRef<str>> CachedBatch<K> {
-    /// The number of attempts, or `None` if the columns differ in length.
-    fn len(&self) -> Option<usize> {
+    /// The attempts whose key passes `keep`, or `None` if the columns differ in length.
+    fn records(&self, keep: impl Fn(&str) -> bool) -> Option<Vec<AttemptRecord>> {
         let n = self.keys.len();
         let lens = [
             self.attempt.len(),
@@ -350,48 +122,45 @@ impl<K: AsRef<str>> CachedBatch<K> {
             self.duration_us.len(),
             self.output_size.len(),
         ];
-        lens.iter().all(|&l| l == n).then_some(n)
-    }
-
-    /// Attempt `i` (`i` < [`len`](Self::len)).
-    fn record(&self, i: usize) -> Option<AttemptRecord> {
-        Some(AttemptRecord {
+        if lens.iter().any(|&l| l != n) {
+            return None;
+        }
+        let record = |i: usize| AttemptRecord {
             run: self.run,
-            key: self.keys.get(i)?.as_ref().to_owned(),
-            attempt: *self.attempt.get(i)?,
-            started_ms: *self.started_ms.get(i)?,
-            finished_ms: *self.finished_ms.get(i)?,
+            key: self.keys[i].to_owned(),
+            attempt: self.attempt[i],
+            started_ms: self.started_ms[i],
+            finished_ms: self.finished_ms[i],
             outcome: AttemptOutcome::Cached,
-            duration_us: *self.duration_us.get(i)?,
-            output_size: *self.output_size.get(i)?,
-        })
-    }
-
-    /// The attempts whose key passes `keep`.
-    fn records<'s>(
-        &'s self,
-        keep: impl Fn(&str) -> bool + 's,
-    ) -> impl Iterator<Item = AttemptRecord> + 's {
-        self.keys
-            .iter()
-            .enumerate()
-            .filter(move |(_, k)| keep(k.as_ref()))
-            .filter_map(|(i, _)| self.record(i))
+            duration_us: self.duration_us[i],
+            output_size: self.output_size[i],
+        };
+        Some((0..n).filter(|&i| keep(self.keys[i])).map(record).collect())
     }
 }
 
-/// Decodes a cached batch; one that does not decode or whose columns differ in length is
-/// `Corrupt`.
-fn decode_batch<'a>(path: &Path, bytes: &'a [u8]) -> Result<CachedBatch<&'a str>, DuraflowError> {
+/// The attempts of the cached batch `bytes` whose key passes `keep`; a batch that does not
+/// decode or whose columns differ in length is `Corrupt`.
+fn batch_records(
+    path: &Path,
+    bytes: &[u8],
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<AttemptRecord>, DuraflowError> {
     let batch: CachedBatch<&str> = decode_record(path, "cached attempts", bytes)?;
-    match batch.len() {
-        Some(_) => Ok(batch),
-        None => Err(DuraflowError::Corrupt {
-            key: String::new(),
-            path: Some(path.to_owned()),
-            reason: "unreadable cached attempts record: its columns differ in length".to_owned(),
-        }),
+    batch.records(keep).ok_or_else(|| DuraflowError::Corrupt {
+        key: String::new(),
+        path: Some(path.to_owned()),
+        reason: "unreadable cached attempts record: its columns differ in length".to_owned(),
+    })
+}
+
+/// How many attempts the `attempts` entry `key` → `value` holds: one for a single record,
+/// the batch's length for a cached batch (0 if the batch does not decode).
+pub(super) fn attempts_in(key: &[u8], value: &[u8]) -> u64 {
+    if !is_batch_key(key) {
+        return 1;
     }
+    rmp_serde::from_slice::<CachedBatch<&str>>(value).map_or(0, |b| b.keys.len() as u64)
 }
 
 /// Encodes a record (rmp-serde, named).
@@ -427,22 +196,20 @@ pub(super) enum OnUndecodable {
 }
 
 /// Every attempt of run `run`: its single records and the entries of its cached batches,
-/// ordered by key, then attempt number (the order of the single records' keys). A `Cached`
-/// attempt is final, so when a batch and a single record hold the same attempt (not done by
-/// this crate), the batch's wins.
+/// ordered by key, then attempt number. A `Cached` attempt is final, so when a batch and a
+/// single record hold the same attempt, the batch's wins.
 pub(super) fn run_attempts(
     trees: &Trees,
     path: &Path,
     run: RunId,
     on_undecodable: OnUndecodable,
 ) -> Result<Vec<AttemptRecord>, DuraflowError> {
-    let io = |e| super::sled_error(path, e);
     let mut singles = Vec::new();
     let mut batched = Vec::new();
     for entry in trees.attempts.scan_prefix(run.to_be_bytes()) {
-        let (k, v) = entry.map_err(io)?;
+        let (k, v) = entry.map_err(|e| super::sled_error(path, e))?;
         let decoded = if is_batch_key(&k) {
-            decode_batch(path, &v).map(|batch| batched.extend(batch.records(|_| true)))
+            batch_records(path, &v, |_| true).map(|records| batched.extend(records))
         } else {
             decode_record::<AttemptRecord>(path, "attempt", &v).map(|a| singles.push(a))
         };
@@ -451,9 +218,6 @@ pub(super) fn run_attempts(
                 return Err(e);
             }
         }
-    }
-    if batched.is_empty() {
-        return Ok(singles); // already in key order
     }
     // Batches first, so the stable sort keeps a batch's record ahead of a single one for the
     // same attempt, and `dedup_by` keeps the first.
@@ -472,14 +236,13 @@ pub(super) fn key_attempts(
     key: &str,
 ) -> Result<Vec<AttemptRecord>, DuraflowError> {
     let io = |e| super::sled_error(path, e);
+    let mut found = Vec::new();
+    for v in trees.attempts.scan_prefix(batch_prefix(run)).values() {
+        found.extend(batch_records(path, &v.map_err(io)?, |k| k == key)?);
+    }
     let mut prefix = run.to_be_bytes().to_vec();
     prefix.extend_from_slice(key.as_bytes());
     prefix.push(SEP);
-    let mut found = Vec::new();
-    for v in trees.attempts.scan_prefix(batch_prefix(run)).values() {
-        let v = v.map_err(io)?;
-        found.extend(decode_batch(path, &v)?.records(|k| k == key));
-    }
     for v in trees.attempts.scan_prefix(&prefix).values() {
         found.push(decode_record(path, "attempt", &v.map_err(io)?)?);
     }
@@ -492,128 +255,38 @@ pub(super) fn key_attempts(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_batch_is_named_msgpack_and_round_trips() {
-        let record = AttemptRecord {
+    fn cached(key: &str, started_ms: u64) -> AttemptRecord {
+        AttemptRecord {
             run: 7,
-            key: "t/1".to_owned(),
+            key: key.to_owned(),
             attempt: 1,
-            started_ms: 10,
-            finished_ms: Some(11),
+            started_ms,
+            finished_ms: Some(started_ms + 1),
             outcome: AttemptOutcome::Cached,
             duration_us: Some(3),
             output_size: Some(9),
-        };
-        let records = [record.clone(), record.clone()];
-        let cached: Vec<CachedAttempt> = records.iter().map(CachedAttempt::from).collect();
-        let bytes = rmp_serde::to_vec_named(&CachedBatch::of(7, &cached)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_batch_is_named_msgpack_and_round_trips() {
+        let records = [cached("t/1", 10), cached("t/2", 11)];
+        let bytes = encode_record(&CachedBatch::of(7, &records)).unwrap();
         // A map (named encoding), not an array.
         assert_eq!(bytes[0] & 0xf0, 0x80, "{bytes:x?}");
-        let back = decode_batch(Path::new("x"), &bytes).unwrap();
-        assert_eq!(back.records(|_| true).collect::<Vec<_>>(), records);
-    }
-
-    #[test]
-    fn the_direct_encoding_of_a_batch_is_rmp_serdes() {
-        let edges = [
-            0,
-            1,
-            127,
-            128,
-            255,
-            256,
-            65_535,
-            65_536,
-            u64::from(u32::MAX),
-            u64::from(u32::MAX) + 1,
-            u64::MAX,
-        ];
-        let key_lens = [1, 31, 32, 255, 256, 65_535, 65_536];
-        let record = |i: usize| {
-            let v = edges[i % edges.len()];
-            AttemptRecord {
-                run: v,
-                // Every key length in the first records only, to keep the test small.
-                key: "k".repeat(key_lens.get(i).copied().unwrap_or(i % 40 + 1)),
-                attempt: u32::try_from(v).unwrap_or(u32::MAX),
-                started_ms: edges[(i + 3) % edges.len()],
-                finished_ms: (!i.is_multiple_of(3)).then_some(v),
-                outcome: AttemptOutcome::Cached,
-                duration_us: i.is_multiple_of(2).then_some(edges[(i + 5) % edges.len()]),
-                output_size: (!i.is_multiple_of(5)).then_some(v / 3),
-            }
-        };
-        // Column lengths around every array-marker boundary.
-        for len in [0, 1, 15, 16, 17, 40, 256, 65_535, 65_536] {
-            let records: Vec<CachedAttempt> =
-                (0..len).map(|i| CachedAttempt::from(&record(i))).collect();
-            for run in [0, 127, 128, 70_000, u64::MAX] {
-                let batch = CachedBatch::of(run, &records);
-                let expected = rmp_serde::to_vec_named(&batch).unwrap();
-                assert!(batch.encode() == expected, "{len} records, run {run}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_direct_encoding_of_an_attempt_is_rmp_serdes() {
-        let edges = [0, 127, 128, 65_536, u64::from(u32::MAX) + 1, u64::MAX];
-        let outcomes = [
-            AttemptOutcome::Running,
-            AttemptOutcome::Succeeded,
-            AttemptOutcome::Cached,
-            AttemptOutcome::Interrupted,
-            AttemptOutcome::Failed {
-                error: "boom".to_owned(),
-            },
-        ];
-        for (i, outcome) in outcomes.iter().cycle().take(60).enumerate() {
-            let v = edges[i % edges.len()];
-            let record = AttemptRecord {
-                run: v,
-                key: "t".repeat([1, 31, 32, 300][i % 4]),
-                attempt: u32::try_from(v).unwrap_or(u32::MAX),
-                started_ms: edges[(i + 1) % edges.len()],
-                finished_ms: (!i.is_multiple_of(3)).then_some(v),
-                outcome: outcome.clone(),
-                duration_us: i.is_multiple_of(2).then_some(edges[(i + 2) % edges.len()]),
-                output_size: (i % 4 != 1).then_some(v / 7),
-            };
-            let expected = rmp_serde::to_vec_named(&record).unwrap();
-            assert_eq!(encode_attempt(&record).unwrap(), expected, "{record:?}");
-        }
-    }
-
-    #[test]
-    fn a_kept_cached_attempt_fits_a_cache_line_and_keeps_absent_numbers_absent() {
-        assert_eq!(std::mem::size_of::<CachedAttempt>(), 64);
-        let record = AttemptRecord {
-            run: 3,
-            key: "k".to_owned(),
-            attempt: 2,
-            started_ms: 10,
-            finished_ms: None,
-            outcome: AttemptOutcome::Cached,
-            duration_us: Some(0),
-            output_size: Some(u64::MAX),
-        };
-        let kept = CachedAttempt::from(&record);
-        assert_eq!(kept.finished_ms(), None);
-        assert_eq!(kept.duration_us(), Some(0));
-        assert_eq!(kept.output_size(), Some(u64::MAX));
-        let batch = CachedBatch::of(3, std::slice::from_ref(&kept));
-        let bytes = batch.encode();
-        let back = decode_batch(Path::new("x"), &bytes).unwrap();
-        assert_eq!(back.records(|_| true).collect::<Vec<_>>(), [record]);
+        let back = batch_records(Path::new("x"), &bytes, |_| true).unwrap();
+        assert_eq!(back, records);
+        let only = batch_records(Path::new("x"), &bytes, |k| k == "t/2").unwrap();
+        assert_eq!(only, records[1..]);
     }
 
     #[test]
     fn a_batch_with_uneven_columns_is_corrupt() {
         let mut batch = CachedBatch::of(7, &[]);
         batch.attempt.push(1);
-        let bytes = rmp_serde::to_vec_named(&batch).unwrap();
+        let bytes = encode_record(&batch).unwrap();
         assert!(matches!(
-            decode_batch(Path::new("x"), &bytes),
+            batch_records(Path::new("x"), &bytes, |_| true),
             Err(DuraflowError::Corrupt { .. })
         ));
     }
@@ -621,9 +294,100 @@ mod tests {
     #[test]
     fn batch_keys_sort_after_every_single_record_of_their_run() {
         let single = attempt_key(7, "\u{10FFFF}", u32::MAX);
-        let batch = batch_key(7, 0, 0);
-        assert!(single < batch.to_vec());
-        assert!(batch.to_vec() < attempt_key(8, "a", 0));
+        let batch = batch_key(7, 0);
+        assert!(single < batch);
+        assert!(batch < attempt_key(8, "a", 0));
         assert!(is_batch_key(&batch) && !is_batch_key(&single));
     }
+    /// Records as format 1 has always written them (the bytes of the store's first
+    /// encoder): they decode to the same values, and are what the encoder writes today.
+    #[test]
+    fn records_written_by_format_1_still_decode() {
+        let attempt = |outcome, ended: bool| AttemptRecord {
+            run: 7,
+            key: "load/1".to_owned(),
+            attempt: 2,
+            started_ms: 1_700_000_000_123,
+            finished_ms: ended.then_some(1_700_000_000_456),
+            outcome,
+            duration_us: ended.then_some(333_000),
+            output_size: ended.then_some(42),
+        };
+        let failed = attempt(
+            AttemptOutcome::Failed {
+                error: "boom".into(),
+            },
+            true,
+        );
+        let running = attempt(AttemptOutcome::Running, false);
+        for (bytes, record) in [(&FAILED[..], failed), (&RUNNING[..], running)] {
+            let decoded: AttemptRecord = decode_record(Path::new("x"), "attempt", bytes).unwrap();
+            assert_eq!(decoded, record);
+            assert_eq!(encode_record(&record).unwrap(), bytes);
+        }
+        let batch = batch_records(Path::new("x"), &BATCH, |_| true).unwrap();
+        let second = AttemptRecord {
+            key: "b/c".to_owned(),
+            started_ms: 11,
+            finished_ms: None,
+            duration_us: None,
+            output_size: None,
+            ..cached("a", 10)
+        };
+        let first = AttemptRecord {
+            finished_ms: Some(12),
+            duration_us: Some(5),
+            ..cached("a", 10)
+        };
+        assert_eq!(batch, [first, second]);
+        let run: crate::RunRecord = decode_record(Path::new("x"), "run", &RUN).unwrap();
+        assert_eq!(
+            (run.id, run.started_ms, run.finished_ms),
+            (7, 1_700_000_000_000, Some(1_700_000_009_000))
+        );
+        assert_eq!(
+            (run.status, run.executed, run.cached, run.failed),
+            (crate::RunStatus::Succeeded, 3, 2, 1)
+        );
+        assert_eq!(run.version, "2.0.0");
+        assert_eq!(encode_record(&run).unwrap(), RUN);
+    }
+
+    const FAILED: [u8; 125] = [
+        0x88, 0xa3, 0x72, 0x75, 0x6e, 0x07, 0xa3, 0x6b, 0x65, 0x79, 0xa6, 0x6c, 0x6f, 0x61, 0x64,
+        0x2f, 0x31, 0xa7, 0x61, 0x74, 0x74, 0x65, 0x6d, 0x70, 0x74, 0x02, 0xaa, 0x73, 0x74, 0x61,
+        0x72, 0x74, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0xcf, 0x00, 0x00, 0x01, 0x8b, 0xcf, 0xe5, 0x68,
+        0x7b, 0xab, 0x66, 0x69, 0x6e, 0x69, 0x73, 0x68, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0xcf, 0x00,
+        0x00, 0x01, 0x8b, 0xcf, 0xe5, 0x69, 0xc8, 0xa7, 0x6f, 0x75, 0x74, 0x63, 0x6f, 0x6d, 0x65,
+        0x81, 0xa6, 0x46, 0x61, 0x69, 0x6c, 0x65, 0x64, 0x81, 0xa5, 0x65, 0x72, 0x72, 0x6f, 0x72,
+        0xa4, 0x62, 0x6f, 0x6f, 0x6d, 0xab, 0x64, 0x75, 0x72, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x5f,
+        0x75, 0x73, 0xce, 0x00, 0x05, 0x14, 0xc8, 0xab, 0x6f, 0x75, 0x74, 0x70, 0x75, 0x74, 0x5f,
+        0x73, 0x69, 0x7a, 0x65, 0x2a,
+    ];
+    const RUNNING: [u8; 101] = [
+        0x88, 0xa3, 0x72, 0x75, 0x6e, 0x07, 0xa3, 0x6b, 0x65, 0x79, 0xa6, 0x6c, 0x6f, 0x61, 0x64,
+        0x2f, 0x31, 0xa7, 0x61, 0x74, 0x74, 0x65, 0x6d, 0x70, 0x74, 0x02, 0xaa, 0x73, 0x74, 0x61,
+        0x72, 0x74, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0xcf, 0x00, 0x00, 0x01, 0x8b, 0xcf, 0xe5, 0x68,
+        0x7b, 0xab, 0x66, 0x69, 0x6e, 0x69, 0x73, 0x68, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0xc0, 0xa7,
+        0x6f, 0x75, 0x74, 0x63, 0x6f, 0x6d, 0x65, 0xa7, 0x52, 0x75, 0x6e, 0x6e, 0x69, 0x6e, 0x67,
+        0xab, 0x64, 0x75, 0x72, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x5f, 0x75, 0x73, 0xc0, 0xab, 0x6f,
+        0x75, 0x74, 0x70, 0x75, 0x74, 0x5f, 0x73, 0x69, 0x7a, 0x65, 0xc0,
+    ];
+    const BATCH: [u8; 88] = [
+        0x87, 0xa3, 0x72, 0x75, 0x6e, 0x07, 0xa4, 0x6b, 0x65, 0x79, 0x73, 0x92, 0xa1, 0x61, 0xa3,
+        0x62, 0x2f, 0x63, 0xa7, 0x61, 0x74, 0x74, 0x65, 0x6d, 0x70, 0x74, 0x92, 0x01, 0x01, 0xaa,
+        0x73, 0x74, 0x61, 0x72, 0x74, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0x92, 0x0a, 0x0b, 0xab, 0x66,
+        0x69, 0x6e, 0x69, 0x73, 0x68, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0x92, 0x0c, 0xc0, 0xab, 0x64,
+        0x75, 0x72, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x5f, 0x75, 0x73, 0x92, 0x05, 0xc0, 0xab, 0x6f,
+        0x75, 0x74, 0x70, 0x75, 0x74, 0x5f, 0x73, 0x69, 0x7a, 0x65, 0x92, 0x09, 0xc0,
+    ];
+    const RUN: [u8; 103] = [
+        0x88, 0xa2, 0x69, 0x64, 0x07, 0xaa, 0x73, 0x74, 0x61, 0x72, 0x74, 0x65, 0x64, 0x5f, 0x6d,
+        0x73, 0xcf, 0x00, 0x00, 0x01, 0x8b, 0xcf, 0xe5, 0x68, 0x00, 0xab, 0x66, 0x69, 0x6e, 0x69,
+        0x73, 0x68, 0x65, 0x64, 0x5f, 0x6d, 0x73, 0xcf, 0x00, 0x00, 0x01, 0x8b, 0xcf, 0xe5, 0x8b,
+        0x28, 0xa6, 0x73, 0x74, 0x61, 0x74, 0x75, 0x73, 0xa9, 0x53, 0x75, 0x63, 0x63, 0x65, 0x65,
+        0x64, 0x65, 0x64, 0xa8, 0x65, 0x78, 0x65, 0x63, 0x75, 0x74, 0x65, 0x64, 0x03, 0xa6, 0x63,
+        0x61, 0x63, 0x68, 0x65, 0x64, 0x02, 0xa6, 0x66, 0x61, 0x69, 0x6c, 0x65, 0x64, 0x01, 0xa7,
+        0x76, 0x65, 0x72, 0x73, 0x69, 0x6f, 0x6e, 0xa5, 0x32, 0x2e, 0x30, 0x2e, 0x30,
+    ];
 }

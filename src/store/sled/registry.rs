@@ -131,7 +131,7 @@ fn wait_for_release(lock_file: &Path, deadline: Instant) {
             }
             Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                 std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-                pause = (pause * 2).min(super::MAX_LOCK_BACKOFF);
+                pause = (pause * 2).min(super::open::MAX_LOCK_BACKOFF);
             }
             Err(_) => return,
         }

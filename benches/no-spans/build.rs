@@ -1,4 +1,0 @@
-//! Compiles the library without spans (see Cargo.toml).
-fn main() {
-    println!("cargo::rustc-cfg=duraflow_no_spans");
-}

@@ -1,0 +1,80 @@
+//! [`open_existing`]: opening whatever store a location holds, for tools that inspect stores.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::unblock;
+use crate::{DuraflowError, FileStore, SledStore, Storage};
+
+/// Opens the store at `location` (a directory), whichever kind it is, without creating
+/// anything: the `duraflow` command-line tool opens every store through this. A directory
+/// with SledStore's marker or sled's files is a [`SledStore`]; one with a FileStore manifest
+/// or key directories is a [`FileStore`] (a duraflow-rs 1.x directory is refused rather
+/// than upgraded). The blocking open runs inside [`unblock`].
+///
+/// # Errors
+/// [`DuraflowError::NotAStore`] naming the path when nothing is there, or something that
+/// is neither kind of store; any error of the store's own open
+/// ([`DuraflowError::StoreLocked`] while a pipeline has it open, say).
+pub async fn open_existing(location: &str) -> Result<Arc<dyn Storage>, DuraflowError> {
+    let path = PathBuf::from(location);
+    unblock(move || {
+        Ok(match detect(&path)? {
+            Kind::Sled => Arc::new(SledStore::open(&path)?) as Arc<dyn Storage>,
+            Kind::File => Arc::new(FileStore::new(&path)?),
+        })
+    })
+    .await
+}
+
+/// The kinds of store a directory can hold.
+enum Kind {
+    Sled,
+    File,
+}
+
+/// Which kind of store `path` holds, from the files in it.
+fn detect(path: &Path) -> Result<Kind, DuraflowError> {
+    let not_a_store = |reason: &str| DuraflowError::NotAStore {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(not_a_store("a file, not a directory")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(not_a_store("nothing is there"))
+        }
+        Err(e) => return Err(DuraflowError::io(path, e)),
+    }
+    let has = |name: &str| path.join(name).exists();
+    // `duraflow-store` is the marker SledStore writes; `conf` and `db` are sled's files.
+    if has("duraflow-store") || (has("conf") && has("db")) {
+        return Ok(Kind::Sled);
+    }
+    if has(".duraflow-format") {
+        return Ok(Kind::File);
+    }
+    let entries = fs::read_dir(path)
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| DuraflowError::io(path, e))?;
+    let key_dir = |e: &fs::DirEntry| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (name.starts_with("k-") || name.starts_with("h-")) && e.path().is_dir()
+    };
+    if entries.iter().any(key_dir) {
+        return Ok(Kind::File);
+    }
+    if entries.is_empty() {
+        return Err(not_a_store("an empty directory"));
+    }
+    let json = |e: &fs::DirEntry| e.file_name().to_string_lossy().ends_with(".json");
+    Err(not_a_store(if entries.iter().any(json) {
+        "neither a sled store nor a FileStore directory (a duraflow-rs 1.x directory? \
+         opening it with FileStore::new upgrades it)"
+    } else {
+        "neither a sled store nor a FileStore directory"
+    }))
+}
