@@ -48,14 +48,6 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<Vec<u8>, DuraflowError> {
     let type_name = std::any::type_name::<T>();
-    encode_with_type_name(key, type_name, value)
-}
-
-pub(crate) fn encode_with_type_name<T: Serialize + ?Sized>(
-    key: &str,
-    type_name: &'static str,
-    value: &T,
-) -> Result<Vec<u8>, DuraflowError> {
     // Type names longer than u16::MAX are cut: the name is a label, not the type's identity.
     let name = type_name.as_bytes();
     let name = &name[..name.len().min(u16::MAX as usize)];

@@ -69,10 +69,7 @@ impl<'a> DurableDag<'a> {
         Tk::Input: Clone + 'static,
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        match self.try_add(id, task) {
-            Ok(builder) => builder,
-            Err(error) => panic!("DurableDag::add: {error}"),
-        }
+        or_panic("DurableDag::add", self.try_add(id, task))
     }
 
     /// Like [`add`](DurableDag::add), returning an error instead of panicking.
@@ -117,10 +114,7 @@ impl<'a> DurableDag<'a> {
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Display + Clone + Send + Sync + 'static,
     {
-        match self.add_kind(id, task, None) {
-            Ok(builder) => builder,
-            Err(error) => panic!("DurableDag::add_fallible: {error}"),
-        }
+        or_panic("DurableDag::add_fallible", self.add_kind(id, task, None))
     }
 
     /// [`add_fallible`](DurableDag::add_fallible), attempted again under `policy` while it
@@ -147,10 +141,10 @@ impl<'a> DurableDag<'a> {
         E: Display + Clone + Send + Sync + 'static,
     {
         let retry = Retry::of(task.clone(), policy);
-        match self.add_kind(id, task, Some(retry)) {
-            Ok(builder) => builder,
-            Err(error) => panic!("DurableDag::add_fallible: {error}"),
-        }
+        or_panic(
+            "DurableDag::add_fallible",
+            self.add_kind(id, task, Some(retry)),
+        )
     }
 
     /// Adds an infallible task that is attempted again, under `policy`, when it panics or
@@ -172,10 +166,10 @@ impl<'a> DurableDag<'a> {
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let retry = Retry::of(task.clone(), policy);
-        match self.add_kind(id, task, Some(retry)) {
-            Ok(builder) => builder,
-            Err(error) => panic!("DurableDag::add_with_retry: {error}"),
-        }
+        or_panic(
+            "DurableDag::add_with_retry",
+            self.add_kind(id, task, Some(retry)),
+        )
     }
 
     /// Claims `id` and hands the wrapped task to dagx: the one place tasks are added.
@@ -206,4 +200,9 @@ impl<'a> DurableDag<'a> {
     pub fn context(&self) -> &Arc<Context> {
         &self.run.ctx
     }
+}
+
+/// The builder, or a panic naming the method and the error (the panicking `add`s).
+fn or_panic<T>(method: &str, added: Result<T, DuraflowError>) -> T {
+    added.unwrap_or_else(|error| panic!("{method}: {error}"))
 }

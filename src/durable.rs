@@ -116,7 +116,7 @@ where
             retry,
             ..
         } = self;
-        let dispatch = run.spans.dispatch().cloned();
+        let dispatch = run.spans.dispatch.clone();
         let body = run_task::<Tk, K>(id, run, Work::new(inner, inputs, retry));
         match dispatch {
             Some(dispatch) => Either::Left(body.with_subscriber(dispatch)),
@@ -298,7 +298,8 @@ fn failed(error: String) -> AttemptOutcome {
     AttemptOutcome::Failed { error }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
+/// The text of a panic.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -38,23 +38,11 @@ const TASK_SPAN: &str = "duraflow.task";
 ///
 /// # `ProgressLayer` or `DurableDag::with_progress`: use one
 ///
-/// Both report the same thing, with the same contract: each task of a run that completes
-/// (executed, or cached) is reported exactly once, only after its output is persisted, with
-/// its id and the run's running count of reported tasks (this one included); the counts of
-/// one run are `1..=n`, each once; failed tasks are not reported. They differ in where they
-/// are attached and what they need:
-///
-/// | | [`DurableDag::with_progress`](crate::DurableDag::with_progress) | `ProgressLayer` |
-/// |---|---|---|
-/// | attached to | one `DurableDag` (one run) | a subscriber: every run it sees |
-/// | needs a subscriber | no: works with none installed | a [`Registry`](tracing_subscriber::Registry)-based one, current where the `DurableDag` is created |
-/// | called | by the task, right after its output is persisted | when the task's span closes, just after that |
-/// | count | the run's completed tasks | the run's tasks reported by this layer |
-///
-/// A program needs only one of them; with both, each reports every task. `with_progress`
-/// is the direct path (it keeps working with no subscriber, under any filter, and in a build
-/// without spans); `ProgressLayer` suits a program that already configures `tracing`
-/// and wants progress for every pipeline it runs from one place, next to its other layers.
+/// Both report each task of a run that completes (executed, or cached) exactly once, after
+/// its output is persisted, with its id and the run's running count (`1..=n`); failed tasks
+/// are not reported. [`DurableDag::with_progress`](crate::DurableDag::with_progress) serves
+/// one run and needs no subscriber; `ProgressLayer` serves every run its
+/// [`Registry`](tracing_subscriber::Registry)-based subscriber sees, beside its other layers.
 ///
 /// # What it needs
 /// - The span of each task is polled with the subscriber that was current when its
@@ -66,12 +54,10 @@ const TASK_SPAN: &str = "duraflow.task";
 ///   such filters on the other layers (`fmt::layer().with_filter(..)`) instead. If a task's
 ///   `duraflow.run` span is hidden while its own span is not, its count falls back to one
 ///   counter shared by every such task of this layer.
-/// - A scoped subscriber works even when it is the process's only one and runs without it
-///   reached duraflow's call sites first: tracing would keep the "no" it cached there for a
-///   thread without the subscriber (tokio-rs/tracing#3611), so a run made in a scope whose
-///   span (or a task's) comes out disabled while `INFO` is enabled has tracing re-ask every
-///   call site, at most once per run. A site first reached elsewhere during that run (by a
-///   concurrent run outside the scope) is re-asked by the next such run.
+/// - A scoped subscriber works even when runs without it reached duraflow's call sites
+///   first (tracing would keep the "no" it cached there, tokio-rs/tracing#3611): a run whose
+///   span comes out disabled while `INFO` is enabled has tracing re-ask every call site, at
+///   most once per run.
 /// - The callback runs inside the subscriber, on the thread that closed the span: keep it
 ///   short, and do not let it panic.
 pub struct ProgressLayer {
@@ -127,13 +113,8 @@ impl Visit for TaskFields {
         }
     }
 
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        // duraflow records both as `&str`; this only serves a value recorded otherwise.
-        if matches!(field.name(), "task.id" | "outcome") {
-            let text = format!("{value:?}");
-            self.record_str(field, text.trim_matches('"'));
-        }
-    }
+    /// duraflow records both fields as `&str`: nothing else is read.
+    fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
 }
 
 /// Whether `metadata` is the duraflow span `name` (not a user's span of the same name).

@@ -19,7 +19,7 @@ pub(crate) struct RunSpans {
     /// The subscriber that was current when the run was made, if any: every task's future
     /// is polled with it as the default, so spans reach it from whatever worker thread runs
     /// the task.
-    dispatch: Option<tracing::Dispatch>,
+    pub(crate) dispatch: Option<tracing::Dispatch>,
     /// Set once the run had tracing's interest cache rebuilt (see [`fresh_span`]).
     rebuilt: AtomicBool,
 }
@@ -41,10 +41,7 @@ impl RunSpans {
             )
         };
         let rebuilt = AtomicBool::new(false);
-        let span = match dispatch {
-            Some(_) => fresh_span(make, &rebuilt),
-            None => make(),
-        };
+        let span = fresh_span(make, &rebuilt);
         RunSpans {
             run_id,
             parent: span.id(),
@@ -67,15 +64,7 @@ impl RunSpans {
                 outcome = tracing::field::Empty,
             )
         };
-        match self.dispatch {
-            Some(_) => fresh_span(make, &self.rebuilt),
-            None => make(),
-        }
-    }
-
-    /// The subscriber every task of the run is polled with.
-    pub(crate) fn dispatch(&self) -> Option<&tracing::Dispatch> {
-        self.dispatch.as_ref()
+        fresh_span(make, &self.rebuilt)
     }
 
     /// Records the run's counts on its span and lets it close. Later calls do nothing.

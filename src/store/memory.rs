@@ -18,9 +18,7 @@ pub struct MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryStore")
-            .field("len", &self.len())
-            .finish()
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
     }
 }
 
@@ -28,16 +26,6 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// The number of stored keys.
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    /// Whether the store holds no key.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {

@@ -17,7 +17,6 @@
 //! Every value is rmp-serde's named (map) encoding, so records can gain `#[serde(default)]`
 //! fields.
 
-use std::cmp::Ordering;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -70,7 +69,7 @@ pub(super) fn is_batch_key(k: &[u8]) -> bool {
 }
 
 /// The order of single attempt records in the tree: by `key | 0xFF`, then attempt number.
-fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> Ordering {
+fn record_order(a: &AttemptRecord, b: &AttemptRecord) -> std::cmp::Ordering {
     let ka = a.key.bytes().chain(std::iter::once(SEP));
     let kb = b.key.bytes().chain(std::iter::once(SEP));
     ka.cmp(kb).then(a.attempt.cmp(&b.attempt))
@@ -196,39 +195,32 @@ pub(super) enum OnUndecodable {
 }
 
 /// Every attempt of run `run`: its single records and the entries of its cached batches,
-/// ordered by key, then attempt number. A `Cached` attempt is final, so when a batch and a
-/// single record hold the same attempt, the batch's wins.
+/// ordered by key, then attempt number.
 pub(super) fn run_attempts(
     trees: &Trees,
     path: &Path,
     run: RunId,
     on_undecodable: OnUndecodable,
 ) -> Result<Vec<AttemptRecord>, DuraflowError> {
-    let mut singles = Vec::new();
-    let mut batched = Vec::new();
+    let mut attempts = Vec::new();
     for entry in trees.attempts.scan_prefix(run.to_be_bytes()) {
         let (k, v) = entry.map_err(|e| super::sled_error(path, e))?;
         let decoded = if is_batch_key(&k) {
-            batch_records(path, &v, |_| true).map(|records| batched.extend(records))
+            batch_records(path, &v, |_| true)
         } else {
-            decode_record::<AttemptRecord>(path, "attempt", &v).map(|a| singles.push(a))
+            decode_record(path, "attempt", &v).map(|a| vec![a])
         };
-        if let Err(e) = decoded {
-            if on_undecodable == OnUndecodable::Fail {
-                return Err(e);
-            }
+        match decoded {
+            Ok(records) => attempts.extend(records),
+            Err(e) if on_undecodable == OnUndecodable::Fail => return Err(e),
+            Err(_) => {}
         }
     }
-    // Batches first, so the stable sort keeps a batch's record ahead of a single one for the
-    // same attempt, and `dedup_by` keeps the first.
-    batched.append(&mut singles);
-    batched.sort_by(record_order);
-    batched.dedup_by(|later, first| record_order(later, first) == Ordering::Equal);
-    Ok(batched)
+    attempts.sort_by(record_order);
+    Ok(attempts)
 }
 
-/// Every attempt at task `key` in run `run`, by attempt number (see [`run_attempts`] for
-/// attempts held twice).
+/// Every attempt at task `key` in run `run`, by attempt number.
 pub(super) fn key_attempts(
     trees: &Trees,
     path: &Path,
@@ -247,7 +239,6 @@ pub(super) fn key_attempts(
         found.push(decode_record(path, "attempt", &v.map_err(io)?)?);
     }
     found.sort_by_key(|a| a.attempt);
-    found.dedup_by_key(|a| a.attempt);
     Ok(found)
 }
 

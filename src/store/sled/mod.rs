@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use futures::channel::oneshot;
 
 use self::layout::{attempt_key, encode_record, Trees};
-use self::writer::{Commit, Msg, Record, Reply, Shared, Tree};
+use self::writer::{Commit, Msg, Record, Reply, Shared};
 use super::{ready, unblock, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
 use crate::{validate_key, DuraflowError, RunHistory, RunLog, Storage};
@@ -179,6 +179,25 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// The record of `attempt`, under its key in the `attempts` tree.
+    fn attempt_record(&self, attempt: &AttemptRecord) -> Result<Record, DuraflowError> {
+        let key = attempt_key(attempt.run, &attempt.key, attempt.attempt);
+        let (tree, value) = (self.inner.trees.attempts.clone(), encode_record(attempt)?);
+        Ok(Record { tree, key, value })
+    }
+
+    /// The record of `run`, under its id in the `runs` tree.
+    fn run_record(&self, run: &RunRecord) -> Result<Record, DuraflowError> {
+        let (key, value) = (run.id.to_be_bytes().to_vec(), encode_record(run)?);
+        Ok(Record {
+            tree: self.inner.trees.runs.clone(),
+            key,
+            value,
+        })
+    }
+}
+
 impl Inner {
     /// Refuses work once the store has stopped after a failed write: sled may hold records
     /// of the failed group in memory that never reached the disk.
@@ -298,7 +317,7 @@ impl RunLog for SledStore {
             failed: 0,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        self.send(Msg::Record(run_record(&record)?))?;
+        self.send(Msg::Record(self.run_record(&record)?))?;
         Ok(id)
     }
 
@@ -308,7 +327,7 @@ impl RunLog for SledStore {
         if attempt.outcome == AttemptOutcome::Cached {
             return self.send(Msg::Cached(attempt));
         }
-        self.send(Msg::Record(attempt_record(&attempt)?))
+        self.send(Msg::Record(self.attempt_record(&attempt)?))
     }
 
     fn commit<'a>(
@@ -317,7 +336,7 @@ impl RunLog for SledStore {
         value: Vec<u8>,
         attempt: AttemptRecord,
     ) -> StoreFuture<'a, ()> {
-        let record = match attempt_record(&attempt) {
+        let record = match self.attempt_record(&attempt) {
             Ok(record) => record,
             Err(e) => return ready(Err(e)),
         };
@@ -326,31 +345,13 @@ impl RunLog for SledStore {
     }
 
     fn finish_run(&self, run: RunRecord) -> StoreFuture<'_, ()> {
-        let record = match run_record(&run) {
+        let record = match self.run_record(&run) {
             Ok(record) => record,
             Err(e) => return ready(Err(e)),
         };
         let acked = |reply| Msg::Acked(record, reply);
         self.send_acked("<run record>", acked, self.flush_commits)
     }
-}
-
-/// The record of `attempt`, under its key in the `attempts` tree.
-fn attempt_record(attempt: &AttemptRecord) -> Result<Record, DuraflowError> {
-    Ok(Record {
-        tree: Tree::Attempts,
-        key: attempt_key(attempt.run, &attempt.key, attempt.attempt),
-        value: encode_record(attempt)?,
-    })
-}
-
-/// The record of `run`, under its id in the `runs` tree.
-fn run_record(run: &RunRecord) -> Result<Record, DuraflowError> {
-    Ok(Record {
-        tree: Tree::Runs,
-        key: run.id.to_be_bytes().to_vec(),
-        value: encode_record(run)?,
-    })
 }
 
 fn sled_error(path: &Path, e: sled::Error) -> DuraflowError {

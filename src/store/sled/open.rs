@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::layout::{
     attempt_key, encode_record, run_attempts, OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
@@ -22,9 +22,6 @@ use crate::DuraflowError;
 const MARKER_FILE: &str = "duraflow-store";
 /// sled's page cache by default here (sled's own default is 1 GiB).
 const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
-/// Longest pause between two tries of sled's lock while a handle this process closed lets
-/// go of it.
-pub(super) const MAX_LOCK_BACKOFF: Duration = Duration::from_millis(50);
 
 /// When a [`SledStore`] makes committed outputs durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,8 +88,8 @@ impl SledConfig {
     /// Opens (creating if needed) the store. Runs and attempts a killed process left
     /// `Running` are marked `Interrupted`.
     ///
-    /// A store that this process closed (dropped) a moment ago opens again: sled releases
-    /// its lock a little after the drop, and the open waits for that (up to 2 s).
+    /// A store that this process closed (dropped) opens again at once: the drop waits (up
+    /// to 2 s) until sled has released its lock.
     ///
     /// # Errors
     /// [`DuraflowError::StoreLocked`] when another handle (in this process or another)
@@ -117,7 +114,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     let canonical = fs::create_dir_all(&path)
         .and_then(|()| fs::canonicalize(&path))
         .map_err(|e| DuraflowError::io(&path, e))?;
-    let Some((mut claim, release_by)) = registry::claim(&canonical) else {
+    let Some(mut claim) = registry::claim(&canonical) else {
         return Err(DuraflowError::StoreLocked { path });
     };
     let sled_config = sled::Config::new()
@@ -127,8 +124,8 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
             Durability::Immediate => Some(500),
             Durability::Periodic(every) => Some(every.as_millis().max(1) as u64),
         });
-    let db = open_sled(&sled_config, &path, release_by)?;
-    // From here on sled has held the lock: dropping the claim records a close.
+    let db = open_sled(&sled_config, &path)?;
+    // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
     let io = |e: sled::Error| sled_error(&path, e);
     // Look before touching: opening a tree creates it.
@@ -216,41 +213,19 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     })
 }
 
-/// Opens sled's database, turning a panic into `Corrupt`. While `release_by` is in the
-/// future (this process closed the store a moment ago), a lock error is sled's lock not yet
-/// released and the open is tried again, with growing pauses, until then.
-fn open_sled(
-    config: &sled::Config,
-    path: &Path,
-    release_by: Option<Instant>,
-) -> Result<sled::Db, DuraflowError> {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match catch_unwind(AssertUnwindSafe(|| config.open())) {
-            Ok(Ok(db)) => return Ok(db),
-            Ok(Err(e)) => match open_error(path, e) {
-                DuraflowError::StoreLocked { .. }
-                    if release_by.is_some_and(|by| Instant::now() < by) =>
-                {
-                    let left = release_by
-                        .map(|by| by.saturating_duration_since(Instant::now()))
-                        .unwrap_or_default();
-                    std::thread::sleep(pause.min(left));
-                    pause = (pause * 2).min(MAX_LOCK_BACKOFF);
-                }
-                other => return Err(other),
-            },
-            Err(panic) => {
-                return Err(DuraflowError::Corrupt {
-                    key: String::new(),
-                    path: Some(path.to_owned()),
-                    reason: format!(
-                        "sled panicked opening the database: {}",
-                        panic_text(&*panic)
-                    ),
-                })
-            }
-        }
+/// Opens sled's database, turning a panic into `Corrupt`.
+fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, DuraflowError> {
+    match catch_unwind(AssertUnwindSafe(|| config.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(open_error(path, e)),
+        Err(panic) => Err(DuraflowError::Corrupt {
+            key: String::new(),
+            path: Some(path.to_owned()),
+            reason: format!(
+                "sled panicked opening the database: {}",
+                crate::durable::panic_message(&*panic)
+            ),
+        }),
     }
 }
 
@@ -288,7 +263,7 @@ fn mark_interrupted(trees: &Trees, path: &Path) -> Result<RunId, DuraflowError> 
                 }
             }
         }
-        if let Ok(bytes) = rmp_serde::to_vec_named(&run) {
+        if let Ok(bytes) = encode_record(&run) {
             trees.runs.insert(k, bytes).map_err(io)?;
         }
     }
@@ -330,8 +305,8 @@ fn check_path(path: &Path) -> Result<(), DuraflowError> {
 /// format, as a damaged one), which the open then judges by sled's own metadata.
 fn marker_format(path: &Path) -> Result<Option<u64>, DuraflowError> {
     let marker = path.join(MARKER_FILE);
-    let text = match fs::read_to_string(&marker) {
-        Ok(text) => text,
+    let bytes = match fs::read(&marker) {
+        Ok(bytes) => bytes,
         Err(e)
             if matches!(
                 e.kind(),
@@ -342,14 +317,12 @@ fn marker_format(path: &Path) -> Result<Option<u64>, DuraflowError> {
         }
         Err(e) => return Err(DuraflowError::io(&marker, e)),
     };
-    Ok(text
-        .split_once("format ")
-        .map(|(_, rest)| {
-            rest.bytes()
-                .take_while(u8::is_ascii_digit)
-                .collect::<Vec<u8>>()
-        })
-        .and_then(|digits| String::from_utf8(digits).ok()?.parse().ok()))
+    let text = String::from_utf8_lossy(&bytes);
+    let digits = text.split_once("format ").map(|(_, rest)| {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+    });
+    Ok(digits.and_then(|d| d.parse().ok()))
 }
 
 fn unsupported(path: &Path, found: u64) -> DuraflowError {
@@ -381,12 +354,4 @@ fn open_error(path: &Path, e: sled::Error) -> DuraflowError {
         }
         other => sled_error(path, other),
     }
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

@@ -35,18 +35,11 @@ const TX_COMMITS: usize = 256;
 /// The most `Cached` attempts one [`CachedBatch`] value holds.
 const BATCH_ENTRIES: usize = 256;
 
-/// One record: tree, key, encoded value.
+/// One record: its tree, key and encoded value.
 pub(super) struct Record {
-    pub(super) tree: Tree,
+    pub(super) tree: sled::Tree,
     pub(super) key: Vec<u8>,
     pub(super) value: Vec<u8>,
-}
-
-/// Which tree a record goes to.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Tree {
-    Runs,
-    Attempts,
 }
 
 /// What the store asks its writer to do.
@@ -204,11 +197,8 @@ impl Writer {
     }
 
     fn insert(&self, record: &Record) -> Result<(), Failure> {
-        let tree = match record.tree {
-            Tree::Runs => &self.trees.runs,
-            Tree::Attempts => &self.trees.attempts,
-        };
-        tree.insert(record.key.as_slice(), record.value.as_slice())
+        (record.tree)
+            .insert(record.key.as_slice(), record.value.as_slice())
             .map(drop)
             .map_err(|e| self.fail(&e))
     }
