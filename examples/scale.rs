@@ -13,7 +13,7 @@
 //! writer thread does after every record queued before it, so that gap is the time the
 //! writer took to catch up with the tasks. Resident memory is printed after each step.
 //!
-//! Targets (from the issue): peak RSS <= 300 MiB, reopen <= 1 s.
+//! Guards against regressions: peak RSS <= 300 MiB, reopen <= 1 s.
 //!
 //! ```sh
 //! cargo run --release --example scale                  # store in a temporary directory

@@ -46,7 +46,7 @@ const DEFAULT_SEED: u64 = 0x5eed_0fd1_5c0c_4a17;
 /// The name of the child test, as libtest selects it.
 const CHILD_TEST: &str = "sled_child";
 /// Children are killed mid-run until this many kills landed while a child was executing
-/// tasks (the issue asks for at least [`MIN_MIDRUN_KILLS`])...
+/// tasks (the test needs at least [`MIN_MIDRUN_KILLS`])...
 const TARGET_MIDRUN_KILLS: usize = 36;
 const MIN_MIDRUN_KILLS: usize = 30;
 /// ...or until this many children were started (a safety bound).
