@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
-use super::{unblock, StoreFuture};
+use super::{unblock, unblock_on, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
@@ -172,17 +172,6 @@ impl FileStore {
     pub fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
         self.dir.value_path(key)
     }
-
-    /// Runs `op` on the directory, off the executor, with its own copy of `key`.
-    fn off<T: Send + 'static>(
-        &self,
-        key: &str,
-        op: fn(&Dir, &str) -> Result<T, DuraflowError>,
-    ) -> StoreFuture<'static, T> {
-        let dir = Arc::clone(&self.dir);
-        let key = key.to_owned();
-        unblock(move || op(&dir, &key))
-    }
 }
 
 impl Dir {
@@ -346,7 +335,7 @@ impl Dir {
 
 impl Storage for FileStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        self.off(key, Dir::read)
+        unblock_on(&self.dir, key, Dir::read)
     }
 
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
@@ -356,11 +345,11 @@ impl Storage for FileStore {
     }
 
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        self.off(key, Dir::remove)
+        unblock_on(&self.dir, key, Dir::remove)
     }
 
     fn keys(&self) -> StoreFuture<'_, Vec<String>> {
-        self.off("", Dir::keys)
+        unblock_on(&self.dir, "", Dir::keys)
     }
 
     fn kind(&self) -> &'static str {

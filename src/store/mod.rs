@@ -126,6 +126,20 @@ where
     Box::pin(blocking::unblock(work))
 }
 
+/// Runs `op` on `state` with its own copy of `key`, inside [`unblock`].
+pub(crate) fn unblock_on<S, T>(
+    state: &Arc<S>,
+    key: &str,
+    op: fn(&S, &str) -> Result<T, DuraflowError>,
+) -> StoreFuture<'static, T>
+where
+    S: Send + Sync + 'static,
+    T: Send + 'static,
+{
+    let (state, key) = (Arc::clone(state), key.to_owned());
+    unblock(move || op(&state, &key))
+}
+
 /// A future that is ready with `result`.
 pub(crate) fn ready<'a, T: Send + 'a>(result: Result<T, DuraflowError>) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(result))

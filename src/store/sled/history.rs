@@ -5,13 +5,14 @@ use std::sync::Arc;
 use super::layout::{attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable};
 use super::{sled_error, Inner, SledStore};
 use crate::record::{GcStats, RunDetails, RunId, RunRecord, RunStatus};
+use crate::store::unblock_on;
 use crate::{unblock, validate_key, AttemptRecord, DuraflowError, RunHistory, StoreFuture};
 
 /// Every query fails with [`DuraflowError::Io`] once the store has stopped after a failed
 /// write (reopen it in a new process): sled may hold records that never reached the disk.
 impl RunHistory for SledStore {
     fn runs(&self) -> StoreFuture<'_, Vec<RunRecord>> {
-        self.off("", |inner, _| inner.runs())
+        unblock_on(&self.inner, "", |inner, _| inner.runs())
     }
 
     fn run(&self, id: RunId) -> StoreFuture<'_, Option<RunDetails>> {
@@ -20,7 +21,7 @@ impl RunHistory for SledStore {
     }
 
     fn attempts_of<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Vec<AttemptRecord>> {
-        self.off(key, Inner::attempts_of)
+        unblock_on(&self.inner, key, Inner::attempts_of)
     }
 
     /// Each run's attempts are removed before its run record, in one atomic batch, and the

@@ -19,7 +19,7 @@ use futures::channel::oneshot;
 
 use self::layout::{attempt_key, encode_record, Trees};
 use self::writer::{Commit, Msg, Record, Reply, Shared};
-use super::{ready, unblock, StoreFuture};
+use super::{ready, unblock_on, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
 use crate::{validate_key, DuraflowError, RunHistory, RunLog, Storage};
 
@@ -47,8 +47,8 @@ use crate::{validate_key, DuraflowError, RunHistory, RunLog, Storage};
 ///   failure, so the handle then refuses every later write with the same error, and dropping
 ///   it leaves sled's database open (its lock held) until the process exits: reopen the
 ///   store in a new process once the disk has room.
-/// - The executor is never blocked: reads and queries run inside [`unblock`], writes on the
-///   writer thread.
+/// - The executor is never blocked: reads and queries run inside
+///   [`unblock`](crate::unblock), writes on the writer thread.
 pub struct SledStore {
     inner: Arc<Inner>,
     next_run: AtomicU64,
@@ -166,17 +166,6 @@ impl SledStore {
             )),
         })
     }
-
-    /// Runs `op` on the database, off the executor, with its own copy of `key`.
-    fn off<T: Send + 'static>(
-        &self,
-        key: &str,
-        op: fn(&Inner, &str) -> Result<T, DuraflowError>,
-    ) -> StoreFuture<'static, T> {
-        let inner = Arc::clone(&self.inner);
-        let key = key.to_owned();
-        unblock(move || op(&inner, &key))
-    }
 }
 
 impl SledStore {
@@ -274,7 +263,7 @@ impl Drop for SledStore {
 
 impl Storage for SledStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        self.off(key, Inner::read)
+        unblock_on(&self.inner, key, Inner::read)
     }
 
     /// Durable (flushed, whatever the [`Durability`]) when it resolves. A value over
@@ -284,11 +273,11 @@ impl Storage for SledStore {
     }
 
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        self.off(key, Inner::remove)
+        unblock_on(&self.inner, key, Inner::remove)
     }
 
     fn keys(&self) -> StoreFuture<'_, Vec<String>> {
-        self.off("", Inner::keys)
+        unblock_on(&self.inner, "", Inner::keys)
     }
 
     fn kind(&self) -> &'static str {
