@@ -3,10 +3,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures::executor::block_on as wait;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};
-use crate::store::wait;
 use crate::{validate_key, DuraflowError, Storage};
 
 /// The store a pipeline persists into, plus a counter of completed tasks.

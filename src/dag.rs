@@ -43,15 +43,14 @@ impl<'a> DurableDag<'a> {
     /// its output is persisted; `completed` counts this run's completed tasks, this one
     /// included. Tasks that fail are not reported.
     ///
-    /// Set it before adding tasks (as in `DurableDag::new(..).with_progress(..)`). Once tasks
-    /// have been added, a handler can still be set if none was, but no longer replaced: the
-    /// first one stays and a `tracing::warn!` says so.
-    pub fn with_progress<F>(mut self, handler: F) -> Self
+    /// A run has one handler: a second call leaves the first in place (a `tracing::warn!`
+    /// says so). A panic in the handler is caught and logged, and the run goes on.
+    pub fn with_progress<F>(self, handler: F) -> Self
     where
         F: Fn(&str, usize) + Send + Sync + 'static,
     {
-        if !RunState::set_progress(&mut self.run, Arc::new(handler)) {
-            tracing::warn!("with_progress after tasks were added: the first handler stays");
+        if self.run.progress.set(Arc::new(handler)).is_err() {
+            tracing::warn!("with_progress called twice: the first handler stays");
         }
         self
     }

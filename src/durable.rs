@@ -80,11 +80,6 @@ impl<Tk: Task, K> Durable<Tk, K> {
             kind: PhantomData,
         }
     }
-
-    /// The key this task's output is stored under.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
 }
 
 impl<Tk, K> Durable<Tk, K>

@@ -67,7 +67,7 @@ pub(crate) struct RunState {
     pub(crate) spans: RunSpans,
     ids: Mutex<HashSet<String>>,
     /// Set before the run starts; read without a lock by every task.
-    progress: OnceLock<ProgressFn>,
+    pub(crate) progress: OnceLock<ProgressFn>,
     /// Completed tasks: the count each one's progress callback reports.
     completed: AtomicUsize,
     executed: AtomicUsize,
@@ -75,6 +75,8 @@ pub(crate) struct RunState {
     failed: AtomicUsize,
     /// Tasks claimed in this run: the run is over when this many have ended.
     total: AtomicUsize,
+    /// Tasks that have ended, however.
+    ended: AtomicUsize,
     /// Set by the task that finds every task of the run ended (or by the drop).
     closed: AtomicBool,
     /// Set once a progress callback panicked (it is then logged once).
@@ -105,22 +107,11 @@ impl RunState {
             cached: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
+            ended: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             callback_panicked: AtomicBool::new(false),
             record,
             started_ms,
-        }
-    }
-
-    /// Sets the progress callback: replaces it while `run` is not yet shared with any task,
-    /// otherwise only if none was set. Returns whether `progress` is now the callback.
-    pub(crate) fn set_progress(run: &mut Arc<RunState>, progress: ProgressFn) -> bool {
-        match Arc::get_mut(run) {
-            Some(run) => {
-                run.progress = OnceLock::from(progress);
-                true
-            }
-            None => run.progress.set(progress).is_ok(),
         }
     }
 
@@ -239,11 +230,11 @@ impl RunState {
                 self.failed.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let stats = self.stats();
-        let ended = stats.completed() + stats.failed;
+        let ended = self.ended.fetch_add(1, Ordering::SeqCst) + 1;
         if ended < self.total.load(Ordering::SeqCst) || self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        let stats = self.stats();
         self.spans.close(stats);
         self.close_record(stats).await;
     }

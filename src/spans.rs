@@ -12,8 +12,7 @@ use crate::RunStats;
 pub(crate) struct RunSpans {
     /// The run's id in spans.
     run_id: u64,
-    /// The `duraflow.run` span, taken out (and so closed, once its tasks' spans close) when
-    /// the run ends. Task spans name it as their parent.
+    /// The `duraflow.run` span (the parent of its tasks'), taken out when the run ends.
     span: Mutex<Option<tracing::Span>>,
     parent: Option<tracing::Id>,
     /// The subscriber that was current when the run was made, if any: every task's future

@@ -278,6 +278,28 @@ fn a_damaged_database_is_corrupt_not_a_panic_nor_an_empty_store() {
     }
 }
 
+/// A process killed while sled wrote a snapshot leaves `snap.*.generating`, incomplete;
+/// sled would take it for the newest snapshot and refuse to open (sled#1527).
+#[test]
+fn a_snapshot_left_half_written_by_a_killed_process_does_not_stop_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("torn-snapshot.db");
+    {
+        let ctx = Context::new(SledStore::open(&path).unwrap());
+        for i in 0..100u64 {
+            ctx.save(&format!("k{i}"), &i).unwrap();
+        }
+    }
+    // The name sorts after any snapshot sled wrote; the bytes fail its checksum.
+    let torn = path.join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&torn, vec![0x5a; 4096]).unwrap();
+    let ctx = Context::new(SledStore::open(&path).unwrap());
+    for i in 0..100u64 {
+        assert_eq!(ctx.get::<u64>(&format!("k{i}")), Some(i));
+    }
+    assert!(!torn.exists(), "the torn snapshot is removed");
+}
+
 const HOLDER_VAR: &str = "DURAFLOW_SLED_LOCK_HOLDER";
 const HELD: &str = "duraflow-sled-lock-holder: open";
 

@@ -70,7 +70,7 @@ pub(super) fn upgrade(
 ) -> Result<(), DuraflowError> {
     let mut converted = Vec::new();
     for name in names {
-        let path = store.root().join(name);
+        let path = store.root.join(name);
         let json = fs::read(&path).map_err(|e| DuraflowError::io(&path, e))?;
         if let Err(error) = serde_json::from_slice::<serde_json::Value>(&json) {
             tracing::warn!(file = %path.display(), %error, "duraflow-rs 1.x file is not valid JSON: left as it is, not imported");
@@ -79,10 +79,10 @@ pub(super) fn upgrade(
         store.write(name, &codec::encode_json(&json))?;
         converted.push(name.as_str());
     }
-    let list = store.root().join(UPGRADE_LIST);
+    let list = store.root.join(UPGRADE_LIST);
     write_small_file(&list, converted.join("\n").as_bytes())?;
     commit()?;
-    finish(store.root())
+    finish(&store.root)
 }
 
 /// Deletes the 1.x files the list left by [`upgrade`] names, then the list. Does nothing

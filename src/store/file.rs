@@ -49,9 +49,7 @@ fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, dir fsync.
 fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = path.with_extension("tmp");
     File::create(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
@@ -105,9 +103,16 @@ const STRIPES: usize = 64;
 /// outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found under `a_b`. Files
 /// that are not JSON are reported with `warn!` and left alone. A store of a newer format is
 /// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
-#[derive(Debug)]
 pub struct FileStore {
     dir: Arc<Dir>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore")
+            .field("root", &self.dir.root)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The store's directory and its blocking operations.
@@ -198,11 +203,6 @@ impl Dir {
         })
     }
 
-    /// The store's root directory.
-    pub(crate) fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn value_path(&self, key: &str) -> Result<PathBuf, DuraflowError> {
         validate_key(key)?;
         Ok(self.key_dir(key).join(VALUE_FILE))
@@ -219,31 +219,24 @@ impl Dir {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn read_record(&self, key: &str, path: &Path) -> Result<Option<Vec<u8>>, DuraflowError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(DuraflowError::io(path, e)),
-        };
-        let (stored_key, value) =
-            parse_record(&bytes).map_err(|reason| DuraflowError::Corrupt {
-                key: key.to_owned(),
-                path: Some(path.to_owned()),
-                reason,
-            })?;
-        if stored_key != key {
-            return Err(DuraflowError::Corrupt {
-                key: key.to_owned(),
-                path: Some(path.to_owned()),
-                reason: format!("the file belongs to key {stored_key:?}"),
-            });
-        }
-        Ok(Some(value.to_vec()))
-    }
-
+    /// The value of `key`, checked against the key and checksum its file records.
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         let path = self.value_path(key)?;
-        self.read_record(key, &path)
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DuraflowError::io(&path, e)),
+        };
+        let corrupt = |reason| DuraflowError::Corrupt {
+            key: key.to_owned(),
+            path: Some(path.clone()),
+            reason,
+        };
+        let (stored_key, value) = parse_record(&bytes).map_err(corrupt)?;
+        if stored_key != key {
+            return Err(corrupt(format!("the file belongs to key {stored_key:?}")));
+        }
+        Ok(Some(value.to_vec()))
     }
 
     /// Writes `value` under `key`: see [`FileStore`]'s guarantees.
@@ -335,7 +328,8 @@ impl Dir {
 
 impl Storage for FileStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        unblock_on(&self.dir, key, Dir::read)
+        let (dir, key) = (Arc::clone(&self.dir), key.to_owned());
+        unblock(move || dir.read(&key))
     }
 
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
@@ -365,26 +359,16 @@ pub(crate) fn dir_name(key: &str) -> String {
         if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' {
             name.push(b as char);
         } else {
-            name.push('_');
-            name.push(hex_digit(b >> 4));
-            name.push(hex_digit(b & 0xf));
+            name.push_str(&format!("_{b:02x}"));
         }
         if name.len() > MAX_NAME_LEN {
-            return format!("h-{}", to_hex(&Sha256::digest(key.as_bytes())));
+            let digest = Sha256::digest(key.as_bytes());
+            return digest
+                .iter()
+                .fold("h-".to_owned(), |h, b| h + &format!("{b:02x}"));
         }
     }
     name
-}
-
-fn hex_digit(n: u8) -> char {
-    char::from_digit(u32::from(n), 16).unwrap_or('0')
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .flat_map(|b| [hex_digit(b >> 4), hex_digit(b & 0xf)])
-        .collect()
 }
 
 /// `magic | key length (u32 LE) | key | value | CRC-32 of all before (u32 LE)`.

@@ -14,8 +14,11 @@ pub use file::FileStore;
 pub use memory::MemoryStore;
 
 use std::future::Future;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use futures::channel::oneshot;
 
 use crate::{DuraflowError, RunHistory, RunLog};
 
@@ -31,8 +34,8 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DuraflowErro
 ///
 /// duraflow-rs awaits these futures on the async executor, so **a store must not block in
 /// them**: a store that waits on files or a blocking client does that work inside
-/// [`unblock`] (as [`FileStore`] and [`SledStore`] do); one that never waits (like
-/// [`MemoryStore`]) answers with a ready future.
+/// [`unblock`] (as [`FileStore`] does, and [`SledStore`] besides its writer thread); one
+/// that never waits (like [`MemoryStore`]) answers with a ready future.
 pub trait Storage: Send + Sync {
     /// The bytes last written under `key`, or `None` if the key was never written (or was
     /// removed).
@@ -57,8 +60,9 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        let (store, operation) = (self.kind(), "remove");
         let _ = key;
-        unsupported(self.kind(), "remove")
+        ready(Err(DuraflowError::Unsupported { store, operation }))
     }
 
     /// Every stored key, in no particular order.
@@ -66,7 +70,8 @@ pub trait Storage: Send + Sync {
     /// # Errors
     /// [`DuraflowError::Unsupported`] by default; backend errors otherwise.
     fn keys(&self) -> StoreFuture<'_, Vec<String>> {
-        unsupported(self.kind(), "keys")
+        let (store, operation) = (self.kind(), "keys");
+        ready(Err(DuraflowError::Unsupported { store, operation }))
     }
 
     /// A short name for the kind of store (`"memory"`, `"file"`, `"sled"`, …), used in spans
@@ -114,16 +119,46 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
 }
 
-/// Runs `work`, which may block (files, sled, a blocking client), on a thread pool shared by
-/// the process (the `blocking` crate's), never on the calling thread: what a [`Storage`]
-/// implementation wraps its blocking calls in. Works under any async runtime, and without
-/// one. A panic in `work` is resumed where the future is awaited.
+/// Threads of the pool [`unblock`] runs work on: enough concurrent fsyncs for a file system
+/// to batch them, few enough to stay cheap.
+const IO_THREADS: usize = 8;
+
+/// Runs `work`, which may block (files, sled, a blocking client), on duraflow's I/O threads
+/// (a rayon thread pool of [`IO_THREADS`] of its own), never on the calling thread: what a
+/// [`Storage`] implementation wraps its blocking calls in. Works under any async runtime,
+/// and without one. A panic in `work` is resumed where the future is awaited.
 pub fn unblock<T, F>(work: F) -> StoreFuture<'static, T>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, DuraflowError> + Send + 'static,
 {
-    Box::pin(blocking::unblock(work))
+    static POOL: OnceLock<Option<rayon_core::ThreadPool>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let threads = rayon_core::ThreadPoolBuilder::new().num_threads(IO_THREADS);
+        threads
+            .thread_name(|i| format!("duraflow-io-{i}"))
+            .build()
+            .ok()
+    });
+    let (to, answer) = oneshot::channel();
+    let job = move || {
+        let _ = to.send(catch_unwind(AssertUnwindSafe(work)));
+    };
+    match pool {
+        Some(pool) => pool.spawn(job),
+        // No pool (its threads could not start): a thread for this call, or, failing that,
+        // the error below.
+        None => drop(std::thread::Builder::new().spawn(job)),
+    }
+    Box::pin(async move {
+        match answer.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => resume_unwind(panic),
+            Err(_) => Err(DuraflowError::RuntimeShutdown {
+                key: "<store work>".to_owned(),
+            }),
+        }
+    })
 }
 
 /// Runs `op` on `state` with its own copy of `key`, inside [`unblock`].
@@ -143,17 +178,4 @@ where
 /// A future that is ready with `result`.
 pub(crate) fn ready<'a, T: Send + 'a>(result: Result<T, DuraflowError>) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(result))
-}
-
-fn unsupported<'a, T: Send + 'a>(
-    store: &'static str,
-    operation: &'static str,
-) -> StoreFuture<'a, T> {
-    ready(Err(DuraflowError::Unsupported { store, operation }))
-}
-
-/// Waits for a store future on the calling thread, for the crate's synchronous entry points
-/// ([`Context::get`](crate::Context::get) and friends), which document that they block.
-pub(crate) fn wait<T>(future: StoreFuture<'_, T>) -> Result<T, DuraflowError> {
-    futures::executor::block_on(future)
 }

@@ -41,39 +41,31 @@ fn detect(path: &Path) -> Result<Kind, DuraflowError> {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(not_a_store("a file, not a directory")),
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries.collect::<Result<Vec<_>, _>>(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(not_a_store("nothing is there"))
         }
-        Err(e) => return Err(DuraflowError::io(path, e)),
-    }
-    let has = |name: &str| path.join(name).exists();
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            return Err(not_a_store("a file, not a directory"))
+        }
+        Err(e) => Err(e),
+    };
+    let entries = entries.map_err(|e| DuraflowError::io(path, e))?;
+    let has = |name: &str| entries.iter().any(|e| e.file_name() == name);
     // `duraflow-store` is the marker SledStore writes; `conf` and `db` are sled's files.
     if has("duraflow-store") || (has("conf") && has("db")) {
         return Ok(Kind::Sled);
     }
-    if has(".duraflow-format") {
-        return Ok(Kind::File);
-    }
-    let entries = fs::read_dir(path)
-        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| DuraflowError::io(path, e))?;
     let key_dir = |e: &fs::DirEntry| {
         let name = e.file_name().to_string_lossy().into_owned();
         (name.starts_with("k-") || name.starts_with("h-")) && e.path().is_dir()
     };
-    if entries.iter().any(key_dir) {
+    if has(".duraflow-format") || entries.iter().any(key_dir) {
         return Ok(Kind::File);
     }
-    if entries.is_empty() {
-        return Err(not_a_store("an empty directory"));
-    }
-    let json = |e: &fs::DirEntry| e.file_name().to_string_lossy().ends_with(".json");
-    Err(not_a_store(if entries.iter().any(json) {
-        "neither a sled store nor a FileStore directory (a duraflow-rs 1.x directory? \
-         opening it with FileStore::new upgrades it)"
+    Err(not_a_store(if entries.is_empty() {
+        "an empty directory"
     } else {
         "neither a sled store nor a FileStore directory"
     }))
