@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use futures::executor::block_on as wait;
+use pollster::block_on as wait;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};

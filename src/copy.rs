@@ -2,22 +2,17 @@
 
 use crate::{codec, DuraflowError, Storage};
 
-/// Copies every output stored in `from` into `to` (for example a [`FileStore`] into a
-/// [`SledStore`]), replacing what `to` holds under the same keys, and returns how many
-/// outputs were copied. Values travel as stored — type name, payload and checksum — so `to`
-/// returns exactly what `from` did, and each is checked before it is written: a damaged
-/// value stops the copy instead of spreading. Each write has `to`'s own durability; outputs
-/// already copied stay copied if a later one fails. `from` is only read.
-///
-/// Awaits one store call at a time, in key order.
+/// Copies every output stored in `from` into `to` (a [`FileStore`](crate::FileStore) into a
+/// [`SledStore`](crate::SledStore), say), in key order, replacing what `to` holds under the
+/// same keys, and returns how many outputs were copied. Values travel as stored — type name,
+/// payload and checksum — so `to` returns exactly what `from` did, and each is checked
+/// before it is written: a damaged value stops the copy instead of spreading. Each write has
+/// `to`'s own durability; outputs already copied stay copied if a later one fails.
 ///
 /// # Errors
 /// [`DuraflowError::Unsupported`] when `from` cannot list its keys;
 /// [`DuraflowError::Corrupt`] naming the key of a damaged value; any error of either store
 /// (a failed write as [`DuraflowError::Persist`] naming the key).
-///
-/// [`FileStore`]: crate::FileStore
-/// [`SledStore`]: crate::SledStore
 pub async fn copy(from: &dyn Storage, to: &dyn Storage) -> Result<usize, DuraflowError> {
     let mut keys = from.keys().await?;
     keys.sort();

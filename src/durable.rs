@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
 use crate::run::{Ending, ProgressFn, RunState};
-use crate::{AttemptOutcome, Context, DuraflowError};
+use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
 /// already stored, returns it without running the inner task.
@@ -59,7 +59,7 @@ impl<Tk: Task> Durable<Tk> {
     ) -> Self {
         let id: String = id.into();
         let run = Arc::new(RunState::new(ctx, progress));
-        // A key no store takes fails at its first read, with `InvalidKey`.
+        // An id no store takes fails when the task runs, with `InvalidKey`.
         let _ = run.claim(&id);
         Self::in_run(id.into(), inner, run, None)
     }
@@ -132,6 +132,10 @@ where
     Tk::Output: 'static,
     K: OutputKind<Tk::Output>,
 {
+    if let Err(error) = validate_key(&id) {
+        run.finish(&id, Ending::Failed).await;
+        return Outcome::Failed(Box::new(error));
+    }
     let mut number = 1;
     loop {
         let span = run.spans.task(&id, number);
@@ -148,8 +152,10 @@ where
             run.record(&id, &attempt, AttemptOutcome::Running, None);
             let (error, if_last) = match work.run(&id).await {
                 Ran::Output(output) => {
-                    // Encoded now, so that no borrow of `output` lives across the write.
-                    let persisting = K::stored(&output).map(|v| run.persist(&id, v, &attempt));
+                    // Encoded now, so that no borrow of `output` lives across the write; boxed,
+                    // as the largest state of a future dagx keeps until the task ends.
+                    let persisting =
+                        K::stored(&output).map(|v| Box::pin(run.persist(&id, v, &attempt)));
                     match persisting {
                         // 3. The persist; with the attempt's success, where attempts are
                         // recorded.

@@ -45,19 +45,12 @@ const TASK_SPAN: &str = "duraflow.task";
 /// [`Registry`](tracing_subscriber::Registry)-based subscriber sees, beside its other layers.
 ///
 /// # What it needs
-/// - The span of each task is polled with the subscriber that was current when its
-///   `DurableDag` (or standalone `Durable`) was created, on whichever worker thread runs it,
-///   so the layer must be in the subscriber current at that point (the global default, or a
-///   scoped one around the creation).
-/// - Both spans are at level `INFO`, with a target under `duraflow_rs`: a global filter that
-///   disables them (an `EnvFilter` layer at `warn`, say) hides them from this layer too. Put
-///   such filters on the other layers (`fmt::layer().with_filter(..)`) instead. If a task's
-///   `duraflow.run` span is hidden while its own span is not, its count falls back to one
-///   counter shared by every such task of this layer.
-/// - A scoped subscriber works even when runs without it reached duraflow's call sites
-///   first (tracing would keep the "no" it cached there, tokio-rs/tracing#3611): a run whose
-///   span comes out disabled while `INFO` is enabled has tracing re-ask every call site, at
-///   most once per run.
+/// - The layer must be in the subscriber current where the `DurableDag` (or standalone
+///   `Durable`) is created (the global default, or a scoped one): each task is polled with
+///   that subscriber on whichever worker thread runs it.
+/// - Both spans are `INFO`, with a target under `duraflow_rs`: a global filter that disables
+///   them hides them from this layer too (filter the other layers instead). A task whose
+///   `duraflow.run` span is hidden counts in one counter shared by every such task.
 /// - The callback runs inside the subscriber, on the thread that closed the span: keep it
 ///   short, and do not let it panic.
 pub struct ProgressLayer {

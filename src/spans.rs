@@ -81,14 +81,10 @@ impl RunSpans {
     }
 }
 
-/// A span from `make`, made again after rebuilding tracing's interest cache if it came out
-/// disabled although tracing's level filter takes `INFO` (at most once per run, `rebuilt`
-/// says whether that happened).
-///
-/// tracing caches whether a call site is enabled when it is first reached, and while one
-/// `Dispatch` is all there is, asks only the default of the thread that reached it
-/// (tokio-rs/tracing#3611): a run made outside a scoped subscriber can leave duraflow's
-/// spans disabled for a later run in that scope. `rebuild_interest_cache` asks again.
+/// A span from `make`, made again after rebuilding tracing's interest cache (at most once
+/// per run: `rebuilt`) if it came out disabled although tracing's level filter takes `INFO`:
+/// a call site first reached outside a scoped subscriber keeps the "no" it cached there
+/// while one `Dispatch` is all there is (tokio-rs/tracing#3611).
 fn fresh_span(make: impl Fn() -> tracing::Span, rebuilt: &AtomicBool) -> tracing::Span {
     let span = make();
     let stale = span.is_disabled() && LevelFilter::current() >= LevelFilter::INFO;

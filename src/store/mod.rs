@@ -124,7 +124,7 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
 const IO_THREADS: usize = 8;
 
 /// Runs `work`, which may block (files, sled, a blocking client), on duraflow's I/O threads
-/// (a rayon thread pool of [`IO_THREADS`] of its own), never on the calling thread: what a
+/// (a rayon thread pool of 8 threads of its own), never on the calling thread: what a
 /// [`Storage`] implementation wraps its blocking calls in. Works under any async runtime,
 /// and without one. A panic in `work` is resumed where the future is awaited.
 pub fn unblock<T, F>(work: F) -> StoreFuture<'static, T>

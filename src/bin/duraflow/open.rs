@@ -15,8 +15,13 @@ pub struct Store {
 impl Store {
     /// Opens the store at `path` with [`duraflow_rs::open_existing`]: nothing is created.
     pub fn open(path: &Path) -> Result<Store, Failure> {
-        let location = path.to_string_lossy();
-        match futures::executor::block_on(duraflow_rs::open_existing(&location)) {
+        let Some(location) = path.to_str() else {
+            return Err(Failure::new(format!(
+                "{} is not a UTF-8 path",
+                path.display()
+            )));
+        };
+        match futures::executor::block_on(duraflow_rs::open_existing(location)) {
             Ok(storage) => Ok(Store { storage }),
             Err(DuraflowError::StoreLocked { .. }) => Err(Failure::new(format!(
                 "store at {} is locked: a pipeline (or another duraflow command) has it open; \

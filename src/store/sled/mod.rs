@@ -226,6 +226,7 @@ impl Inner {
     }
 
     fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
+        self.usable()?;
         self.trees
             .outputs
             .iter()

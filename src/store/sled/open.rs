@@ -124,8 +124,12 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
             Durability::Immediate => Some(500),
             Durability::Periodic(every) => Some(every.as_millis().max(1) as u64),
         });
-    remove_torn_snapshots(&path)?;
-    let db = open_sled(&sled_config, &path)?;
+    let db = match open_sled(&sled_config, &path) {
+        Err(DuraflowError::Corrupt { .. }) if remove_torn_snapshots(&path)? => {
+            open_sled(&sled_config, &path)?
+        }
+        opened => opened?,
+    };
     // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
     let io = |e: sled::Error| sled_error(&path, e);
@@ -215,24 +219,23 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
 }
 
 /// Removes the snapshot files sled was still writing when its process was killed
-/// (`snap.*.generating`). sled opens the newest `snap.*` file it finds, this one included,
-/// and refuses to open when it is incomplete (sled#1527); sled renames a snapshot only once
-/// it is complete, and keeps the previous one until then, so nothing is lost.
-fn remove_torn_snapshots(path: &Path) -> Result<(), DuraflowError> {
-    let entries = match fs::read_dir(path) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(DuraflowError::io(path, e)),
-    };
+/// (`snap.*.generating`), after sled refused to open: it opens the newest `snap.*` file it
+/// finds, this one included, and fails when it is incomplete (sled#1527). sled renames a
+/// snapshot only once it is complete, and keeps the previous one until then, so nothing is
+/// lost. Returns whether it removed any.
+fn remove_torn_snapshots(path: &Path) -> Result<bool, DuraflowError> {
+    let entries = fs::read_dir(path).map_err(|e| DuraflowError::io(path, e))?;
+    let mut removed = false;
     for entry in entries {
         let entry = entry.map_err(|e| DuraflowError::io(path, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             fs::remove_file(entry.path()).map_err(|e| DuraflowError::io(entry.path(), e))?;
+            removed = true;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Opens sled's database, turning a panic into `Corrupt`.

@@ -32,8 +32,10 @@ const MAX_GROUP: usize = 4096;
 /// value it writes and reads, and what sled frees during it waits for it to end, so a
 /// group's commits are applied in transactions of this many, and flushed once.
 const TX_COMMITS: usize = 256;
-/// The most `Cached` attempts one [`CachedBatch`] value holds.
+/// The most `Cached` attempts one [`CachedBatch`] value holds, and the most bytes of ids
+/// (sled writes a value over 128 KiB to a blob file of its own).
 const BATCH_ENTRIES: usize = 256;
+const BATCH_KEY_BYTES: usize = 16 * 1024;
 
 /// One record: its tree, key and encoded value.
 pub(super) struct Record {
@@ -160,7 +162,7 @@ impl Writer {
     /// Applies one group and answers whoever waits.
     fn apply(&self, group: Vec<Msg>) {
         let mut commits = Vec::new();
-        let mut replies = Vec::new();
+        let mut acked = Vec::new();
         let mut cached = Vec::new();
         let stopped = self.shared.failed.get().cloned();
         let mut result = stopped.clone().map_or(Ok(()), Err);
@@ -169,15 +171,17 @@ impl Writer {
                 Msg::Record(record) => result = result.and_then(|()| self.insert(&record)),
                 Msg::Cached(attempt) => cached.push(attempt),
                 Msg::Commit(commit) => commits.push(commit),
-                Msg::Acked(record, reply) => {
-                    result = result.and_then(|()| self.insert(&record));
-                    replies.push(reply);
-                }
+                Msg::Acked(record, reply) => acked.push((record, reply)),
             }
         }
         result = result.and_then(|()| self.store_cached(&cached));
         let prior = RefCell::new(Vec::new());
         result = result.and_then(|()| self.commit(&commits, &prior));
+        // A run's final record goes last: after every record of the run sent before it.
+        let (records, replies): (Vec<_>, Vec<_>) = acked.into_iter().unzip();
+        for record in &records {
+            result = result.and_then(|()| self.insert(record));
+        }
         let flush = replies
             .iter()
             .chain(commits.iter().map(|c| &c.reply))
@@ -209,10 +213,14 @@ impl Writer {
         let mut rest = cached;
         while let Some(first) = rest.first() {
             let run = first.run;
+            let mut bytes = 0;
             let len = rest
                 .iter()
                 .take(BATCH_ENTRIES)
-                .take_while(|a| a.run == run)
+                .take_while(|a| {
+                    bytes += a.key.len();
+                    a.run == run && (bytes <= BATCH_KEY_BYTES || a.key.len() == bytes)
+                })
                 .count();
             let (batch, tail) = rest.split_at(len);
             rest = tail;
