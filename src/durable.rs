@@ -152,15 +152,13 @@ where
             run.record(&id, &attempt, AttemptOutcome::Running, None);
             let (error, if_last) = match work.run(&id).await {
                 Ran::Output(output) => {
-                    // Encoded now, so that no borrow of `output` lives across the write; boxed,
-                    // as the largest state of a future dagx keeps until the task ends.
-                    let persisting =
-                        K::stored(&output).map(|v| Box::pin(run.persist(&id, v, &attempt)));
+                    // Encoded now, so that no borrow of `output` lives across the write.
+                    let persisting = K::stored(&output).map(|v| run.persist(&id, v, &attempt));
                     match persisting {
                         // 3. The persist; with the attempt's success, where attempts are
                         // recorded.
                         Ok(persisting) => {
-                            return match persisting.await {
+                            return match persisting.await.map_err(|e| e.into_persist(&id)) {
                                 Ok(()) => Step::Final(Outcome::Done(output), Ending::Executed),
                                 Err(error) => {
                                     tracing::error!(key = &*id, %error, "task output not persisted");

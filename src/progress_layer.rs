@@ -2,7 +2,7 @@
 //! `tracing_subscriber::Layer`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -86,7 +86,7 @@ impl std::fmt::Debug for ProgressLayer {
 
 /// In a `duraflow.run` span's extensions: the count of its reported tasks, per layer.
 #[derive(Default)]
-struct RunCounts(Mutex<Vec<(u64, usize)>>);
+struct RunCounts(Vec<(u64, AtomicUsize)>);
 
 /// In a `duraflow.task` span's extensions: what it says of its task (the same for every
 /// layer, which may each record it).
@@ -131,7 +131,7 @@ where
                 extensions.insert(RunCounts::default());
             }
             if let Some(counts) = extensions.get_mut::<RunCounts>() {
-                lock(&counts.0).push((self.serial, 0));
+                counts.0.push((self.serial, AtomicUsize::new(0)));
             }
         }
     }
@@ -165,25 +165,19 @@ where
             .filter(|run| is(run.metadata(), RUN_SPAN))
             .and_then(|run| {
                 let extensions = run.extensions();
-                let mut counts = lock(&extensions.get::<RunCounts>()?.0);
-                let (_, count) = counts.iter_mut().find(|(layer, _)| *layer == self.serial)?;
-                *count += 1;
-                Some(*count)
+                let counts = &extensions.get::<RunCounts>()?.0;
+                let (_, count) = counts.iter().find(|(layer, _)| *layer == self.serial)?;
+                Some(count.fetch_add(1, Ordering::SeqCst) + 1)
             });
         let completed = count.unwrap_or_else(|| self.unattached.fetch_add(1, Ordering::SeqCst) + 1);
         (self.callback)(&task, completed);
     }
 }
 
-/// `mutex`, locked. Every critical section is one update of a `Vec`, so a poisoned lock
-/// holds a consistent one.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use tracing_subscriber::layer::SubscriberExt;
 
     /// Opens a task span of `run` (made here, so its target is under `duraflow_rs`), records

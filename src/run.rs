@@ -1,7 +1,6 @@
 //! One run of a pipeline: its task ids, counters, records and progress callback.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -15,6 +14,7 @@ use crate::record::now_ms;
 use crate::spans::RunSpans;
 use crate::{
     AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
+    StoreFuture,
 };
 
 /// The progress callback: called with a task's id and how many tasks of the run have
@@ -184,28 +184,24 @@ impl RunState {
 
     /// Persists the output of task `id`: with its `Succeeded` attempt in one atomic commit
     /// where the store keeps records, as a plain write otherwise. The value is encoded now;
-    /// the future resolves once the output is durable.
+    /// the store's future resolves once the output is durable.
     pub(crate) fn persist<'a, T: Serialize>(
         &'a self,
         id: &'a str,
         value: &T,
         attempt: &Attempt,
-    ) -> impl Future<Output = Result<(), DuraflowError>> + Send + 'a {
-        let encoded = codec::encode(id, value);
-        let commit = self.log().map(|(log, run)| {
-            let size = encoded.as_ref().map_or(None, |bytes| Some(bytes.len()));
-            (
-                log,
-                attempt.record(run, id, AttemptOutcome::Succeeded, size),
-            )
-        });
-        async move {
-            let bytes = encoded?;
-            let written = match commit {
-                Some((log, record)) => log.commit(id, bytes, record).await,
-                None => self.ctx.db.write(id, bytes).await,
-            };
-            written.map_err(|e| e.into_persist(id))
+    ) -> StoreFuture<'a, ()> {
+        let bytes = match codec::encode(id, value) {
+            Ok(bytes) => bytes,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.log() {
+            Some((log, run)) => {
+                let size = Some(bytes.len());
+                let record = attempt.record(run, id, AttemptOutcome::Succeeded, size);
+                log.commit(id, bytes, record)
+            }
+            None => self.ctx.db.write(id, bytes),
         }
     }
 
