@@ -185,8 +185,8 @@ impl<'a> DurableDag<'a> {
         K: OutputKind<Tk::Output>,
     {
         validate_key(id)?;
-        self.run.claim(id)?;
-        let durable = Durable::in_run(id.into(), task, self.run.clone(), retry);
+        let id = self.run.claim(id)?;
+        let durable = Durable::in_run(id, task, self.run.clone(), retry);
         Ok(self.dag.add_task(durable))
     }
 

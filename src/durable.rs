@@ -59,7 +59,7 @@ impl<Tk: Task> Durable<Tk> {
     ) -> Self {
         let id: String = id.into();
         let run = Arc::new(RunState::new(ctx, progress));
-        // An id no store takes fails when the task runs, with `InvalidKey`.
+        // The run's one task. An id no store takes fails when the task runs, with `InvalidKey`.
         let _ = run.claim(&id);
         Self::in_run(id.into(), inner, run, None)
     }

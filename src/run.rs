@@ -65,18 +65,15 @@ impl Ending {
 pub(crate) struct RunState {
     pub(crate) ctx: Arc<Context>,
     pub(crate) spans: RunSpans,
-    ids: Mutex<HashSet<String>>,
+    ids: Mutex<HashSet<Arc<str>>>,
     /// Set before the run starts; read without a lock by every task.
     pub(crate) progress: OnceLock<ProgressFn>,
-    /// Completed tasks: the count each one's progress callback reports.
-    completed: AtomicUsize,
-    executed: AtomicUsize,
-    cached: AtomicUsize,
+    /// Executed tasks in the low 32 bits, cached ones in the high 32: one atomic add counts
+    /// a task and yields the distinct count of completed tasks its callback reports.
+    done: AtomicU64,
     failed: AtomicUsize,
     /// Tasks claimed in this run: the run is over when this many have ended.
     total: AtomicUsize,
-    /// Tasks that have ended, however.
-    ended: AtomicUsize,
     /// Set by the task that finds every task of the run ended (or by the drop).
     closed: AtomicBool,
     /// Set once a progress callback panicked (it is then logged once).
@@ -102,12 +99,9 @@ impl RunState {
             ctx,
             ids: Mutex::default(),
             progress: progress.map(OnceLock::from).unwrap_or_default(),
-            completed: AtomicUsize::new(0),
-            executed: AtomicUsize::new(0),
-            cached: AtomicUsize::new(0),
+            done: AtomicU64::new(0),
             failed: AtomicUsize::new(0),
             total: AtomicUsize::new(0),
-            ended: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             callback_panicked: AtomicBool::new(false),
             record,
@@ -115,21 +109,19 @@ impl RunState {
         }
     }
 
-    /// Claims `id` for one task of this run.
+    /// Claims `id` for one task of this run; the task keeps the id the claim holds.
     ///
     /// # Errors
     /// [`DuraflowError::DuplicateTaskId`] when a task of this run has it already.
-    pub(crate) fn claim(&self, id: &str) -> Result<(), DuraflowError> {
-        let fresh = self
-            .ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.to_owned());
-        if !fresh {
-            return Err(DuraflowError::DuplicateTaskId { id: id.to_owned() });
+    pub(crate) fn claim(&self, id: &str) -> Result<Arc<str>, DuraflowError> {
+        let id: Arc<str> = id.into();
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        if !ids.insert(Arc::clone(&id)) {
+            return Err(DuraflowError::DuplicateTaskId { id: id.to_string() });
         }
+        drop(ids);
         self.total.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(id)
     }
 
     /// The stored output of task `id` and its size in bytes, if it can be handed to the
@@ -209,24 +201,25 @@ impl RunState {
     /// and the run's counts and then calls the progress callback, once. The task that ends
     /// the run closes its span and writes its final record, whatever the callback did.
     pub(crate) async fn finish(&self, id: &str, ending: Ending) {
-        match ending {
+        let ended = match ending {
             Ending::Executed | Ending::Cached => {
-                let counter = match ending {
-                    Ending::Executed => &self.executed,
-                    _ => &self.cached,
+                let one = if ending == Ending::Executed {
+                    1
+                } else {
+                    1 << 32
                 };
-                counter.fetch_add(1, Ordering::SeqCst);
+                let (executed, cached) = split(self.done.fetch_add(one, Ordering::SeqCst) + one);
                 self.ctx.completed_count.fetch_add(1, Ordering::SeqCst);
-                let completed = self.completed.fetch_add(1, Ordering::SeqCst) + 1;
                 if let Some(callback) = self.progress.get() {
-                    self.call(callback, id, completed);
+                    self.call(callback, id, executed + cached);
                 }
+                executed + cached + self.failed.load(Ordering::SeqCst)
             }
             Ending::Failed => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
+                let (executed, cached) = split(self.done.load(Ordering::SeqCst));
+                executed + cached + self.failed.fetch_add(1, Ordering::SeqCst) + 1
             }
-        }
-        let ended = self.ended.fetch_add(1, Ordering::SeqCst) + 1;
+        };
         if ended < self.total.load(Ordering::SeqCst) || self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -273,9 +266,10 @@ impl RunState {
     }
 
     pub(crate) fn stats(&self) -> RunStats {
+        let (executed, cached) = split(self.done.load(Ordering::SeqCst));
         RunStats {
-            executed: self.executed.load(Ordering::SeqCst),
-            cached: self.cached.load(Ordering::SeqCst),
+            executed,
+            cached,
             failed: self.failed.load(Ordering::SeqCst),
         }
     }
@@ -289,6 +283,11 @@ impl Drop for RunState {
             self.spans.close(self.stats());
         }
     }
+}
+
+/// Unpacks [`RunState::done`] into (executed, cached).
+fn split(done: u64) -> (usize, usize) {
+    ((done & 0xffff_ffff) as usize, (done >> 32) as usize)
 }
 
 /// One attempt at one task: when it started, for its records.
