@@ -7,7 +7,21 @@ use common::wait;
 
 use std::path::Path;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dagx::{task, Task};
 use duraflow_rs::{Context, DuraflowError, FileStore, MemoryStore, Storage, MAX_KEY_LEN};
+
+/// A task that counts its runs.
+struct Counted(Arc<AtomicUsize>);
+#[task]
+impl Counted {
+    async fn run(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        1
+    }
+}
 
 fn tricky_keys() -> Vec<String> {
     let mut keys: Vec<String> = [
@@ -138,12 +152,15 @@ fn empty_and_overlong_keys_are_invalid_in_every_store_and_write_nothing() {
         }
         other => panic!("expected InvalidKey, got {other:?}"),
     }
-    let ctx = std::sync::Arc::new(ctx);
-    let durable = duraflow_rs::Durable::new("", ctx.clone(), common::Val(1), None);
+    let ctx = Arc::new(ctx);
+    // The task itself never runs under an id no store takes.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let durable = duraflow_rs::Durable::new("", ctx.clone(), Counted(runs.clone()), None);
     assert!(matches!(
         wait(durable.run_result(())),
         Err(DuraflowError::InvalidKey { .. })
     ));
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the task ran");
     assert!(matches!(
         ctx.try_get::<u8>(""),
         Err(DuraflowError::InvalidKey { .. })

@@ -328,8 +328,7 @@ impl Dir {
 
 impl Storage for FileStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        let (dir, key) = (Arc::clone(&self.dir), key.to_owned());
-        unblock(move || dir.read(&key))
+        unblock_on(&self.dir, key, Dir::read)
     }
 
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {

@@ -19,7 +19,7 @@ use futures::channel::oneshot;
 
 use self::layout::{attempt_key, encode_record, Trees};
 use self::writer::{Commit, Msg, Record, Reply, Shared};
-use super::{ready, unblock, unblock_on, StoreFuture};
+use super::{ready, unblock_on, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
 use crate::{validate_key, DuraflowError, RunHistory, RunLog, Storage};
 
@@ -264,8 +264,7 @@ impl Drop for SledStore {
 
 impl Storage for SledStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        let (inner, key) = (Arc::clone(&self.inner), key.to_owned());
-        unblock(move || inner.read(&key))
+        unblock_on(&self.inner, key, Inner::read)
     }
 
     /// Durable (flushed, whatever the [`Durability`]) when it resolves. A value over
