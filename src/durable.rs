@@ -143,9 +143,20 @@ where
         let step = async {
             // 1. The cache check, on the first attempt: a usable stored output is the output.
             if number == 1 {
-                if let Some((stored, size)) = run.stored::<K::Stored>(&id).await {
-                    run.record(&id, &attempt, AttemptOutcome::Cached, Some(size));
-                    return Step::Final(Outcome::Done(K::from_stored(stored)), Ending::Cached);
+                match run.stored::<K::Stored>(&id).await {
+                    Ok(Some((stored, size))) => {
+                        run.record(&id, &attempt, AttemptOutcome::Cached, Some(size));
+                        let outcome = Outcome::Done(K::from_stored(stored));
+                        return Step::Final(outcome, Ending::Cached);
+                    }
+                    Ok(None) => {}
+                    // The output is unreadable and the store has stopped: nothing can be
+                    // stored, so the task does not run.
+                    Err(error) => {
+                        tracing::error!(key = &*id, %error, "stored output unreadable and the store has stopped");
+                        run.record(&id, &attempt, failed(error.to_string()), None);
+                        return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
+                    }
                 }
             }
             // 2. The run.

@@ -126,20 +126,26 @@ impl RunState {
 
     /// The stored output of task `id` and its size in bytes, if it can be handed to the
     /// task's dependents: present, intact and written by the same type. Anything else is
-    /// logged and treated as absent, so the task runs again and overwrites it.
-    pub(crate) async fn stored<T: DeserializeOwned>(&self, id: &str) -> Option<(T, usize)> {
+    /// logged and treated as absent, so the task runs again and overwrites it — unless the
+    /// store has stopped ([`Storage::health`]): then the read's error.
+    pub(crate) async fn stored<T: DeserializeOwned>(
+        &self,
+        id: &str,
+    ) -> Result<Option<(T, usize)>, DuraflowError> {
         let found = self.ctx.db.read(id).await.and_then(|bytes| match bytes {
             None => Ok(None),
             Some(bytes) => {
                 codec::decode(id, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
             }
         });
-        found
-            .map_err(|error| {
+        match found {
+            Ok(found) => Ok(found),
+            Err(error) if self.ctx.db.health().is_ok() => {
                 tracing::warn!(key = id, %error, "stored output unusable; running the task again");
-            })
-            .ok()
-            .flatten()
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Starts attempt `number` at a task.

@@ -614,19 +614,19 @@ fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
     }
     let marker = path.join("duraflow-store");
     let text = std::fs::read_to_string(&marker).unwrap();
-    assert!(text.contains("format 1"), "{text}");
-    std::fs::write(&marker, text.replace("format 1", "format 7")).unwrap();
+    assert!(text.contains("format 2"), "{text}");
+    std::fs::write(&marker, text.replace("format 2", "format 7")).unwrap();
     let before = snapshot(&path);
     match SledStore::open(&path) {
         Err(DuraflowError::UnsupportedFormat {
             path: p,
             found,
             supported,
-        }) => assert_eq!((p, found, supported), (path.clone(), 7, 1)),
+        }) => assert_eq!((p, found, supported), (path.clone(), 7, 2)),
         other => panic!("expected UnsupportedFormat, got {other:?}"),
     }
     assert_eq!(snapshot(&path), before, "nothing in the store changed");
-    // Back at format 1, the store opens and still holds its value.
+    // Back at format 2, the store opens and still holds its value.
     std::fs::write(&marker, text).unwrap();
     let ctx = Context::new(SledStore::open(&path).unwrap());
     assert_eq!(ctx.get::<u32>("k"), Some(1));

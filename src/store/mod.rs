@@ -80,6 +80,17 @@ pub trait Storage: Send + Sync {
         "custom"
     }
 
+    /// Whether the store still takes writes. A DAG runs a task whose stored output is
+    /// unreadable again only while this is `Ok`; otherwise the task fails with the read's
+    /// error, so nothing is written to a store whose files are damaged. `Ok` by default.
+    ///
+    /// # Errors
+    /// The error that stopped the store ([`SledStore`] stops after a failed write, a panic
+    /// inside sled, or damage found in its files).
+    fn health(&self) -> Result<(), DuraflowError> {
+        Ok(())
+    }
+
     /// The store's run log, if it records runs and attempts ([`SledStore`] among the
     /// built-in stores). `None` by default.
     fn run_log(&self) -> Option<&dyn RunLog> {
@@ -110,6 +121,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn kind(&self) -> &'static str {
         (**self).kind()
+    }
+    fn health(&self) -> Result<(), DuraflowError> {
+        (**self).health()
     }
     fn run_log(&self) -> Option<&dyn RunLog> {
         (**self).run_log()

@@ -1,37 +1,32 @@
 //! [`RunHistory`] of a [`SledStore`]: reading runs and attempts back, and dropping old ones.
 
-use std::sync::Arc;
-
 use super::layout::{attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable};
 use super::{sled_error, Inner, SledStore};
 use crate::record::{GcStats, RunDetails, RunId, RunRecord, RunStatus};
-use crate::store::unblock_on;
-use crate::{unblock, validate_key, AttemptRecord, DuraflowError, RunHistory, StoreFuture};
+use crate::{validate_key, AttemptRecord, DuraflowError, RunHistory, StoreFuture};
 
 /// Every query fails with [`DuraflowError::Io`] once the store has stopped after a failed
 /// write (reopen it in a new process): sled may hold records that never reached the disk.
 impl RunHistory for SledStore {
     fn runs(&self) -> StoreFuture<'_, Vec<RunRecord>> {
-        unblock_on(&self.inner, "", |inner, _| inner.runs())
+        self.call("", |inner, _| inner.runs())
     }
 
     fn run(&self, id: RunId) -> StoreFuture<'_, Option<RunDetails>> {
-        let inner = Arc::clone(&self.inner);
-        unblock(move || inner.run(id))
+        self.call("", move |inner, _| inner.run(id))
     }
 
     fn attempts_of<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Vec<AttemptRecord>> {
-        unblock_on(&self.inner, key, Inner::attempts_of)
+        self.call(key, Inner::attempts_of)
     }
 
     /// Each run's attempts are removed before its run record, in one atomic batch, and the
-    /// database is flushed before this resolves: a crash in between leaves at most a run
+    /// database is synced before this resolves: a crash in between leaves at most a run
     /// with fewer attempts, which the next gc removes. With `keep_runs` 0 and no run
     /// running, the run ids start again from 1 when the store is next opened. sled's files
     /// shrink only as it compacts its segments, over later writes.
     fn gc(&self, keep_runs: usize) -> StoreFuture<'_, GcStats> {
-        let inner = Arc::clone(&self.inner);
-        unblock(move || inner.gc(keep_runs))
+        self.call("", move |inner, _| inner.gc(keep_runs))
     }
 }
 
@@ -107,7 +102,7 @@ impl Inner {
             }
         }
         if stats.records_removed > 0 {
-            self.db.flush().map_err(io)?;
+            self.syncer.sync(&self.db, &self.trees.meta).map_err(io)?;
         }
         Ok(stats)
     }

@@ -2,8 +2,14 @@
 //!
 //! Trees of the sled database:
 //! - `meta`: [`FORMAT_KEY`] → the format version (u64 BE); its presence marks a duraflow
-//!   store.
+//!   store. [`COMMIT_KEY`] → the number of the last commit made durable (u64 BE), which the
+//!   marker file records too (see `marker.rs`).
 //! - `outputs`: task id (UTF-8) → the stored bytes of its output.
+//! - `witnesses`: task id → the [`witness`] of its output (length and CRC-32), written in the
+//!   same transaction. sled skips a log entry whose blob file is missing and opens the page
+//!   as it was before it, silently; a read that finds an output not matching its witness
+//!   (older, missing, or present without one) reports it damaged. A witness is 12 bytes,
+//!   so its tree's pages stay in sled's log, never in blob files.
 //! - `runs`: run id (u64 BE) → a [`RunRecord`](crate::RunRecord).
 //! - `attempts`, two kinds of entries, both under the run's id so that a run's attempts are
 //!   one prefix scan:
@@ -25,18 +31,30 @@ use crate::record::{AttemptOutcome, AttemptRecord, RunId};
 use crate::DuraflowError;
 
 /// The on-disk format this code writes; kept in the `meta` tree.
-pub(super) const FORMAT_VERSION: u64 = 1;
+pub(super) const FORMAT_VERSION: u64 = 2;
 /// Key of the format version in the `meta` tree: its presence marks a duraflow store.
 pub(super) const FORMAT_KEY: &[u8] = b"duraflow.format";
 /// Separates a key from what follows it in record keys; never occurs in UTF-8.
 const SEP: u8 = 0xFF;
+/// Key of the last durable commit's number in the `meta` tree.
+pub(super) const COMMIT_KEY: &[u8] = b"duraflow.commit";
 
-/// The trees a store uses besides `meta`.
+/// The trees a store uses.
 #[derive(Clone)]
 pub(super) struct Trees {
+    pub(super) meta: sled::Tree,
     pub(super) outputs: sled::Tree,
+    pub(super) witnesses: sled::Tree,
     pub(super) runs: sled::Tree,
     pub(super) attempts: sled::Tree,
+}
+
+/// `length (u64 BE) | CRC-32 (u32 BE)` of an output's bytes: what its witness says.
+pub(super) fn witness(value: &[u8]) -> [u8; 12] {
+    let mut w = [0; 12];
+    w[..8].copy_from_slice(&(value.len() as u64).to_be_bytes());
+    w[8..].copy_from_slice(&crc32fast::hash(value).to_be_bytes());
+    w
 }
 
 /// `run (u64 BE) | key | 0xFF | attempt (u32 BE)`: the key of one attempt record.

@@ -3,13 +3,16 @@
 
 mod history;
 mod layout;
+mod marker;
 mod open;
 mod registry;
+mod sync;
 mod writer;
 
 pub use self::open::{Durability, SledConfig};
 
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -18,10 +21,13 @@ use std::thread::JoinHandle;
 use futures::channel::oneshot;
 
 use self::layout::{attempt_key, encode_record, Trees};
-use self::writer::{Commit, Msg, Record, Reply, Shared};
-use super::{ready, unblock_on, StoreFuture};
+use self::sync::Syncer;
+use self::writer::{Commit, Failure, Msg, Record, Reply, Shared};
+use super::{ready, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
-use crate::{validate_key, DuraflowError, RunHistory, RunLog, Storage};
+use crate::{unblock, validate_key, DuraflowError, RunHistory, RunLog, Storage};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
 
 /// A [`Storage`], [`RunLog`] and [`RunHistory`] in one sled database (sled 0.34), reused
 /// across process restarts.
@@ -69,6 +75,7 @@ struct Inner {
     trees: Trees,
     /// What the store shares with its writer thread.
     shared: Arc<Shared>,
+    syncer: Arc<Syncer>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -91,6 +98,16 @@ impl SledStore {
     /// The store's directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Runs `op` on `key` inside [`unblock`], guarded against panics inside sled.
+    fn call<T: Send + 'static>(
+        &self,
+        key: &str,
+        op: impl FnOnce(&Inner, &str) -> Result<T, DuraflowError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_owned());
+        unblock(move || inner.guarded(&key, |inner| op(inner, &key)))
     }
 
     /// Hands `msg` to the writer thread; refused once the store has stopped after a failure.
@@ -207,12 +224,66 @@ impl Inner {
             }
         }
         let value = self.trees.outputs.get(key);
-        Ok(value
-            .map_err(|e| sled_error(&self.path, e))?
-            .map(|v| v.to_vec()))
+        let value = value.map_err(|e| self.read_error(key, e))?;
+        let witness = self.trees.witnesses.get(key);
+        let witness = witness.map_err(|e| self.read_error(key, e))?;
+        let problem = match (&value, &witness) {
+            (None, None) => return Ok(None),
+            (Some(v), Some(w)) if w.as_ref() == layout::witness(v) => {
+                return Ok(value.map(|v| v.to_vec()))
+            }
+            (Some(_), Some(_)) => "it is not the value last stored",
+            (None, Some(_)) => "it is missing, though it was stored",
+            (Some(_), None) => "its witness is missing",
+        };
+        Err(self.damaged(
+            key,
+            format!(
+                "{problem} (sled opened an older version of its page: a file of sled's is \
+                 missing)"
+            ),
+        ))
     }
 
-    /// Removes `key` and flushes.
+    /// The error of a sled read of `key`: damage sled found (a checksum, a missing file of
+    /// its own) is `Corrupt` naming the key, and stops the store.
+    fn read_error(&self, key: &str, e: sled::Error) -> DuraflowError {
+        let reason = match &e {
+            sled::Error::Corruption { at, .. } => format!("sled reports corruption at {at:?}"),
+            sled::Error::Io(io) if io.kind() == io::ErrorKind::NotFound => {
+                format!("a file sled keeps it in is missing: {io}")
+            }
+            _ => return sled_error(&self.path, e),
+        };
+        self.damaged(key, reason)
+    }
+
+    /// Stops the store because its files are damaged, and returns `Corrupt` naming `key`.
+    fn damaged(&self, key: &str, reason: String) -> DuraflowError {
+        let failure = Failure::damage(format!("reading {key:?}: {reason}"));
+        self.shared.stop(failure);
+        tracing::error!(store = %self.path.display(), key, %reason, "the store is damaged; it accepts no more writes");
+        DuraflowError::Corrupt {
+            key: key.to_owned(),
+            path: Some(self.path.clone()),
+            reason,
+        }
+    }
+
+    /// Runs `op` (sled work on `key`, `""` for none), turning a panic inside sled into
+    /// `Corrupt` naming the key; the store then stops.
+    fn guarded<T>(
+        &self,
+        key: &str,
+        op: impl FnOnce(&Inner) -> Result<T, DuraflowError>,
+    ) -> Result<T, DuraflowError> {
+        catch_unwind(AssertUnwindSafe(|| op(self))).unwrap_or_else(|panic| {
+            let message = crate::durable::panic_message(&*panic);
+            Err(self.damaged(key, format!("sled panicked: {message}")))
+        })
+    }
+
+    /// Removes `key`, durably.
     fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
         validate_key(key)?;
         self.usable()?;
@@ -220,15 +291,27 @@ impl Inner {
             self.shared.fail(&e);
             sled_error(&self.path, e)
         };
-        let removed = self.trees.outputs.remove(key).map_err(io)?.is_some();
-        self.db.flush().map_err(io)?;
+        let trees = (&self.trees.outputs, &self.trees.witnesses);
+        let removed = trees.transaction(|(outputs, witnesses)| {
+            witnesses.remove(key.as_bytes())?;
+            Ok::<_, ConflictableTransactionError<()>>(outputs.remove(key.as_bytes())?.is_some())
+        });
+        let removed = removed.map_err(|e| match e {
+            TransactionError::Storage(e) => io(e),
+            TransactionError::Abort(()) => {
+                DuraflowError::io(&self.path, io::Error::other("aborted"))
+            }
+        })?;
+        self.syncer.sync(&self.db, &self.trees.meta).map_err(io)?;
         Ok(removed)
     }
 
+    /// Every key stored, as the witnesses say (an output missing from a damaged tree is
+    /// listed, and reading it reports the damage).
     fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
         self.usable()?;
         self.trees
-            .outputs
+            .witnesses
             .iter()
             .keys()
             .map(|k| {
@@ -245,7 +328,7 @@ impl Inner {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // Closing the queue lets the writer apply what is queued, flush, and stop.
+        // Closing the queue lets the writer apply what is queued, sync, and stop.
         self.writer.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -256,15 +339,15 @@ impl Drop for SledStore {
             // until the process exits.
             std::mem::forget(Arc::clone(&self.inner));
             self._claim.leaked();
-            return;
         }
-        let _ = self.inner.db.flush();
     }
 }
 
 impl Storage for SledStore {
+    /// A value sled finds damaged (or panics reading) is [`DuraflowError::Corrupt`] naming
+    /// the key, and the store stops (see [`health`](Storage::health)).
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
-        unblock_on(&self.inner, key, Inner::read)
+        self.call(key, Inner::read)
     }
 
     /// Durable (flushed, whatever the [`Durability`]) when it resolves. A value over
@@ -274,11 +357,15 @@ impl Storage for SledStore {
     }
 
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        unblock_on(&self.inner, key, Inner::remove)
+        self.call(key, Inner::remove)
     }
 
     fn keys(&self) -> StoreFuture<'_, Vec<String>> {
-        unblock_on(&self.inner, "", Inner::keys)
+        self.call("", Inner::keys)
+    }
+
+    fn health(&self) -> Result<(), DuraflowError> {
+        self.inner.usable()
     }
 
     fn kind(&self) -> &'static str {

@@ -10,16 +10,19 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::layout::{
-    attempt_key, encode_record, run_attempts, OnUndecodable, Trees, FORMAT_KEY, FORMAT_VERSION,
+    attempt_key, encode_record, run_attempts, OnUndecodable, Trees, COMMIT_KEY, FORMAT_KEY,
+    FORMAT_VERSION,
 };
+use super::marker::{self, Marker, MarkerFile};
+use super::sync::Syncer;
 use super::writer::{Shared, Writer};
+
+#[path = "../../../migrations/sled/0002_witnesses.rs"]
+mod to_2;
 use super::{registry, sled_error, Inner, SledStore};
 use crate::record::{now_ms, AttemptOutcome, RunId, RunRecord, RunStatus};
 use crate::DuraflowError;
 
-/// A file beside sled's own, written when the store is created: if it exists but sled
-/// recovers no duraflow metadata, sled discarded damaged data and the store is `Corrupt`.
-const MARKER_FILE: &str = "duraflow-store";
 /// sled's page cache by default here (sled's own default is 1 GiB).
 const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
 
@@ -108,12 +111,10 @@ impl SledConfig {
 /// Opens the store `config` describes (see [`SledConfig::open`]).
 fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     let path = config.path.clone();
-    check_path(&path)?;
+    let marker = check_path(&path)?;
     // The directory is created here rather than by sled, so that it has a canonical
     // path to register the open store under.
-    let canonical = fs::create_dir_all(&path)
-        .and_then(|()| fs::canonicalize(&path))
-        .map_err(|e| DuraflowError::io(&path, e))?;
+    let canonical = create_dir(&path)?;
     let Some(mut claim) = registry::claim(&canonical) else {
         return Err(DuraflowError::StoreLocked { path });
     };
@@ -132,71 +133,27 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     };
     // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
-    let io = |e: sled::Error| sled_error(&path, e);
-    // Look before touching: opening a tree creates it.
-    let names = db.tree_names();
-    let has_meta = names.iter().any(|n| n.as_ref() == b"meta");
-    let has_data = names.len() > 1 || !db.is_empty();
-    if db.was_recovered() && has_data && !has_meta {
-        return Err(DuraflowError::NotAStore {
-            path,
-            reason: "a sled database that is not a duraflow store".to_owned(),
-        });
-    }
-    let meta = db.open_tree("meta").map_err(io)?;
-    match meta.get(FORMAT_KEY).map_err(io)? {
-        Some(v) => {
-            let found = v
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(u64::MAX);
-            if found > FORMAT_VERSION {
-                return Err(unsupported(&path, found));
-            }
-            // Older formats would be upgraded here, one step per file of
-            // `migrations/sled/`, each in one transaction with the new version. Format 1
-            // is the first: there is none yet.
-        }
-        None if has_meta => {
-            return Err(DuraflowError::NotAStore {
-                path,
-                reason: "a sled database that is not a duraflow store".to_owned(),
-            });
-        }
-        // sled treats a damaged log as the end of the log and opens what precedes it,
-        // possibly nothing: our marker says there was a store here.
-        None if path.join(MARKER_FILE).exists() => {
-            return Err(DuraflowError::Corrupt {
+    let (trees, syncer, last_run) = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker)))
+        .unwrap_or_else(|panic| {
+            Err(DuraflowError::Corrupt {
                 key: String::new(),
-                path: Some(path),
-                reason: "sled recovered no duraflow metadata from this store: its \
-                         database files are damaged"
-                    .to_owned(),
-            });
-        }
-        None => {
-            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                .map_err(io)?;
-            db.flush().map_err(io)?;
-            write_marker(&path)?;
-        }
-    }
-    let trees = Trees {
-        outputs: db.open_tree("outputs").map_err(io)?,
-        runs: db.open_tree("runs").map_err(io)?,
-        attempts: db.open_tree("attempts").map_err(io)?,
-    };
-    let last_run = mark_interrupted(&trees, &path)?;
-    db.flush().map_err(io)?;
+                path: Some(path.clone()),
+                reason: format!(
+                    "sled panicked reading the database: {}",
+                    crate::durable::panic_message(&*panic)
+                ),
+            })
+        })?;
 
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared::default());
+    let syncer = Arc::new(syncer);
     let writer = Writer {
         db: db.clone(),
         trees: trees.clone(),
         path: path.clone(),
         shared: Arc::clone(&shared),
+        syncer: Arc::clone(&syncer),
     };
     let thread = std::thread::Builder::new()
         .name("duraflow-sled-writer".to_owned())
@@ -208,6 +165,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
             db,
             trees,
             shared,
+            syncer,
         }),
         next_run: AtomicU64::new(last_run + 1),
         max_value_size: config.max_value_size,
@@ -216,6 +174,119 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
         thread: Some(thread),
         _claim: claim,
     })
+}
+
+/// Creates the store's directory if needed (syncing its parent, which gained it), and
+/// returns its canonical path.
+fn create_dir(path: &Path) -> Result<PathBuf, DuraflowError> {
+    let io = |e| DuraflowError::io(path, e);
+    if !path.exists() {
+        fs::create_dir_all(path).map_err(io)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| DuraflowError::io(parent, e))?;
+    }
+    fs::canonicalize(path).map_err(io)
+}
+
+/// Checks what sled recovered against the marker (`marker`: what it said before the open),
+/// sets up a new store, marks what a killed process left `Running` as `Interrupted`, and
+/// makes all of it durable. Returns the trees, the syncer and the highest run id.
+fn recover(
+    db: &sled::Db,
+    path: &Path,
+    marker: Option<Marker>,
+) -> Result<(Trees, Syncer, RunId), DuraflowError> {
+    let io = |e: sled::Error| sled_error(path, e);
+    let corrupt = |reason: String| DuraflowError::Corrupt {
+        key: String::new(),
+        path: Some(path.to_owned()),
+        reason,
+    };
+    let not_a_store = || DuraflowError::NotAStore {
+        path: path.to_owned(),
+        reason: "a sled database that is not a duraflow store".to_owned(),
+    };
+    // A marker that numbers a commit says that the store was set up: sled must hold it.
+    let set_up = marker.as_ref().is_some_and(|m| m.commit != Some(0));
+    // Look before touching: opening a tree creates it.
+    let names = db.tree_names();
+    let has_meta = names.iter().any(|n| n.as_ref() == b"meta");
+    let has_data = names.len() > 1 || !db.is_empty();
+    let meta = db.open_tree("meta").map_err(io)?;
+    let trees = Trees {
+        meta: meta.clone(),
+        outputs: db.open_tree("outputs").map_err(io)?,
+        witnesses: db.open_tree("witnesses").map_err(io)?,
+        runs: db.open_tree("runs").map_err(io)?,
+        attempts: db.open_tree("attempts").map_err(io)?,
+    };
+    match meta.get(FORMAT_KEY).map_err(io)? {
+        Some(v) => {
+            let found = v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(u64::MAX);
+            if found > FORMAT_VERSION {
+                return Err(unsupported(path, found));
+            }
+            // One step per file of `migrations/sled/`, from the store's format up.
+            if found < 2 {
+                tracing::info!(store = %path.display(), "upgrading the store to format 2");
+                to_2::upgrade(&trees, path)?;
+            }
+        }
+        // sled treats a damaged log as the end of the log and opens what precedes it,
+        // possibly nothing: the marker says there was a store here.
+        None if set_up => {
+            return Err(corrupt(
+                "sled recovered no duraflow metadata from this store: its database files \
+                 are damaged"
+                    .to_owned(),
+            ));
+        }
+        None if has_meta || (db.was_recovered() && has_data) => return Err(not_a_store()),
+        // A new store, or one whose setup was interrupted before its first commit.
+        None => {
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(io)?;
+        }
+    }
+    let recovered = match meta.get(COMMIT_KEY).map_err(io)? {
+        Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+            corrupt(format!(
+                "the commit number in sled's metadata is damaged: {v:?}"
+            ))
+        })?,
+        None => 0,
+    };
+    let acknowledged = marker.as_ref().and_then(|m| m.commit).unwrap_or(0);
+    if acknowledged > recovered {
+        return Err(corrupt(format!(
+            "the store acknowledged commit {acknowledged}, but sled recovered its database \
+             only up to commit {recovered}: its files are damaged or were rolled back \
+             (restore them from a backup, or remove the store)"
+        )));
+    }
+    let marker_file = match marker {
+        Some(m) if m.current => MarkerFile::open(path)?,
+        found => {
+            if found.is_some_and(|m| m.format.is_none()) {
+                tracing::warn!(store = %path.display(), "the store's marker file was damaged; writing it anew");
+            }
+            MarkerFile::create(path, recovered)?
+        }
+    };
+    let last_run = mark_interrupted(&trees, path)?;
+    let syncer =
+        Syncer::new(path, recovered, marker_file).map_err(|e| DuraflowError::io(path, e))?;
+    syncer.sync(db, &meta).map_err(io)?;
+    Ok((trees, syncer, last_run))
 }
 
 /// Removes the snapshot files sled was still writing when its process was killed
@@ -296,15 +367,16 @@ fn mark_interrupted(trees: &Trees, path: &Path) -> Result<RunId, DuraflowError> 
 }
 
 /// Refuses paths that are not (and cannot become) a duraflow store, before sled touches
-/// them.
-fn check_path(path: &Path) -> Result<(), DuraflowError> {
+/// them; returns the store's marker, if it has one.
+fn check_path(path: &Path) -> Result<Option<Marker>, DuraflowError> {
     let not_a_store = |reason: &str| DuraflowError::NotAStore {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
     // A store of a newer format is refused before sled (which may write while it recovers)
     // or anything else touches it; the marker says the format.
-    if let Some(found) = marker_format(path)? {
+    let marker = marker::read(path)?;
+    if let Some(found) = marker.as_ref().and_then(|m| m.format) {
         if found > FORMAT_VERSION {
             return Err(unsupported(path, found));
         }
@@ -313,41 +385,17 @@ fn check_path(path: &Path) -> Result<(), DuraflowError> {
         Ok(m) if m.is_dir() => {
             let mut entries = fs::read_dir(path).map_err(|e| DuraflowError::io(path, e))?;
             let empty = entries.next().is_none();
-            if !empty && !path.join("conf").exists() {
+            if !empty && marker.is_none() && !path.join("conf").exists() {
                 return Err(not_a_store(
                     "a non-empty directory that holds no sled database",
                 ));
             }
-            Ok(())
+            Ok(marker)
         }
         Ok(_) => Err(not_a_store("a file, not a directory")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(DuraflowError::io(path, e)),
     }
-}
-
-/// The format the marker file at `path` records: `None` without a marker (or one of no
-/// format, as a damaged one), which the open then judges by sled's own metadata.
-fn marker_format(path: &Path) -> Result<Option<u64>, DuraflowError> {
-    let marker = path.join(MARKER_FILE);
-    let bytes = match fs::read(&marker) {
-        Ok(bytes) => bytes,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(DuraflowError::io(&marker, e)),
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    let digits = text.split_once("format ").map(|(_, rest)| {
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits
-    });
-    Ok(digits.and_then(|d| d.parse().ok()))
 }
 
 fn unsupported(path: &Path, found: u64) -> DuraflowError {
@@ -356,18 +404,6 @@ fn unsupported(path: &Path, found: u64) -> DuraflowError {
         found: u32::try_from(found).unwrap_or(u32::MAX),
         supported: FORMAT_VERSION as u32,
     }
-}
-
-fn write_marker(path: &Path) -> Result<(), DuraflowError> {
-    let marker = path.join(MARKER_FILE);
-    let text = format!("duraflow-rs store, format {FORMAT_VERSION}; the data is in sled's files\n");
-    fs::File::create(&marker)
-        .and_then(|mut f| {
-            io::Write::write_all(&mut f, text.as_bytes())?;
-            f.sync_all()
-        })
-        .and_then(|()| fs::File::open(path)?.sync_all())
-        .map_err(|e| DuraflowError::io(&marker, e))
 }
 
 fn open_error(path: &Path, e: sled::Error) -> DuraflowError {

@@ -1,10 +1,11 @@
 //! The writer thread: the only writer of a store's records and outputs. It takes the queued
 //! messages in groups and applies each group in order: plain inserts for records that stand
 //! alone, the group's `Cached` attempts as a few [`CachedBatch`] values, and its commits in
-//! transactions of up to [`TX_COMMITS`]; then one flush, if anyone in the group waits for
-//! one, and the answers.
+//! transactions of up to [`TX_COMMITS`]; then one sync (see `sync.rs`), if anyone in the
+//! group waits for one, and the answers.
 //!
-//! The first error sled returns to the writer (a full disk, say) fails its group and stops
+//! The first error sled returns to the writer (a full disk, say), or a panic inside sled,
+//! fails its group and stops
 //! the store for good: every later message is answered with that error, without calling
 //! sled again. sled 0.34 does not always recover from a failed write — after a failed blob
 //! write (a value or page over 128 KiB) its next flush waits forever — so a failed store
@@ -14,6 +15,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -22,7 +24,8 @@ use futures::channel::oneshot;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::layout::{batch_key, encode_record, CachedBatch, Trees};
+use super::layout::{batch_key, encode_record, witness, CachedBatch, Trees};
+use super::sync::Syncer;
 use crate::record::AttemptRecord;
 use crate::DuraflowError;
 
@@ -92,7 +95,13 @@ impl Shared {
 
     /// Records `e` as the failure that stopped the store (the first one wins).
     pub(super) fn fail(&self, e: &sled::Error) -> Failure {
-        self.failed.get_or_init(|| Failure::of(e)).clone()
+        self.stop(Failure::of(e))
+    }
+
+    /// Stops the store with `failure`, unless it stopped already; returns the failure that
+    /// stopped it.
+    pub(super) fn stop(&self, failure: Failure) -> Failure {
+        self.failed.get_or_init(|| failure).clone()
     }
 }
 
@@ -117,6 +126,18 @@ impl Failure {
         }
     }
 
+    /// A panic inside sled, or damage it found: the store's files cannot be trusted.
+    pub(super) fn damage(text: String) -> Failure {
+        Failure {
+            kind: io::ErrorKind::InvalidData,
+            text,
+        }
+    }
+
+    fn panic(message: &str) -> Failure {
+        Failure::damage(format!("sled panicked: {message}"))
+    }
+
     /// The error to answer with, for the store at `path`. `earlier` says the store had
     /// stopped before the work was tried.
     pub(super) fn error(&self, path: &std::path::Path, earlier: bool) -> DuraflowError {
@@ -135,6 +156,16 @@ pub(super) struct Writer {
     pub(super) trees: Trees,
     pub(super) path: PathBuf,
     pub(super) shared: Arc<Shared>,
+    pub(super) syncer: Arc<Syncer>,
+}
+
+/// One group's messages, by kind.
+#[derive(Default)]
+struct Group {
+    records: Vec<Record>,
+    cached: Vec<AttemptRecord>,
+    commits: Vec<Commit>,
+    acked: Vec<(Record, Reply)>,
 }
 
 impl Writer {
@@ -146,8 +177,8 @@ impl Writer {
             self.apply(group);
         }
         if self.shared.failed.get().is_none() {
-            if let Err(e) = self.db.flush() {
-                self.fail(&e);
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.sync())) {
+                self.panicked(&*panic);
             }
         }
     }
@@ -159,45 +190,80 @@ impl Writer {
         failure
     }
 
-    /// Applies one group and answers whoever waits.
+    /// Applies one group and answers whoever waits. A panic inside sled fails the group
+    /// and stops the store, as an error does.
     fn apply(&self, group: Vec<Msg>) {
-        let mut commits = Vec::new();
-        let mut acked = Vec::new();
-        let mut cached = Vec::new();
-        let stopped = self.shared.failed.get().cloned();
-        let mut result = stopped.clone().map_or(Ok(()), Err);
+        let mut writes = Group::default();
         for msg in group {
             match msg {
-                Msg::Record(record) => result = result.and_then(|()| self.insert(&record)),
-                Msg::Cached(attempt) => cached.push(attempt),
-                Msg::Commit(commit) => commits.push(commit),
-                Msg::Acked(record, reply) => acked.push((record, reply)),
+                Msg::Record(record) => writes.records.push(record),
+                Msg::Cached(attempt) => writes.cached.push(attempt),
+                Msg::Commit(commit) => writes.commits.push(*commit),
+                Msg::Acked(record, reply) => writes.acked.push((record, reply)),
             }
         }
-        result = result.and_then(|()| self.store_cached(&cached));
         let prior = RefCell::new(Vec::new());
-        result = result.and_then(|()| self.commit(&commits, &prior));
-        // A run's final record goes last: after every record of the run sent before it.
-        let (records, replies): (Vec<_>, Vec<_>) = acked.into_iter().unzip();
-        for record in &records {
-            result = result.and_then(|()| self.insert(record));
-        }
-        let flush = replies
-            .iter()
-            .chain(commits.iter().map(|c| &c.reply))
-            .any(|r| r.flush);
-        if flush {
-            result = result.and_then(|()| self.db.flush().map(drop).map_err(|e| self.fail(&e)));
-        }
-        if result.is_err() && stopped.is_none() {
-            self.shadow(&commits, &prior.into_inner());
-        }
-        for reply in replies
+        let result = match self.shared.failed.get() {
+            Some(stopped) => Err(stopped.clone()),
+            None => {
+                let result = catch_unwind(AssertUnwindSafe(|| self.write(&writes, &prior)))
+                    .unwrap_or_else(|panic| Err(self.panicked(&*panic)));
+                if result.is_err() {
+                    let shadow = || self.shadow(&writes.commits, &prior.into_inner());
+                    // Unknown values are read from sled, which may panic again.
+                    let _ = catch_unwind(AssertUnwindSafe(shadow));
+                }
+                result
+            }
+        };
+        let Group { commits, acked, .. } = writes;
+        for reply in acked
             .into_iter()
+            .map(|(_, reply)| reply)
             .chain(commits.into_iter().map(|c| c.reply))
         {
             let _ = reply.to.send(result.clone());
         }
+    }
+
+    /// Writes a group in order — records, `Cached` batches, commits, then the records
+    /// answered (a run's final record goes after every record of the run sent before it) —
+    /// and syncs once if anyone in the group waits for it.
+    fn write(
+        &self,
+        group: &Group,
+        prior: &RefCell<Vec<Option<sled::IVec>>>,
+    ) -> Result<(), Failure> {
+        for record in &group.records {
+            self.insert(record)?;
+        }
+        self.store_cached(&group.cached)?;
+        self.commit(&group.commits, prior)?;
+        for (record, _) in &group.acked {
+            self.insert(record)?;
+        }
+        let flush = (group.acked.iter().map(|(_, r)| r))
+            .chain(group.commits.iter().map(|c| &c.reply))
+            .any(|r| r.flush);
+        if flush {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (see `sync.rs`).
+    fn sync(&self) -> Result<(), Failure> {
+        self.syncer
+            .sync(&self.db, &self.trees.meta)
+            .map_err(|e| self.fail(&e))
+    }
+
+    /// Stops the store after a panic inside sled.
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Failure {
+        let message = crate::durable::panic_message(panic);
+        let failure = self.shared.stop(Failure::panic(message));
+        tracing::error!(store = %self.path.display(), error = %failure.text, "sled panicked; the store accepts no more writes");
+        failure
     }
 
     fn insert(&self, record: &Record) -> Result<(), Failure> {
@@ -239,7 +305,7 @@ impl Writer {
     /// Keeps what the outputs of a failed group were before it (see [`Shared`]'s `shadow`),
     /// from `prior` (as [`commit`](Self::commit) found them; an output it did not reach kept
     /// its value, which is read now).
-    fn shadow(&self, commits: &[Box<Commit>], prior: &[Option<sled::IVec>]) {
+    fn shadow(&self, commits: &[Commit], prior: &[Option<sled::IVec>]) {
         let mut shadow = self
             .shared
             .shadow
@@ -267,25 +333,30 @@ impl Writer {
     /// stops the store; an output not reached kept its value).
     fn commit(
         &self,
-        commits: &[Box<Commit>],
+        commits: &[Commit],
         prior: &RefCell<Vec<Option<sled::IVec>>>,
     ) -> Result<(), Failure> {
         for chunk in commits.chunks(TX_COMMITS) {
             let chunk_prior = RefCell::new(Vec::with_capacity(chunk.len()));
-            let applied =
-                (&self.trees.outputs, &self.trees.attempts).transaction(|(outputs, attempts)| {
-                    // sled runs this again after a conflict: start over.
-                    let mut chunk_prior = chunk_prior.borrow_mut();
-                    chunk_prior.clear();
-                    for commit in chunk {
-                        let (key, value) = &commit.output;
-                        chunk_prior.push(outputs.insert(key.as_bytes(), value.as_slice())?);
-                        if let Some((key, value)) = &commit.attempt {
-                            attempts.insert(key.as_slice(), value.as_slice())?;
-                        }
+            let trees = (
+                &self.trees.outputs,
+                &self.trees.witnesses,
+                &self.trees.attempts,
+            );
+            let applied = trees.transaction(|(outputs, witnesses, attempts)| {
+                // sled runs this again after a conflict: start over.
+                let mut chunk_prior = chunk_prior.borrow_mut();
+                chunk_prior.clear();
+                for commit in chunk {
+                    let (key, value) = &commit.output;
+                    chunk_prior.push(outputs.insert(key.as_bytes(), value.as_slice())?);
+                    witnesses.insert(key.as_bytes(), &witness(value)[..])?;
+                    if let Some((key, value)) = &commit.attempt {
+                        attempts.insert(key.as_slice(), value.as_slice())?;
                     }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                });
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
             // Kept whether or not the transaction failed: a transaction that failed while
             // committing may already show its values to readers, and the shadow must then
             // answer the values from before it (what `prior` holds), not those.
