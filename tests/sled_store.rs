@@ -631,3 +631,34 @@ fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
     let ctx = Context::new(SledStore::open(&path).unwrap());
     assert_eq!(ctx.get::<u32>("k"), Some(1));
 }
+
+#[test]
+fn a_marker_with_a_byte_that_is_not_utf8_is_a_damaged_marker_not_an_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let store = SledStore::open(&path).unwrap();
+        Context::new(store).save("k", &1u32).unwrap();
+    }
+    let marker = path.join("duraflow-store");
+    let damage = || {
+        let mut bytes = std::fs::read(&marker).unwrap();
+        bytes[3] = 0xFF;
+        std::fs::write(&marker, bytes).unwrap();
+    };
+    damage();
+    // sled's metadata still says what the store is: it opens, and gets a new marker.
+    {
+        let ctx = Context::new(SledStore::open(&path).unwrap());
+        assert_eq!(ctx.get::<u32>("k"), Some(1));
+    }
+    let text = std::fs::read_to_string(&marker).expect("the new marker is text");
+    assert!(text.starts_with("duraflow-rs store, format 2;"), "{text}");
+    // Without sled's database, the damaged marker still says that a store was here.
+    damage();
+    std::fs::remove_file(path.join("db")).unwrap();
+    match SledStore::open(&path) {
+        Err(DuraflowError::Corrupt { path: Some(p), .. }) => assert_eq!(p, path),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}

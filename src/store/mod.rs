@@ -13,8 +13,10 @@ pub use self::sled::{Durability, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
 
+use std::fs;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -187,6 +189,37 @@ where
 {
     let (state, key) = (Arc::clone(state), key.to_owned());
     unblock(move || op(&state, &key))
+}
+
+/// Creates `dir` and whatever parents it lacks, durably: each directory that gained an
+/// entry is fsynced once the entry is there.
+///
+/// # Errors
+/// [`DuraflowError::Io`] naming the directory that could not be created or synced.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<(), DuraflowError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while fs::symlink_metadata(at).is_err() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
+    for level in missing.iter().rev() {
+        let parent = match level.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| DuraflowError::io(parent, e))?;
+    }
+    Ok(())
 }
 
 /// A future that is ready with `result`.

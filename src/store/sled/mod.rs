@@ -35,9 +35,20 @@ use sled::Transactional;
 /// # Guarantees
 /// - A task's output and its `Succeeded` attempt record are written in one sled
 ///   transaction: after a crash both exist or neither does.
-/// - With [`Durability::Immediate`] (the default) a commit is on disk (flushed) before it
+/// - With [`Durability::Immediate`] (the default) a commit is on stable storage before it
 ///   is acknowledged, so a task whose progress was reported is never executed again after
-///   a crash. Concurrent commits are applied and flushed together by one writer thread.
+///   a crash or a power cut: sled's flush, then an fsync of every file it created (its
+///   blob files) and of every directory that gained one, an `fdatasync` of its database
+///   file, and the commit's number recorded in the marker file `duraflow-store`. Concurrent
+///   commits are applied and synced together by one writer thread.
+/// - A store whose database lacks a commit the marker records (sled reads damage as the
+///   end of its log, and opens what precedes it) is [`DuraflowError::Corrupt`] when it
+///   opens, never silently older. An output whose page sled opened as it was before (its
+///   blob file missing) reads as `Corrupt` naming its key: each output is checked against
+///   a witness (length and CRC-32) kept in another tree.
+/// - A panic inside sled is caught: `Corrupt` for a read (naming the key) or a failed write.
+///   A store that found damage stops like one whose write failed (below), and a DAG then
+///   fails a task whose output is unreadable instead of running it again.
 /// - Other attempt records are durable no later than the next commit or finished run;
 ///   those of cached tasks are stored many to a value.
 /// - With [`Durability::Immediate`], a run's records are on disk when its DAG's run
@@ -49,7 +60,7 @@ use sled::Transactional;
 /// - A value larger than [`SledConfig::max_value_size`] is refused and the previous value
 ///   kept.
 /// - A write the disk refuses (full, failing) is an error ([`DuraflowError::Persist`] for a
-///   task's output) and the previous value stays. sled does not always recover from such a
+///   task's output) and the previous value stays ([`health`](Storage::health) says why). sled does not always recover from such a
 ///   failure, so the handle then refuses every later write with the same error, and dropping
 ///   it leaves sled's database open (its lock held) until the process exits: reopen the
 ///   store in a new process once the disk has room.
@@ -440,5 +451,29 @@ fn sled_error(path: &Path, e: sled::Error) -> DuraflowError {
             reason: format!("sled reports corruption at {at:?}"),
         },
         other => DuraflowError::io(path, io::Error::other(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_sled_work_is_corrupt_naming_the_key_and_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path().join("s")).unwrap();
+        let answer = store.inner.guarded("k", |_| -> Result<(), _> {
+            panic!("cannot find pid 7 in view_for_key")
+        });
+        match answer {
+            Err(DuraflowError::Corrupt { key, reason, .. }) => {
+                assert_eq!(key, "k");
+                assert!(reason.contains("cannot find pid 7"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(store.health().is_err());
+        let write = pollster::block_on(store.write("other", vec![1]));
+        assert!(write.is_err(), "a stopped store took a write");
     }
 }

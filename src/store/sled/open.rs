@@ -16,6 +16,7 @@ use super::layout::{
 use super::marker::{self, Marker, MarkerFile};
 use super::sync::Syncer;
 use super::writer::{Shared, Writer};
+use crate::store::create_dir_durably;
 
 #[path = "../../../migrations/sled/0002_witnesses.rs"]
 mod to_2;
@@ -30,13 +31,17 @@ const DEFAULT_CACHE: u64 = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Durability {
-    /// Every commit is flushed to disk before it is acknowledged, so a task's progress is
-    /// reported only once its output survives a crash. Concurrent commits share one flush
-    /// (group commit). The default.
+    /// Every commit is on stable storage before it is acknowledged (see [`SledStore`]'s
+    /// guarantees), so a task's progress is reported only once its output survives a crash
+    /// or a power cut. Concurrent commits share one sync (group commit). The default.
     Immediate,
-    /// Commits are acknowledged once applied in memory; sled flushes every given interval.
-    /// Faster, but a crash can lose up to that much finished work, which then runs again
-    /// (a progress callback may have reported it already).
+    /// Commits are acknowledged once applied in memory; sled flushes and fsyncs its
+    /// database every given interval. Faster, but a crash can lose up to that much finished
+    /// work, which then runs again (a progress callback may have reported it already); a
+    /// power cut can lose more, as sled's blob files are synced only by the store's own
+    /// syncs (writes through [`Storage`](crate::Storage), removals, closing the store).
+    /// The commit number in the marker counts only those syncs, so a store that lost work
+    /// of the interval still opens, without it.
     Periodic(Duration),
 }
 
@@ -88,8 +93,9 @@ impl SledConfig {
         self
     }
 
-    /// Opens (creating if needed) the store. Runs and attempts a killed process left
-    /// `Running` are marked `Interrupted`.
+    /// Opens (creating if needed) the store, upgrading one of an older format (see
+    /// `migrations/README.md`). Runs and attempts a killed process left `Running` are
+    /// marked `Interrupted`.
     ///
     /// A store that this process closed (dropped) opens again at once: the drop waits (up
     /// to 2 s) until sled has released its lock.
@@ -102,7 +108,8 @@ impl SledConfig {
     /// duraflow store (nothing in it is changed); [`DuraflowError::UnsupportedFormat`] for a
     /// store written by a newer format (see `migrations/README.md`; refused before sled opens
     /// it, so nothing in it is changed); [`DuraflowError::Corrupt`] when sled finds
-    /// the database damaged; [`DuraflowError::Io`] for other I/O failures.
+    /// the database damaged, or without the last commit the marker records;
+    /// [`DuraflowError::Io`] for other I/O failures.
     pub fn open(self) -> Result<SledStore, DuraflowError> {
         open_with(self)
     }
@@ -176,21 +183,10 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     })
 }
 
-/// Creates the store's directory if needed (syncing its parent, which gained it), and
-/// returns its canonical path.
+/// Creates the store's directory if needed (durably), and returns its canonical path.
 fn create_dir(path: &Path) -> Result<PathBuf, DuraflowError> {
-    let io = |e| DuraflowError::io(path, e);
-    if !path.exists() {
-        fs::create_dir_all(path).map_err(io)?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| DuraflowError::io(parent, e))?;
-    }
-    fs::canonicalize(path).map_err(io)
+    create_dir_durably(path)?;
+    fs::canonicalize(path).map_err(|e| DuraflowError::io(path, e))
 }
 
 /// Checks what sled recovered against the marker (`marker`: what it said before the open),
