@@ -30,11 +30,10 @@ fn manifest() -> String {
 /// The format the manifest at `root` records, `None` when there is no manifest.
 fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
     let path = root.join(MANIFEST);
-    let text = match fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DuraflowError::io(&path, e)),
-    };
+    if !holds(&path, Want::File, "")? {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).map_err(|e| DuraflowError::io(&path, e))?;
     text.trim_end()
         .strip_prefix("duraflow filestore format ")
         .and_then(|n| n.parse().ok())
@@ -50,7 +49,7 @@ fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
 fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    File::create(&tmp)
+    create_temp(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
             f.sync_all()
@@ -59,6 +58,7 @@ fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
     fs::rename(&tmp, path).map_err(|e| DuraflowError::io(path, e))?;
     sync_dir(dir)
 }
+
 /// The file inside a key's directory that holds its value.
 const VALUE_FILE: &str = "value";
 /// Where a new value is written before it is renamed over [`VALUE_FILE`].
@@ -93,7 +93,12 @@ const STRIPES: usize = 64;
 /// - **One writer**: a second `FileStore` on the same root, in this process or another,
 ///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
 ///   the process dies.
-/// - Nothing is written outside the root.
+/// - **No link is followed** inside the root: a link (or an entry of the wrong kind, such as a
+///   file) where a key's directory or value file, or the store's own file, should be is
+///   [`DuraflowError::Corrupt`] naming it, for reads, writes, removes and
+///   [`keys`](Storage::keys) alike, never a missing value; a link left at a temporary file's
+///   name is removed, never written through. Nothing is read as a value from, or written
+///   to, anywhere outside the root.
 /// - The executor is never blocked: every file operation runs inside [`unblock`].
 ///
 /// # Formats and duraflow-rs 1.x
@@ -183,12 +188,7 @@ impl Dir {
     /// Takes the lock of the store at `root`.
     fn lock(root: PathBuf) -> Result<Dir, DuraflowError> {
         let lock_path = root.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| DuraflowError::io(&lock_path, e))?;
+        let lock = open_lock_file(&lock_path)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -221,9 +221,13 @@ impl Dir {
 
     /// The value of `key`, checked against the key and checksum its file records.
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
-        let path = self.value_path(key)?;
+        validate_key(key)?;
+        let Some(path) = value_in(&self.key_dir(key), key)? else {
+            return Ok(None);
+        };
         let bytes = match fs::read(&path) {
             Ok(b) => b,
+            // Removed since it was looked at.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DuraflowError::io(&path, e)),
         };
@@ -246,22 +250,25 @@ impl Dir {
         let _guard = self.stripe(key);
         match fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // What is there must be a directory, not a link to one.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                holds(&dir, Want::Dir, key)?;
+            }
             Err(e) => return Err(DuraflowError::io(&dir, e)),
         }
         let target = dir.join(VALUE_FILE);
         // The key's directory entry may be new (or left unsynced by a crash between its
         // creation and the root's sync): the first value of a key also syncs the root.
-        let first_value = !target.exists();
+        let first_value = !holds(&target, Want::File, key)?;
         let tmp = dir.join(TEMP_FILE);
         let record = build_record(key, value);
-        let written = File::create(&tmp).and_then(|mut f| {
+        let written = create_temp(&tmp).and_then(|mut f| {
             f.write_all(&record)?;
             f.sync_all()
         });
         if let Err(e) = written {
             // Best effort: the old value is untouched either way; a leftover temp file is
-            // truncated by the next write of this key.
+            // replaced by the next write of this key.
             let _ = fs::remove_file(&tmp);
             return Err(DuraflowError::io(&tmp, e));
         }
@@ -277,7 +284,9 @@ impl Dir {
         validate_key(key)?;
         let dir = self.key_dir(key);
         let _guard = self.stripe(key);
-        let target = dir.join(VALUE_FILE);
+        let Some(target) = value_in(&dir, key)? else {
+            return Ok(false);
+        };
         match fs::remove_file(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -292,7 +301,8 @@ impl Dir {
         Ok(true)
     }
 
-    /// Every key, read from its value file (a key directory without one holds no value).
+    /// Every key, read from its value file (a key directory without one holds no value). An
+    /// entry named like a key directory that cannot be read as one is an error naming it.
     fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
         let mut keys = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(|e| DuraflowError::io(&self.root, e))? {
@@ -304,9 +314,12 @@ impl Dir {
             else {
                 continue; // the lock file, the manifest, anything that is not ours
             };
-            let path = entry.path().join(VALUE_FILE);
+            let Some(path) = value_in(&entry.path(), name)? else {
+                continue;
+            };
             let bytes = match fs::read(&path) {
                 Ok(bytes) => bytes,
+                // Removed since it was listed.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(DuraflowError::io(&path, e)),
             };
@@ -399,6 +412,77 @@ fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {
     let (key, value) = rest.split_at(key_len);
     let key = std::str::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned())?;
     Ok((key, value))
+}
+
+/// Creates the temporary file `tmp` afresh, never through a link: whatever an interrupted
+/// write left at that name (a file, or a link, which is removed as a link) is removed first.
+fn create_temp(tmp: &Path) -> io::Result<File> {
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new().write(true).create_new(true).open(tmp)
+}
+
+/// The value file in the key directory `dir`, if there is one (a directory without it holds
+/// no value yet: a first write was cut off before its rename). Both must be what the store
+/// made (see [`holds`]); `key` names the key in errors.
+fn value_in(dir: &Path, key: &str) -> Result<Option<PathBuf>, DuraflowError> {
+    let path = dir.join(VALUE_FILE);
+    Ok((holds(dir, Want::Dir, key)? && holds(&path, Want::File, key)?).then_some(path))
+}
+
+/// What the store keeps at a path inside its root.
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    Dir,
+    File,
+}
+
+/// Whether `path` holds the directory or the regular file `want` (`false`: nothing is
+/// there), looked at without following a link. Anything else there, a link above all, is
+/// [`DuraflowError::Corrupt`] naming `key` (empty for the store's own files) and `path`:
+/// the store never follows a link inside its root.
+fn holds(path: &Path, want: Want, key: &str) -> Result<bool, DuraflowError> {
+    let kind = match fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DuraflowError::io(path, e)),
+    };
+    if (want == Want::Dir && kind.is_dir()) || (want == Want::File && kind.is_file()) {
+        return Ok(true);
+    }
+    let found = if kind.is_symlink() {
+        "a symbolic link (FileStore never follows links inside its root)"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_file() {
+        "a file"
+    } else {
+        "a special file"
+    };
+    let wanted = match want {
+        Want::Dir => "a directory",
+        Want::File => "a regular file",
+    };
+    Err(DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: Some(path.to_owned()),
+        reason: format!("found {found} where the store keeps {wanted}"),
+    })
+}
+
+/// Opens the lock file `path`, creating it if it is missing, never through a link.
+fn open_lock_file(path: &Path) -> Result<File, DuraflowError> {
+    let io_error = |e| DuraflowError::io(path, e);
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error(e)),
+    }
+    holds(path, Want::File, "")?;
+    OpenOptions::new().write(true).open(path).map_err(io_error)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), DuraflowError> {
