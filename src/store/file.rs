@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use super::{unblock, unblock_on, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
-/// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
+/// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
+/// as the root directory itself is.
 const LOCK_FILE: &str = ".lock";
 /// The manifest at the root: [`manifest`] with the store's format.
 const MANIFEST: &str = ".duraflow-format";
@@ -73,9 +74,9 @@ const STRIPES: usize = 64;
 /// A [`Storage`] that keeps each key in its own directory under a root directory.
 ///
 /// # Layout
-/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`);
-/// `ROOT/.lock` is held locked while the store is open. Key `k` lives in
-/// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
+/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`); the
+/// root directory and `ROOT/.lock` are held locked while the store is open. Key `k` lives
+/// in `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
 /// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
 /// `..` → `k-_2e_2e`. The encoding is injective, never yields `.`, `..` or a separator, and
 /// keeps keys distinct on case-insensitive file systems. Names longer than 200 bytes become
@@ -91,8 +92,9 @@ const STRIPES: usize = 64;
 /// - **Integrity**: every value file carries its key and a CRC-32; a damaged file is
 ///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value.
 /// - **One writer**: a second `FileStore` on the same root, in this process or another,
-///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
-///   the process dies.
+///   gets [`DuraflowError::StoreLocked`]. The lock is an `flock` on the root directory itself
+///   (and on `ROOT/.lock`), so deleting `.lock` does not release it; it is released when the
+///   store is dropped or the process dies.
 /// - **No link is followed** inside the root: a link (or an entry of the wrong kind, such as a
 ///   file) where a key's directory or value file, or the store's own file, should be is
 ///   [`DuraflowError::Corrupt`] naming it, for reads, writes, removes and
@@ -124,8 +126,11 @@ impl std::fmt::Debug for FileStore {
 #[derive(Debug)]
 pub(crate) struct Dir {
     root: PathBuf,
-    /// Holds the exclusive lock for as long as the store lives.
-    _lock: File,
+    /// The root directory and [`LOCK_FILE`], each held with an exclusive `flock` for as long
+    /// as the store lives. The directory's lock is the one that counts: no deletion inside
+    /// the root releases it. The lock file is locked too, so that an opener locking only
+    /// that file is refused as well.
+    _locks: [File; 2],
     stripes: Vec<Mutex<()>>,
 }
 
@@ -142,7 +147,10 @@ impl FileStore {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
         let root = fs::canonicalize(dir).map_err(|e| DuraflowError::io(dir, e))?;
-        // A newer format is refused before anything (even the lock file) is written.
+        // Locking the directory writes nothing: a newer format is refused, under the lock,
+        // before anything (even the lock file) is written.
+        let root_lock = File::open(&root).map_err(|e| DuraflowError::io(&root, e))?;
+        try_lock(&root_lock, &root, &root)?;
         let found = read_manifest(&root)?;
         if let Some(found) = found.filter(|&f| f > FORMAT) {
             return Err(DuraflowError::UnsupportedFormat {
@@ -151,7 +159,7 @@ impl FileStore {
                 supported: FORMAT,
             });
         }
-        let store = Dir::lock(root)?;
+        let store = Dir::open(root, root_lock)?;
         match found {
             Some(_) => from_1x::finish(&store.root)?,
             None => {
@@ -185,20 +193,15 @@ impl FileStore {
 }
 
 impl Dir {
-    /// Takes the lock of the store at `root`.
-    fn lock(root: PathBuf) -> Result<Dir, DuraflowError> {
+    /// The store at `root`, whose directory `root_lock` is locked: takes the lock file's
+    /// lock too (see [`Dir::_locks`]).
+    fn open(root: PathBuf, root_lock: File) -> Result<Dir, DuraflowError> {
         let lock_path = root.join(LOCK_FILE);
         let lock = open_lock_file(&lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(DuraflowError::StoreLocked { path: root });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(DuraflowError::io(&lock_path, e)),
-        }
+        try_lock(&lock, &lock_path, &root)?;
         Ok(Dir {
             root,
-            _lock: lock,
+            _locks: [root_lock, lock],
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -471,6 +474,17 @@ fn holds(path: &Path, want: Want, key: &str) -> Result<bool, DuraflowError> {
         path: Some(path.to_owned()),
         reason: format!("found {found} where the store keeps {wanted}"),
     })
+}
+
+/// Takes the exclusive `flock` of `file` (at `path`, in the store at `root`) without waiting.
+fn try_lock(file: &File, path: &Path, root: &Path) -> Result<(), DuraflowError> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(DuraflowError::StoreLocked {
+            path: root.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(DuraflowError::io(path, e)),
+    }
 }
 
 /// Opens the lock file `path`, creating it if it is missing, never through a link.
