@@ -13,19 +13,21 @@ use crate::{validate_key, DuraflowError, Storage};
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
 /// as the root directory itself is.
 const LOCK_FILE: &str = ".lock";
-/// The manifest at the root: [`manifest`] with the store's format.
+/// The manifest at the root, written by [`write_manifest`] with the store's format.
 const MANIFEST: &str = ".duraflow-format";
 /// The format this version writes and reads (older ones are upgraded on open; see
 /// `migrations/`).
 pub(crate) const FORMAT: u32 = 1;
-/// While a 1.x upgrade finishes: the 1.x files still to delete.
+/// While a 1.x upgrade finishes: the 1.x files still to move aside.
 const UPGRADE_LIST: &str = ".duraflow-upgrade";
 
 #[path = "../../migrations/filestore/0001_from_duraflow_1x.rs"]
 mod from_1x;
 
-fn manifest() -> String {
-    format!("duraflow filestore format {FORMAT}\n")
+/// Writes the manifest of this version's format at `root`, durably: the store's commit point.
+fn write_manifest(root: &Path) -> Result<(), DuraflowError> {
+    let text = format!("duraflow filestore format {FORMAT}\n");
+    write_small_file(&root.join(MANIFEST), text.as_bytes())
 }
 
 /// The format the manifest at `root` records, `None` when there is no manifest.
@@ -104,12 +106,17 @@ const STRIPES: usize = 64;
 /// - The executor is never blocked: every file operation runs inside [`unblock`].
 ///
 /// # Formats and duraflow-rs 1.x
-/// [`FileStore::new`] on a directory written by duraflow-rs 1.x (one JSON file per key)
-/// upgrades it in place, crash-safely: afterwards `Context::get::<T>` returns what 1.x
-/// returned for the same key. Keys are the 1.x file names: 1.x replaced every character
-/// outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found under `a_b`. Files
-/// that are not JSON are reported with `warn!` and left alone. A store of a newer format is
-/// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
+/// A directory with the manifest is a store; a new or empty directory becomes one.
+/// [`FileStore::new`] on a directory duraflow-rs 1.x could have written (nothing but files
+/// named `[A-Za-z0-9_-]+`, each holding one JSON value) upgrades it in place, crash-safely:
+/// afterwards `Context::get::<T>` returns what 1.x returned for the same key, and the 1.x
+/// files are kept, byte for byte, in `ROOT/.duraflow-1x/`, which can be removed once the
+/// upgrade has been checked. Nothing is deleted. Keys are the 1.x file names: 1.x replaced
+/// every character outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found
+/// under `a_b`. A directory without the manifest holding anything else (a subdirectory, a
+/// link, a dot file, another name, a file that is not JSON) is refused as
+/// [`DuraflowError::NotAStore`], and a store of a newer format as
+/// [`DuraflowError::UnsupportedFormat`], both before anything in it is written.
 pub struct FileStore {
     dir: Arc<Dir>,
 }
@@ -139,8 +146,12 @@ impl FileStore {
     /// duraflow-rs 1.x directory first (see [Formats](FileStore#formats-and-duraflow-rs-1x)).
     ///
     /// # Errors
-    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format (left untouched);
+    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format and
+    /// [`DuraflowError::NotAStore`] naming the entry for a directory that is neither a store
+    /// nor a 1.x directory (both left untouched);
     /// [`DuraflowError::StoreLocked`] when another handle holds the store;
+    /// [`DuraflowError::Corrupt`] naming the path when a link or an entry of the wrong kind
+    /// is where the store keeps its own file (see the guarantees);
     /// [`DuraflowError::Io`] naming the path when the directory cannot be created or opened
     /// (for example because `dir` is a plain file).
     pub fn new<P: AsRef<Path>>(dir: P) -> Result<FileStore, DuraflowError> {
@@ -159,18 +170,25 @@ impl FileStore {
                 supported: FORMAT,
             });
         }
+        // So is a directory that is neither a store nor a 1.x directory.
+        let legacy = match found {
+            Some(_) => None,
+            None => from_1x::classify(&root)?,
+        };
+        // The first write makes the directory a store (the manifest) or one being upgraded
+        // (the upgrade's mark), and only then is the lock file made: an open killed at any
+        // moment leaves a directory the next open accepts.
+        match (found, &legacy) {
+            (Some(_), _) => {}
+            (None, None) => write_manifest(&root)?,
+            (None, Some(_)) => from_1x::begin(&root)?,
+        }
         let store = Dir::open(root, root_lock)?;
-        match found {
-            Some(_) => from_1x::finish(&store.root)?,
-            None => {
-                let legacy = from_1x::legacy_files(&store.root)?;
-                let commit = || write_small_file(&store.root.join(MANIFEST), manifest().as_bytes());
-                if legacy.is_empty() {
-                    commit()?;
-                } else {
-                    tracing::info!(root = %store.root.display(), files = legacy.len(), "upgrading a duraflow-rs 1.x directory");
-                    from_1x::upgrade(&store, &legacy, commit)?;
-                }
+        match legacy {
+            None => from_1x::finish(&store.root)?,
+            Some(legacy) => {
+                tracing::info!(root = %store.root.display(), files = legacy.len(), "upgrading a duraflow-rs 1.x directory");
+                from_1x::upgrade(&store, &legacy, || write_manifest(&store.root))?;
             }
         }
         Ok(FileStore {
