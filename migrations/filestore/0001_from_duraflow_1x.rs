@@ -78,7 +78,8 @@ pub(super) fn classify(root: &Path) -> Result<Option<Vec<String>>, DuraflowError
             .file_type()
             .map_err(|e| DuraflowError::io(entry.path(), e))?;
         let key_dir = kind.is_dir() && (name.starts_with("k-") || name.starts_with("h-"));
-        if name.strip_suffix(".tmp") == Some(MANIFEST) || (begun && (own(name) || key_dir)) {
+        let manifest_tmp = kind.is_file() && name.strip_suffix(".tmp") == Some(MANIFEST);
+        if manifest_tmp || (begun && (own(name) || key_dir)) {
             continue;
         }
         if kind.is_symlink() {

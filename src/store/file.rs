@@ -77,8 +77,9 @@ const STRIPES: usize = 64;
 ///
 /// # Layout
 /// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`); the
-/// root directory and `ROOT/.lock` are held locked while the store is open. Key `k` lives
-/// in `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
+/// root directory and `ROOT/.lock` are held locked while the store is open; after an
+/// upgrade from duraflow-rs 1.x, `ROOT/.duraflow-1x/` holds the 1.x files. Key `k` lives in
+/// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
 /// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
 /// `..` → `k-_2e_2e`. The encoding is injective, never yields `.`, `..` or a separator, and
 /// keeps keys distinct on case-insensitive file systems. Names longer than 200 bytes become
