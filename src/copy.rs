@@ -6,13 +6,16 @@ use crate::{codec, DuraflowError, Storage};
 /// [`SledStore`](crate::SledStore), say), in key order, replacing what `to` holds under the
 /// same keys, and returns how many outputs were copied. Values travel as stored — type name,
 /// payload and checksum — so `to` returns exactly what `from` did, and each is checked
-/// before it is written: a damaged value stops the copy instead of spreading. Each write has
-/// `to`'s own durability; outputs already copied stay copied if a later one fails.
+/// before it is written: a damaged value stops the copy instead of spreading, and so does an
+/// entry `from` cannot list (a FileStore key directory it cannot read, say): no output is
+/// skipped silently. Each write has `to`'s own durability; outputs already copied stay
+/// copied if a later one fails.
 ///
 /// # Errors
 /// [`DuraflowError::Unsupported`] when `from` cannot list its keys;
-/// [`DuraflowError::Corrupt`] naming the key of a damaged value; any error of either store
-/// (a failed write as [`DuraflowError::Persist`] naming the key).
+/// [`DuraflowError::Corrupt`] naming the key of a damaged value (and, for a FileStore, the
+/// entry that cannot be read); any error of either store (a failed write as
+/// [`DuraflowError::Persist`] naming the key).
 pub async fn copy(from: &dyn Storage, to: &dyn Storage) -> Result<usize, DuraflowError> {
     let mut keys = from.keys().await?;
     keys.sort();

@@ -38,8 +38,10 @@ pub enum DuraflowError {
     },
 
     /// The bytes stored under `key` failed their integrity check (checksum, framing, or the
-    /// key recorded inside the file); they are never returned as a value. An empty `key`
-    /// means the store as a whole (its database at `path`) is damaged.
+    /// key recorded inside the file), or the entry at `path` that should hold them is not
+    /// what the store made (a link, which a FileStore never follows, or a file where a
+    /// directory belongs); they are never returned as a value. An empty `key` means the
+    /// store as a whole (its database or its own file at `path`) is damaged.
     #[error("{}", corrupt_message(key, path, reason))]
     Corrupt {
         /// The key that was read.

@@ -3,7 +3,7 @@
 //! fails once and succeeds on its retry) and a run killed by SIGKILL in a child process; and
 //! a FileStore directory. Checks stdout, the one-line stderr and the exit codes (0 ok,
 //! 1 error, 2 usage), a locked store and a missing path, `rm` and `gc` by their effect on
-//! the store, and the HTML report as headless Chromium renders it: one bar per attempt.
+//! the store (and `rm --prefix` failing, naming it, on a key entry it cannot read), and the HTML report as headless Chromium renders it: one bar per attempt.
 //!
 //! The browser test needs Debian's `chromium` (`.ci/run` installs it); without it the test
 //! says so and skips, unless the environment variable `CI` is set, when it fails.
@@ -767,6 +767,32 @@ fn file_stores_have_values_but_no_run_records() {
     );
     let left = wait(FileStore::new(&store).unwrap().keys()).unwrap();
     assert_eq!(left, ["total"]);
+}
+
+#[test]
+fn rm_prefix_fails_naming_a_key_entry_it_cannot_read() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let path = store.to_str().unwrap();
+    // Where the output of `fetch/x` would live, a link to nowhere: not a key to skip.
+    let planted = std::fs::canonicalize(&store).unwrap().join("k-fetch_2fx");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &planted).unwrap();
+    for dry_run in [true, false] {
+        let mut args = vec!["rm", path, "--prefix", "fetch/"];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        duraflow(&args).fails_with(&planted.display().to_string());
+    }
+    std::fs::remove_file(&planted).unwrap();
+    let mut left = wait(FileStore::new(&store).unwrap().keys()).unwrap();
+    left.sort();
+    assert_eq!(
+        left,
+        ["fetch/orders", "fetch/users", "total"],
+        "nothing removed"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Promise: one writer per FileStore root. A second opener, in this process or another,
-//! gets `StoreLocked`; a bad root is an `Io` error naming the path.
+//! gets `StoreLocked`, even after `ROOT/.lock` was deleted under the first; a bad root is an
+//! `Io` error naming the path.
 
 mod common;
 
@@ -45,12 +46,10 @@ fn lock_holder() {
     let _ = std::io::stdin().read_line(&mut String::new());
 }
 
-#[test]
-fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+/// A child process holding the store at `root` open, once it has taken the lock.
+fn holder(root: &std::path::Path) -> std::process::Child {
     let mut child = common::child_test("lock_holder")
-        .env(ROOT_VAR, dir.path())
+        .env(ROOT_VAR, root)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -61,11 +60,43 @@ fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
         .map(|l| l.unwrap())
         .any(|l| l.contains(LOCKED));
     assert!(locked, "child never took the lock");
+    child
+}
+
+#[test]
+fn a_store_held_by_another_process_is_refused_and_released_when_it_dies() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = holder(dir.path());
     assert!(matches!(
         FileStore::new(dir.path()),
         Err(DuraflowError::StoreLocked { .. })
     ));
     child.kill().unwrap(); // SIGKILL: the kernel releases the flock
+    child.wait().unwrap();
+    FileStore::new(dir.path()).expect("the lock dies with the process");
+}
+
+#[test]
+fn deleting_the_lock_file_does_not_release_the_lock() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let first = FileStore::new(dir.path()).unwrap();
+    std::fs::remove_file(first.root().join(".lock")).unwrap();
+    match FileStore::new(dir.path()) {
+        Err(DuraflowError::StoreLocked { path }) => assert_eq!(path, first.root()),
+        other => panic!("in-process: expected StoreLocked, got {other:?}"),
+    }
+    drop(first);
+    drop(FileStore::new(dir.path()).expect("the lock is released on drop"));
+
+    let mut child = holder(dir.path());
+    std::fs::remove_file(dir.path().join(".lock")).unwrap();
+    match FileStore::new(dir.path()) {
+        Err(DuraflowError::StoreLocked { .. }) => {}
+        other => panic!("across processes: expected StoreLocked, got {other:?}"),
+    }
+    child.kill().unwrap();
     child.wait().unwrap();
     FileStore::new(dir.path()).expect("the lock dies with the process");
 }

@@ -2,7 +2,10 @@
 //!
 //! - `FileStore::new` on a directory written by the real duraflow-rs 1.0.1 upgrades it in
 //!   place, and `Context::get::<T>` then returns what 1.0.1's `get` returned, for every kind
-//!   of value; a file that is not JSON is reported and left alone;
+//!   of value; the 1.x files are kept, byte for byte, in `ROOT/.duraflow-1x/`;
+//! - a directory holding anything 1.x could not have written (a subdirectory, a dot file, a
+//!   link, a name 1.x could not make, a file that is not JSON) is `NotAStore` naming it, and
+//!   left byte for byte as it was, not even a lock file made;
 //! - the upgrade survives SIGKILL at any moment: the next open finishes it, nothing lost;
 //! - a store of a newer format is `UnsupportedFormat` and left byte for byte as it was;
 //! - `copy` moves every output between stores.
@@ -12,7 +15,7 @@ mod common;
 use common::wait;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,34 +153,92 @@ fn a_1x_directory_is_upgraded_in_place_and_reads_as_1x_did() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     write_v1_fixture(dir.path());
-    std::fs::write(dir.path().join("garbage"), b"{not json").unwrap();
     check_values(&v1_context(dir.path()));
+    let originals = snapshot(dir.path());
 
-    let (_guard, capture) = common::capture();
-    let store = FileStore::new(dir.path()).unwrap();
-    let warnings = capture.at(tracing::Level::WARN);
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].field("file").unwrap().ends_with("garbage"));
-
-    let ctx = Context::new(store);
+    let ctx = Context::new(FileStore::new(dir.path()).unwrap());
     check_values(&ctx);
-    // Only our layout is left, and the file that was not JSON, untouched.
+    // Only our layout is left, and the 1.x files kept aside as they were.
     let names = names_in(dir.path());
     assert!(
         names
             .iter()
-            .all(|n| n.starts_with("k-") || n.starts_with('.') || n == "garbage"),
+            .all(|n| n.starts_with("k-") || n.starts_with('.')),
         "{names:?}"
     );
-    assert_eq!(
-        std::fs::read(dir.path().join("garbage")).unwrap(),
-        b"{not json"
-    );
+    assert_eq!(snapshot(&dir.path().join(".duraflow-1x")), originals);
     drop(ctx);
 
     // Opening again changes nothing and reads the same.
     let ctx = Context::new(FileStore::new(dir.path()).unwrap());
     check_values(&ctx);
+    assert_eq!(snapshot(&dir.path().join(".duraflow-1x")), originals);
+}
+
+/// A folder of settings, each file one JSON value: 1.x could have written it, so it is
+/// upgraded, and its files are kept.
+fn config_folder(dir: &Path) {
+    std::fs::write(dir.join("port"), b"8080\n").unwrap();
+    std::fs::write(dir.join("pid"), b"4242\n").unwrap();
+    std::fs::write(dir.join("enabled"), b"true\n").unwrap();
+}
+
+#[test]
+fn a_folder_of_json_files_is_upgraded_with_its_files_kept_aside() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    config_folder(dir.path());
+    let originals = snapshot(dir.path());
+    let ctx = Context::new(FileStore::new(dir.path()).unwrap());
+    assert_eq!(ctx.get::<u16>("port"), Some(8080));
+    assert_eq!(ctx.get::<bool>("enabled"), Some(true));
+    let kept = dir.path().join(".duraflow-1x");
+    assert_eq!(snapshot(&kept), originals, "every file kept, byte for byte");
+    for name in ["port", "pid", "enabled"] {
+        assert!(!dir.path().join(name).exists(), "{name} moved aside");
+    }
+}
+
+#[test]
+fn a_directory_holding_what_1x_never_wrote_is_not_a_store_and_left_untouched() {
+    let _serial = serial();
+    type Plant = fn(&Path);
+    let cases: [(&str, Plant); 7] = [
+        ("plugins", |d| {
+            std::fs::create_dir(d.join("plugins")).unwrap();
+            std::fs::write(d.join("plugins").join("a"), b"1").unwrap();
+        }),
+        ("k-abc", |d| std::fs::create_dir(d.join("k-abc")).unwrap()),
+        (".env", |d| std::fs::write(d.join(".env"), b"1").unwrap()),
+        ("notes.txt", |d| {
+            std::fs::write(d.join("notes.txt"), b"1").unwrap()
+        }),
+        ("port", |d| {
+            std::fs::write(d.join("port"), b"port=8080\n").unwrap()
+        }),
+        ("pid", |d| std::fs::write(d.join("pid"), b"").unwrap()),
+        ("current", |d| {
+            std::os::unix::fs::symlink(d.join("port"), d.join("current")).unwrap()
+        }),
+    ];
+    for (entry, plant) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        config_folder(dir.path());
+        plant(dir.path());
+        let before = tree(dir.path());
+        match FileStore::new(dir.path()) {
+            Err(DuraflowError::NotAStore { path, reason }) => {
+                assert_eq!(path, std::fs::canonicalize(dir.path()).unwrap(), "{entry}");
+                assert!(reason.contains(&format!("{entry:?}")), "{entry}: {reason}");
+            }
+            other => panic!("{entry}: expected NotAStore, got {other:?}"),
+        }
+        assert_eq!(
+            tree(dir.path()),
+            before,
+            "{entry}: nothing changed, nothing made"
+        );
+    }
 }
 
 /// A task returning a fixed number.
@@ -207,10 +268,60 @@ fn a_dag_reuses_outputs_upgraded_from_1x() {
     assert_eq!(d.stats().cached, 1);
 }
 
+#[test]
+fn a_first_open_killed_before_its_manifest_leaves_a_directory_that_opens() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // What a kill while the manifest was being written leaves.
+    std::fs::write(dir.path().join(".duraflow-format.tmp"), b"duraflow files").unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    wait(store.write("k", b"v".to_vec())).unwrap();
+    drop(store);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(".duraflow-format")).unwrap(),
+        "duraflow filestore format 1\n"
+    );
+    assert!(!dir.path().join(".duraflow-format.tmp").exists());
+    assert_eq!(
+        wait(FileStore::new(dir.path()).unwrap().read("k")).unwrap(),
+        Some(b"v".to_vec())
+    );
+}
+
+/// What an entry is, as `tree` records it.
+#[derive(Debug, PartialEq)]
+enum Entry {
+    Dir,
+    File(Vec<u8>),
+    Link(PathBuf),
+}
+
+/// Every entry under `dir`, recursively, links not followed.
+fn tree(dir: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let (name, path) = (entry.file_name().into_string().unwrap(), entry.path());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            out.insert(name, Entry::Link(std::fs::read_link(&path).unwrap()));
+        } else if kind.is_dir() {
+            for (k, v) in tree(&path) {
+                out.insert(format!("{name}/{k}"), v);
+            }
+            out.insert(name, Entry::Dir);
+        } else {
+            out.insert(name, Entry::File(std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
 /// Every file's name and bytes under `dir`, recursively.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
+    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {dir:?}: {e}"));
+    for entry in entries {
         let entry = entry.unwrap();
         let path = entry.path();
         if path.is_dir() {
@@ -306,6 +417,7 @@ fn the_upgrade_survives_sigkill_at_any_moment() {
         for i in 0..FILES {
             v1.save(&format!("key-{i}"), &(i as u64 * 3)).unwrap();
         }
+        let originals = snapshot(dir.path());
         // One or two children killed in mid-upgrade, at a random number of converted keys.
         for kill in 0..=(round % 2) {
             let target = rng.usize(1..FILES);
@@ -338,6 +450,10 @@ fn the_upgrade_survives_sigkill_at_any_moment() {
             .collect();
         assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
         assert!(!dir.path().join(".duraflow-upgrade").exists());
+        assert!(
+            snapshot(&dir.path().join(".duraflow-1x")) == originals,
+            "round {round}: the 1.x files are kept, byte for byte"
+        );
     }
 }
 

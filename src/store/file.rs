@@ -10,31 +10,33 @@ use sha2::{Digest, Sha256};
 use super::{unblock, unblock_on, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
-/// Name of the lock file at the root; held with an exclusive `flock` while a store is open.
+/// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
+/// as the root directory itself is.
 const LOCK_FILE: &str = ".lock";
-/// The manifest at the root: [`manifest`] with the store's format.
+/// The manifest at the root, written by [`write_manifest`] with the store's format.
 const MANIFEST: &str = ".duraflow-format";
 /// The format this version writes and reads (older ones are upgraded on open; see
 /// `migrations/`).
 pub(crate) const FORMAT: u32 = 1;
-/// While a 1.x upgrade finishes: the 1.x files still to delete.
+/// While a 1.x upgrade finishes: the 1.x files still to move aside.
 const UPGRADE_LIST: &str = ".duraflow-upgrade";
 
 #[path = "../../migrations/filestore/0001_from_duraflow_1x.rs"]
 mod from_1x;
 
-fn manifest() -> String {
-    format!("duraflow filestore format {FORMAT}\n")
+/// Writes the manifest of this version's format at `root`, durably: the store's commit point.
+fn write_manifest(root: &Path) -> Result<(), DuraflowError> {
+    let text = format!("duraflow filestore format {FORMAT}\n");
+    write_small_file(&root.join(MANIFEST), text.as_bytes())
 }
 
 /// The format the manifest at `root` records, `None` when there is no manifest.
 fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
     let path = root.join(MANIFEST);
-    let text = match fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DuraflowError::io(&path, e)),
-    };
+    if !holds(&path, Want::File, "")? {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).map_err(|e| DuraflowError::io(&path, e))?;
     text.trim_end()
         .strip_prefix("duraflow filestore format ")
         .and_then(|n| n.parse().ok())
@@ -50,7 +52,7 @@ fn read_manifest(root: &Path) -> Result<Option<u32>, DuraflowError> {
 fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    File::create(&tmp)
+    create_temp(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
             f.sync_all()
@@ -59,6 +61,7 @@ fn write_small_file(path: &Path, bytes: &[u8]) -> Result<(), DuraflowError> {
     fs::rename(&tmp, path).map_err(|e| DuraflowError::io(path, e))?;
     sync_dir(dir)
 }
+
 /// The file inside a key's directory that holds its value.
 const VALUE_FILE: &str = "value";
 /// Where a new value is written before it is renamed over [`VALUE_FILE`].
@@ -73,8 +76,9 @@ const STRIPES: usize = 64;
 /// A [`Storage`] that keeps each key in its own directory under a root directory.
 ///
 /// # Layout
-/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`);
-/// `ROOT/.lock` is held locked while the store is open. Key `k` lives in
+/// `ROOT/.duraflow-format` records the store's format (see `migrations/README.md`); the
+/// root directory and `ROOT/.lock` are held locked while the store is open; after an
+/// upgrade from duraflow-rs 1.x, `ROOT/.duraflow-1x/` holds the 1.x files. Key `k` lives in
 /// `ROOT/<name>/value`, where `<name>` is `k-` followed by `k`'s UTF-8 bytes with every byte
 /// outside `[a-z0-9-]` written as `_` and two lowercase hex digits: `a/b` → `k-a_2fb`,
 /// `..` → `k-_2e_2e`. The encoding is injective, never yields `.`, `..` or a separator, and
@@ -91,18 +95,29 @@ const STRIPES: usize = 64;
 /// - **Integrity**: every value file carries its key and a CRC-32; a damaged file is
 ///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value.
 /// - **One writer**: a second `FileStore` on the same root, in this process or another,
-///   gets [`DuraflowError::StoreLocked`]. The lock is released when the store is dropped or
-///   the process dies.
-/// - Nothing is written outside the root.
+///   gets [`DuraflowError::StoreLocked`]. The lock is an `flock` on the root directory itself
+///   (and on `ROOT/.lock`), so deleting `.lock` does not release it; it is released when the
+///   store is dropped or the process dies.
+/// - **No link is followed** inside the root: a link (or an entry of the wrong kind, such as a
+///   file) where a key's directory or value file, or the store's own file, should be is
+///   [`DuraflowError::Corrupt`] naming it, for reads, writes, removes and
+///   [`keys`](Storage::keys) alike, never a missing value; a link left at a temporary file's
+///   name is removed, never written through. Nothing is read as a value from, or written
+///   to, anywhere outside the root.
 /// - The executor is never blocked: every file operation runs inside [`unblock`].
 ///
 /// # Formats and duraflow-rs 1.x
-/// [`FileStore::new`] on a directory written by duraflow-rs 1.x (one JSON file per key)
-/// upgrades it in place, crash-safely: afterwards `Context::get::<T>` returns what 1.x
-/// returned for the same key. Keys are the 1.x file names: 1.x replaced every character
-/// outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found under `a_b`. Files
-/// that are not JSON are reported with `warn!` and left alone. A store of a newer format is
-/// refused ([`DuraflowError::UnsupportedFormat`]) before anything in it is written.
+/// A directory with the manifest is a store; a new or empty directory becomes one.
+/// [`FileStore::new`] on a directory duraflow-rs 1.x could have written (nothing but files
+/// named `[A-Za-z0-9_-]+`, each holding one JSON value) upgrades it in place, crash-safely:
+/// afterwards `Context::get::<T>` returns what 1.x returned for the same key, and the 1.x
+/// files are kept, byte for byte, in `ROOT/.duraflow-1x/`, which can be removed once the
+/// upgrade has been checked. Nothing is deleted. Keys are the 1.x file names: 1.x replaced
+/// every character outside `[A-Za-z0-9_-]` by `_`, so a value saved under `a/b` is found
+/// under `a_b`. A directory without the manifest holding anything else (a subdirectory, a
+/// link, a dot file, another name, a file that is not JSON) is refused as
+/// [`DuraflowError::NotAStore`], and a store of a newer format as
+/// [`DuraflowError::UnsupportedFormat`], both before anything in it is written.
 pub struct FileStore {
     dir: Arc<Dir>,
 }
@@ -119,8 +134,11 @@ impl std::fmt::Debug for FileStore {
 #[derive(Debug)]
 pub(crate) struct Dir {
     root: PathBuf,
-    /// Holds the exclusive lock for as long as the store lives.
-    _lock: File,
+    /// The root directory and [`LOCK_FILE`], each held with an exclusive `flock` for as long
+    /// as the store lives. The directory's lock is the one that counts: no deletion inside
+    /// the root releases it. The lock file is locked too, so that an opener locking only
+    /// that file is refused as well.
+    _locks: [File; 2],
     stripes: Vec<Mutex<()>>,
 }
 
@@ -129,15 +147,22 @@ impl FileStore {
     /// duraflow-rs 1.x directory first (see [Formats](FileStore#formats-and-duraflow-rs-1x)).
     ///
     /// # Errors
-    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format (left untouched);
+    /// [`DuraflowError::UnsupportedFormat`] for a store of a newer format and
+    /// [`DuraflowError::NotAStore`] naming the entry for a directory that is neither a store
+    /// nor a 1.x directory (both left untouched);
     /// [`DuraflowError::StoreLocked`] when another handle holds the store;
+    /// [`DuraflowError::Corrupt`] naming the path when a link or an entry of the wrong kind
+    /// is where the store keeps its own file (see the guarantees);
     /// [`DuraflowError::Io`] naming the path when the directory cannot be created or opened
     /// (for example because `dir` is a plain file).
     pub fn new<P: AsRef<Path>>(dir: P) -> Result<FileStore, DuraflowError> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
         let root = fs::canonicalize(dir).map_err(|e| DuraflowError::io(dir, e))?;
-        // A newer format is refused before anything (even the lock file) is written.
+        // Locking the directory writes nothing: a newer format is refused, under the lock,
+        // before anything (even the lock file) is written.
+        let root_lock = File::open(&root).map_err(|e| DuraflowError::io(&root, e))?;
+        try_lock(&root_lock, &root, &root)?;
         let found = read_manifest(&root)?;
         if let Some(found) = found.filter(|&f| f > FORMAT) {
             return Err(DuraflowError::UnsupportedFormat {
@@ -146,18 +171,25 @@ impl FileStore {
                 supported: FORMAT,
             });
         }
-        let store = Dir::lock(root)?;
-        match found {
-            Some(_) => from_1x::finish(&store.root)?,
-            None => {
-                let legacy = from_1x::legacy_files(&store.root)?;
-                let commit = || write_small_file(&store.root.join(MANIFEST), manifest().as_bytes());
-                if legacy.is_empty() {
-                    commit()?;
-                } else {
-                    tracing::info!(root = %store.root.display(), files = legacy.len(), "upgrading a duraflow-rs 1.x directory");
-                    from_1x::upgrade(&store, &legacy, commit)?;
-                }
+        // So is a directory that is neither a store nor a 1.x directory.
+        let legacy = match found {
+            Some(_) => None,
+            None => from_1x::classify(&root)?,
+        };
+        // The first write makes the directory a store (the manifest) or one being upgraded
+        // (the upgrade's mark), and only then is the lock file made: an open killed at any
+        // moment leaves a directory the next open accepts.
+        match (found, &legacy) {
+            (Some(_), _) => {}
+            (None, None) => write_manifest(&root)?,
+            (None, Some(_)) => from_1x::begin(&root)?,
+        }
+        let store = Dir::open(root, root_lock)?;
+        match legacy {
+            None => from_1x::finish(&store.root)?,
+            Some(legacy) => {
+                tracing::info!(root = %store.root.display(), files = legacy.len(), "upgrading a duraflow-rs 1.x directory");
+                from_1x::upgrade(&store, &legacy, || write_manifest(&store.root))?;
             }
         }
         Ok(FileStore {
@@ -180,25 +212,15 @@ impl FileStore {
 }
 
 impl Dir {
-    /// Takes the lock of the store at `root`.
-    fn lock(root: PathBuf) -> Result<Dir, DuraflowError> {
+    /// The store at `root`, whose directory `root_lock` is locked: takes the lock file's
+    /// lock too (see [`Dir::_locks`]).
+    fn open(root: PathBuf, root_lock: File) -> Result<Dir, DuraflowError> {
         let lock_path = root.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| DuraflowError::io(&lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(DuraflowError::StoreLocked { path: root });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(DuraflowError::io(&lock_path, e)),
-        }
+        let lock = open_lock_file(&lock_path)?;
+        try_lock(&lock, &lock_path, &root)?;
         Ok(Dir {
             root,
-            _lock: lock,
+            _locks: [root_lock, lock],
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -221,9 +243,13 @@ impl Dir {
 
     /// The value of `key`, checked against the key and checksum its file records.
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
-        let path = self.value_path(key)?;
+        validate_key(key)?;
+        let Some(path) = value_in(&self.key_dir(key), key)? else {
+            return Ok(None);
+        };
         let bytes = match fs::read(&path) {
             Ok(b) => b,
+            // Removed since it was looked at.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DuraflowError::io(&path, e)),
         };
@@ -246,22 +272,25 @@ impl Dir {
         let _guard = self.stripe(key);
         match fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // What is there must be a directory, not a link to one.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                holds(&dir, Want::Dir, key)?;
+            }
             Err(e) => return Err(DuraflowError::io(&dir, e)),
         }
         let target = dir.join(VALUE_FILE);
         // The key's directory entry may be new (or left unsynced by a crash between its
         // creation and the root's sync): the first value of a key also syncs the root.
-        let first_value = !target.exists();
+        let first_value = !holds(&target, Want::File, key)?;
         let tmp = dir.join(TEMP_FILE);
         let record = build_record(key, value);
-        let written = File::create(&tmp).and_then(|mut f| {
+        let written = create_temp(&tmp).and_then(|mut f| {
             f.write_all(&record)?;
             f.sync_all()
         });
         if let Err(e) = written {
             // Best effort: the old value is untouched either way; a leftover temp file is
-            // truncated by the next write of this key.
+            // replaced by the next write of this key.
             let _ = fs::remove_file(&tmp);
             return Err(DuraflowError::io(&tmp, e));
         }
@@ -277,7 +306,9 @@ impl Dir {
         validate_key(key)?;
         let dir = self.key_dir(key);
         let _guard = self.stripe(key);
-        let target = dir.join(VALUE_FILE);
+        let Some(target) = value_in(&dir, key)? else {
+            return Ok(false);
+        };
         match fs::remove_file(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -292,7 +323,8 @@ impl Dir {
         Ok(true)
     }
 
-    /// Every key, read from its value file (a key directory without one holds no value).
+    /// Every key, read from its value file (a key directory without one holds no value). An
+    /// entry named like a key directory that cannot be read as one is an error naming it.
     fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
         let mut keys = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(|e| DuraflowError::io(&self.root, e))? {
@@ -304,9 +336,12 @@ impl Dir {
             else {
                 continue; // the lock file, the manifest, anything that is not ours
             };
-            let path = entry.path().join(VALUE_FILE);
+            let Some(path) = value_in(&entry.path(), name)? else {
+                continue;
+            };
             let bytes = match fs::read(&path) {
                 Ok(bytes) => bytes,
+                // Removed since it was listed.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(DuraflowError::io(&path, e)),
             };
@@ -399,6 +434,88 @@ fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {
     let (key, value) = rest.split_at(key_len);
     let key = std::str::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned())?;
     Ok((key, value))
+}
+
+/// Creates the temporary file `tmp` afresh, never through a link: whatever an interrupted
+/// write left at that name (a file, or a link, which is removed as a link) is removed first.
+fn create_temp(tmp: &Path) -> io::Result<File> {
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new().write(true).create_new(true).open(tmp)
+}
+
+/// The value file in the key directory `dir`, if there is one (a directory without it holds
+/// no value yet: a first write was cut off before its rename). Both must be what the store
+/// made (see [`holds`]); `key` names the key in errors.
+fn value_in(dir: &Path, key: &str) -> Result<Option<PathBuf>, DuraflowError> {
+    let path = dir.join(VALUE_FILE);
+    Ok((holds(dir, Want::Dir, key)? && holds(&path, Want::File, key)?).then_some(path))
+}
+
+/// What the store keeps at a path inside its root.
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    Dir,
+    File,
+}
+
+/// Whether `path` holds the directory or the regular file `want` (`false`: nothing is
+/// there), looked at without following a link. Anything else there, a link above all, is
+/// [`DuraflowError::Corrupt`] naming `key` (empty for the store's own files) and `path`:
+/// the store never follows a link inside its root.
+fn holds(path: &Path, want: Want, key: &str) -> Result<bool, DuraflowError> {
+    let kind = match fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DuraflowError::io(path, e)),
+    };
+    if (want == Want::Dir && kind.is_dir()) || (want == Want::File && kind.is_file()) {
+        return Ok(true);
+    }
+    let found = if kind.is_symlink() {
+        "a symbolic link (FileStore never follows links inside its root)"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_file() {
+        "a file"
+    } else {
+        "a special file"
+    };
+    let wanted = match want {
+        Want::Dir => "a directory",
+        Want::File => "a regular file",
+    };
+    Err(DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: Some(path.to_owned()),
+        reason: format!("found {found} where the store keeps {wanted}"),
+    })
+}
+
+/// Takes the exclusive `flock` of `file` (at `path`, in the store at `root`) without waiting.
+fn try_lock(file: &File, path: &Path, root: &Path) -> Result<(), DuraflowError> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(DuraflowError::StoreLocked {
+            path: root.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(DuraflowError::io(path, e)),
+    }
+}
+
+/// Opens the lock file `path`, creating it if it is missing, never through a link.
+fn open_lock_file(path: &Path) -> Result<File, DuraflowError> {
+    let io_error = |e| DuraflowError::io(path, e);
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error(e)),
+    }
+    holds(path, Want::File, "")?;
+    OpenOptions::new().write(true).open(path).map_err(io_error)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), DuraflowError> {
