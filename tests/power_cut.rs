@@ -216,8 +216,8 @@ fn parse(trace: &str) -> Vec<Call> {
 }
 
 /// The first report at which something of the store written or created before it had not
-/// been synced since: `(report, what)`.
-fn first_unsynced(calls: &[Call], store: &Path) -> Option<(String, String)> {
+/// been synced since: `(report, what, the trace lines from that change to the report)`.
+fn first_unsynced(calls: &[Call], store: &Path) -> Option<(String, String, (usize, usize))> {
     let ours = |p: &Path| p.starts_with(store) || Some(p) == store.parent();
     let mut reports = 0;
     for report in calls {
@@ -241,7 +241,7 @@ fn first_unsynced(calls: &[Call], store: &Path) -> Option<(String, String)> {
                     path.display(),
                     change.end + 1
                 );
-                return Some((line.clone(), what));
+                return Some((line.clone(), what, (change.start, report.start)));
             }
         }
     }
@@ -302,12 +302,15 @@ fn check(kind: &str) {
         .filter(|c| matches!(c.effect, Effect::Synced(_)))
         .count();
     assert!(syncs > 0, "the trace shows no sync at all");
-    if let Some((report, what)) = first_unsynced(&calls, &store) {
-        let lines: Vec<&str> = trace.lines().collect();
-        panic!(
-            "when the child reported {report:?}, {what}; the trace:\n{}",
-            lines.join("\n")
-        );
+    if let Some((report, what, (from, to))) = first_unsynced(&calls, &store) {
+        let lines: Vec<&str> = trace.lines().skip(from).take(to + 1 - from).collect();
+        let shown = lines
+            .iter()
+            .take(40)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+        panic!("when the child reported {report:?}, {what}; the trace from there:\n{shown}");
     }
     // The store holds what was reported.
     let ctx = match kind {

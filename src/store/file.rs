@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
-use super::{unblock, unblock_on, StoreFuture};
+use super::{create_dir_durably, unblock, unblock_on, StoreFuture};
 use crate::{validate_key, DuraflowError, Storage};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
@@ -157,7 +157,7 @@ impl FileStore {
     /// (for example because `dir` is a plain file).
     pub fn new<P: AsRef<Path>>(dir: P) -> Result<FileStore, DuraflowError> {
         let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
+        create_dir_durably(dir)?;
         let root = fs::canonicalize(dir).map_err(|e| DuraflowError::io(dir, e))?;
         // Locking the directory writes nothing: a newer format is refused, under the lock,
         // before anything (even the lock file) is written.
