@@ -206,9 +206,7 @@ pub(crate) fn create_dir_durably(dir: &Path) -> Result<(), DuraflowError> {
             _ => break,
         }
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
+    // Also refuses a `dir` that is a file.
     fs::create_dir_all(dir).map_err(|e| DuraflowError::io(dir, e))?;
     for level in missing.iter().rev() {
         let parent = match level.parent() {
