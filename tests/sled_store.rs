@@ -242,6 +242,13 @@ fn paths_that_are_not_stores_are_refused_untouched() {
         Err(DuraflowError::NotAStore { .. })
     ));
     let db = sled::open(&foreign).unwrap();
+    let mut trees = db.tree_names();
+    trees.sort();
+    assert_eq!(
+        trees,
+        [&b"__sled__default"[..], b"their-data"],
+        "no tree added"
+    );
     assert_eq!(
         db.open_tree("their-data")
             .unwrap()

@@ -4,7 +4,8 @@
 //! `src/store/sled/layout.rs`).
 //!
 //! **What format 2 adds.** The tree `witnesses`: task id → the length and CRC-32 of its
-//! output, written in the same transaction as the output. Nothing else changes.
+//! output and a commit number (0 here), written in the same transaction as the output.
+//! Nothing else changes.
 //!
 //! **Why.** sled 0.34 keeps a page over about 128 KiB in a file of its own under `blobs/`,
 //! and when it finds that file missing while it recovers, it skips the log entry and opens
@@ -16,7 +17,8 @@
 //! each atomic), then the format number; the open then makes it durable. The step only adds
 //! what it can compute again from the outputs: a kill at any moment leaves format 1 (the next
 //! open runs the step again, writing the same witnesses) or format 2. A format-1 reader
-//! ignores the new tree.
+//! ignores the new tree. The witnesses describe the outputs as sled opens them: damage
+//! from before the upgrade is not found by them.
 
 use crate::DuraflowError;
 
@@ -33,7 +35,7 @@ pub(super) fn upgrade(trees: &Trees, path: &std::path::Path) -> Result<(), Duraf
     let mut in_batch = 0;
     for entry in trees.outputs.iter() {
         let (key, value) = entry.map_err(io)?;
-        batch.insert(key, &witness(&value)[..]);
+        batch.insert(key, &witness(&value, 0)[..]);
         in_batch += 1;
         if in_batch == BATCH {
             trees

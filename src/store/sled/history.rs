@@ -74,10 +74,7 @@ impl Inner {
 
     fn gc(&self, keep_runs: usize) -> Result<GcStats, DuraflowError> {
         let mut runs = self.runs()?;
-        let io = |e: sled::Error| {
-            self.shared.fail(&e);
-            sled_error(&self.path, e)
-        };
+        let io = |e: sled::Error| self.write_error(e);
         runs.sort_by_key(|r| r.id);
         let old = runs.len().saturating_sub(keep_runs);
         let mut stats = GcStats::default();
@@ -102,7 +99,7 @@ impl Inner {
             }
         }
         if stats.records_removed > 0 {
-            self.syncer.sync(&self.db, &self.trees.meta).map_err(io)?;
+            self.sync()?;
         }
         Ok(stats)
     }

@@ -5,11 +5,13 @@
 //!   store. [`COMMIT_KEY`] → the number of the last commit made durable (u64 BE), which the
 //!   marker file records too (see `marker.rs`).
 //! - `outputs`: task id (UTF-8) → the stored bytes of its output.
-//! - `witnesses`: task id → the [`witness`] of its output (length and CRC-32), written in the
-//!   same transaction. sled skips a log entry whose blob file is missing and opens the page
-//!   as it was before it, silently; a read that finds an output not matching its witness
-//!   (older, missing, or present without one) reports it damaged. A witness is 12 bytes,
-//!   so its tree's pages stay in sled's log, never in blob files.
+//! - `witnesses`: task id → the [`witness`] of its output (length, CRC-32 and a commit
+//!   number), written in the same transaction. sled skips a log entry whose blob file is
+//!   missing and opens the page as it was before it, silently; a read that finds an output
+//!   not matching its witness (older, missing, or present without one) reports it damaged,
+//!   unless the witness's commit is newer than the last one acknowledged before the open (a
+//!   write lost to a crash before it was acknowledged: the output is absent). A witness is
+//!   20 bytes, so its tree's pages stay in sled's log, never in blob files.
 //! - `runs`: run id (u64 BE) → a [`RunRecord`](crate::RunRecord).
 //! - `attempts`, two kinds of entries, both under the run's id so that a run's attempts are
 //!   one prefix scan:
@@ -49,12 +51,28 @@ pub(super) struct Trees {
     pub(super) attempts: sled::Tree,
 }
 
-/// `length (u64 BE) | CRC-32 (u32 BE)` of an output's bytes: what its witness says.
-pub(super) fn witness(value: &[u8]) -> [u8; 12] {
-    let mut w = [0; 12];
+/// An output's witness: `length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE)` of its bytes,
+/// where `commit` is a commit number no higher than the one that made it durable (0 for
+/// outputs from before witnesses).
+pub(super) fn witness(value: &[u8], commit: u64) -> [u8; 20] {
+    let mut w = [0; 20];
     w[..8].copy_from_slice(&(value.len() as u64).to_be_bytes());
-    w[8..].copy_from_slice(&crc32fast::hash(value).to_be_bytes());
+    w[8..12].copy_from_slice(&crc32fast::hash(value).to_be_bytes());
+    w[12..].copy_from_slice(&commit.to_be_bytes());
     w
+}
+
+/// Whether `value` is the output `witness` describes: `Ok`, or `Err` with the witness's
+/// commit number (0 for a witness that does not decode).
+pub(super) fn witnessed(found: &[u8], value: Option<&[u8]>) -> Result<(), u64> {
+    let Ok(w) = <[u8; 20]>::try_from(found) else {
+        return Err(0);
+    };
+    let commit = u64::from_be_bytes(w[12..].try_into().unwrap_or_default());
+    match value {
+        Some(value) if w[..12] == witness(value, 0)[..12] => Ok(()),
+        _ => Err(commit),
+    }
 }
 
 /// `run (u64 BE) | key | 0xFF | attempt (u32 BE)`: the key of one attempt record.

@@ -13,7 +13,7 @@
 //!
 //! Commit `n` is written to slot `n % 2` with one aligned write and made durable with
 //! `fdatasync`, after the database holding it is durable. A write torn by a power cut fails
-//! its checksum and the other slot, one commit older, stands: the marker never claims a
+//! its checksum and the other slot, an older commit, stands: the marker never claims a
 //! commit the database may not hold.
 
 use std::fs::{self, File, OpenOptions};
@@ -124,34 +124,30 @@ impl MarkerFile {
     /// file, fsynced, renamed over the marker, and the directory fsynced. Returns it open.
     ///
     /// # Errors
-    /// [`DuraflowError::Io`] naming the file.
-    pub(super) fn create(dir: &Path, commit: u64) -> Result<MarkerFile, DuraflowError> {
+    /// The I/O error, with the file's path in its text.
+    pub(super) fn create(dir: &Path, commit: u64) -> io::Result<MarkerFile> {
         let path = dir.join(MARKER_FILE);
         let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
         let header = format!(
             "duraflow-rs store, format {FORMAT_VERSION}; the data is in sled's files, and \
              this file numbers the last acknowledged commit"
         );
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |e| DuraflowError::io(p, e)
-        };
         let _ = fs::remove_file(&tmp);
+        let slot = slot(commit);
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(io(&tmp))?;
-        let slot = slot(commit);
+            .map_err(|e| with_path(&tmp, e))?;
         file.write_all(&block(&header))
             .and_then(|()| file.write_all(&slot))
             .and_then(|()| file.write_all(&slot))
             .and_then(|()| file.sync_all())
-            .map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+            .map_err(|e| with_path(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| with_path(&path, e))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
+            .map_err(|e| with_path(dir, e))?;
         Ok(MarkerFile { path, file })
     }
 
@@ -177,8 +173,12 @@ impl MarkerFile {
         self.file
             .write_all_at(&slot(commit), offset)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+            .map_err(|e| with_path(&self.path, e))
     }
+}
+
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

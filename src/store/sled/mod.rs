@@ -6,6 +6,7 @@ mod layout;
 mod marker;
 mod open;
 mod registry;
+mod stop;
 mod sync;
 mod writer;
 
@@ -21,8 +22,9 @@ use std::thread::JoinHandle;
 use futures::channel::oneshot;
 
 use self::layout::{attempt_key, encode_record, Trees};
+use self::stop::{Failure, Shared};
 use self::sync::Syncer;
-use self::writer::{Commit, Failure, Msg, Record, Reply, Shared};
+use self::writer::{Commit, Msg, Record, Reply};
 use super::{ready, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
 use crate::{unblock, validate_key, DuraflowError, RunHistory, RunLog, Storage};
@@ -60,10 +62,11 @@ use sled::Transactional;
 /// - A value larger than [`SledConfig::max_value_size`] is refused and the previous value
 ///   kept.
 /// - A write the disk refuses (full, failing) is an error ([`DuraflowError::Persist`] for a
-///   task's output) and the previous value stays ([`health`](Storage::health) says why). sled does not always recover from such a
-///   failure, so the handle then refuses every later write with the same error, and dropping
-///   it leaves sled's database open (its lock held) until the process exits: reopen the
-///   store in a new process once the disk has room.
+///   task's output) and the previous value stays. sled does not always recover from such a
+///   failure, so the handle then refuses every later write with the same error
+///   ([`health`](Storage::health) says which), and dropping it leaves sled's database open
+///   (its lock held) until the process exits: reopen the store in a new process once the
+///   disk has room.
 /// - The executor is never blocked: reads and queries run inside
 ///   [`unblock`](crate::unblock), writes on the writer thread.
 pub struct SledStore {
@@ -84,9 +87,11 @@ struct Inner {
     path: PathBuf,
     db: sled::Db,
     trees: Trees,
-    /// What the store shares with its writer thread.
+    /// What the store shares with its writer thread and syncer.
     shared: Arc<Shared>,
     syncer: Arc<Syncer>,
+    /// The last commit the store had acknowledged when it was opened.
+    acknowledged: u64,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -216,44 +221,47 @@ impl SledStore {
 }
 
 impl Inner {
-    /// Refuses work once the store has stopped after a failed write: sled may hold records
-    /// of the failed group in memory that never reached the disk.
+    /// Refuses work once the store has stopped: sled may hold records of a failed group in
+    /// memory that never reached the disk, or its files are damaged.
     fn usable(&self) -> Result<(), DuraflowError> {
-        match self.shared.failed.get() {
-            Some(failure) => Err(failure.error(&self.path, true)),
-            None => Ok(()),
-        }
+        self.shared.usable()
     }
 
-    /// Once the store has stopped after a failed write, an output that write did not
-    /// store reads as its value before it (never as the value that failed).
+    /// The output of `key`, checked against its witness. Once the store has stopped after
+    /// a failed write, an output that write did not store reads as its value before it
+    /// (never as the value that failed).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
-        if self.shared.failed.get().is_some() {
-            if let Some(prior) = self.shared.shadowed(key) {
-                return Ok(prior);
-            }
+        if let Some(prior) = self.shared.shadowed(key) {
+            return Ok(prior);
         }
         let value = self.trees.outputs.get(key);
         let value = value.map_err(|e| self.read_error(key, e))?;
         let witness = self.trees.witnesses.get(key);
         let witness = witness.map_err(|e| self.read_error(key, e))?;
-        let problem = match (&value, &witness) {
-            (None, None) => return Ok(None),
-            (Some(v), Some(w)) if w.as_ref() == layout::witness(v) => {
-                return Ok(value.map(|v| v.to_vec()))
-            }
-            (Some(_), Some(_)) => "it is not the value last stored",
-            (None, Some(_)) => "it is missing, though it was stored",
-            (Some(_), None) => "its witness is missing",
+        let Some(witness) = witness else {
+            return match value {
+                None => Ok(None),
+                Some(_) => Err(self.damaged(key, "its witness is missing".to_owned())),
+            };
         };
-        Err(self.damaged(
-            key,
-            format!(
-                "{problem} (sled opened an older version of its page: a file of sled's is \
-                 missing)"
-            ),
-        ))
+        match layout::witnessed(&witness, value.as_deref()) {
+            Ok(()) => Ok(value.map(|v| v.to_vec())),
+            // A write the store never acknowledged, lost to a crash: sled kept the log entry
+            // of the witness but not the blob file of the value.
+            Err(commit) if commit > self.acknowledged => Ok(None),
+            Err(_) => {
+                let what = match value {
+                    Some(_) => "it is not the value last stored",
+                    None => "it is missing, though it was stored",
+                };
+                let reason = format!(
+                    "{what} (sled opened an older version of its page: a file of sled's is \
+                     missing)"
+                );
+                Err(self.damaged(key, reason))
+            }
+        }
     }
 
     /// The error of a sled read of `key`: damage sled found (a checksum, a missing file of
@@ -271,9 +279,8 @@ impl Inner {
 
     /// Stops the store because its files are damaged, and returns `Corrupt` naming `key`.
     fn damaged(&self, key: &str, reason: String) -> DuraflowError {
-        let failure = Failure::damage(format!("reading {key:?}: {reason}"));
-        self.shared.stop(failure);
-        tracing::error!(store = %self.path.display(), key, %reason, "the store is damaged; it accepts no more writes");
+        self.shared
+            .stop(Failure::damage(format!("reading {key:?}: {reason}")));
         DuraflowError::Corrupt {
             key: key.to_owned(),
             path: Some(self.path.clone()),
@@ -294,39 +301,49 @@ impl Inner {
         })
     }
 
+    /// Makes everything written so far durable; a failure stops the store.
+    fn sync(&self) -> Result<(), DuraflowError> {
+        self.syncer
+            .sync(&self.db, &self.trees.meta)
+            .map_err(|failure| self.shared.stop(failure).error(&self.path, false))
+    }
+
+    /// The error of a write of sled's, which stops the store.
+    fn write_error(&self, e: sled::Error) -> DuraflowError {
+        self.shared.stop(Failure::of(&e)).error(&self.path, false)
+    }
+
     /// Removes `key`, durably.
     fn remove(&self, key: &str) -> Result<bool, DuraflowError> {
         validate_key(key)?;
         self.usable()?;
-        let io = |e: sled::Error| {
-            self.shared.fail(&e);
-            sled_error(&self.path, e)
-        };
         let trees = (&self.trees.outputs, &self.trees.witnesses);
         let removed = trees.transaction(|(outputs, witnesses)| {
             witnesses.remove(key.as_bytes())?;
             Ok::<_, ConflictableTransactionError<()>>(outputs.remove(key.as_bytes())?.is_some())
         });
         let removed = removed.map_err(|e| match e {
-            TransactionError::Storage(e) => io(e),
+            TransactionError::Storage(e) => self.write_error(e),
             TransactionError::Abort(()) => {
                 DuraflowError::io(&self.path, io::Error::other("aborted"))
             }
         })?;
-        self.syncer.sync(&self.db, &self.trees.meta).map_err(io)?;
+        self.sync()?;
         Ok(removed)
     }
 
-    /// Every key stored, as the witnesses say (an output missing from a damaged tree is
-    /// listed, and reading it reports the damage).
+    /// Every key stored: those of the outputs and those of their witnesses (an output
+    /// missing from a damaged tree is listed, and reading it reports the damage).
     fn keys(&self, _: &str) -> Result<Vec<String>, DuraflowError> {
         self.usable()?;
-        self.trees
-            .witnesses
-            .iter()
-            .keys()
+        let mut keys = std::collections::BTreeSet::new();
+        for tree in [&self.trees.outputs, &self.trees.witnesses] {
+            for k in tree.iter().keys() {
+                keys.insert(k.map_err(|e| sled_error(&self.path, e))?);
+            }
+        }
+        keys.into_iter()
             .map(|k| {
-                let k = k.map_err(|e| sled_error(&self.path, e))?;
                 String::from_utf8(k.to_vec()).map_err(|_| DuraflowError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     path: Some(self.path.clone()),
@@ -344,7 +361,7 @@ impl Drop for SledStore {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        if self.inner.shared.failed.get().is_some() {
+        if self.inner.shared.failed().is_some() {
             // sled may not recover from the failure, and dropping its last handle flushes,
             // which can then wait forever: leave the database open (and its lock held)
             // until the process exits.

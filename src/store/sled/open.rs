@@ -14,8 +14,9 @@ use super::layout::{
     FORMAT_VERSION,
 };
 use super::marker::{self, Marker, MarkerFile};
+use super::stop::Shared;
 use super::sync::Syncer;
-use super::writer::{Shared, Writer};
+use super::writer::Writer;
 use crate::store::create_dir_durably;
 
 #[path = "../../../migrations/sled/0002_witnesses.rs"]
@@ -52,6 +53,7 @@ pub struct SledConfig {
     cache_capacity: u64,
     durability: Durability,
     max_value_size: usize,
+    rebuild_marker: bool,
 }
 
 impl SledConfig {
@@ -69,6 +71,7 @@ impl SledConfig {
             cache_capacity: DEFAULT_CACHE,
             durability: Durability::Immediate,
             max_value_size: SledConfig::DEFAULT_MAX_VALUE_SIZE,
+            rebuild_marker: false,
         }
     }
 
@@ -90,6 +93,16 @@ impl SledConfig {
     /// both sizes), and the value stored before, if any, stays.
     pub fn max_value_size(mut self, bytes: usize) -> SledConfig {
         self.max_value_size = bytes;
+        self
+    }
+
+    /// Opens a store whose marker file (`duraflow-store`, which numbers the last commit the
+    /// store acknowledged) is missing or damaged, trusting sled's database as sled
+    /// recovers it, and writes the marker anew. Off by default: without the marker, a
+    /// database that lost acknowledged commits cannot be told from an intact one, and the
+    /// open is [`DuraflowError::Corrupt`].
+    pub fn rebuild_marker(mut self, rebuild: bool) -> SledConfig {
+        self.rebuild_marker = rebuild;
         self
     }
 
@@ -140,7 +153,8 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     };
     // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
-    let (trees, syncer, last_run) = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker)))
+    let rebuild = config.rebuild_marker;
+    let recovered = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker, rebuild)))
         .unwrap_or_else(|panic| {
             Err(DuraflowError::Corrupt {
                 key: String::new(),
@@ -151,14 +165,18 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
                 ),
             })
         })?;
-
+    let Recovered {
+        trees,
+        shared,
+        syncer,
+        acknowledged,
+        last_run,
+    } = recovered;
     let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared::default());
     let syncer = Arc::new(syncer);
     let writer = Writer {
         db: db.clone(),
         trees: trees.clone(),
-        path: path.clone(),
         shared: Arc::clone(&shared),
         syncer: Arc::clone(&syncer),
     };
@@ -173,6 +191,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
             trees,
             shared,
             syncer,
+            acknowledged,
         }),
         next_run: AtomicU64::new(last_run + 1),
         max_value_size: config.max_value_size,
@@ -189,39 +208,54 @@ fn create_dir(path: &Path) -> Result<PathBuf, DuraflowError> {
     fs::canonicalize(path).map_err(|e| DuraflowError::io(path, e))
 }
 
-/// Checks what sled recovered against the marker (`marker`: what it said before the open),
-/// sets up a new store, marks what a killed process left `Running` as `Interrupted`, and
-/// makes all of it durable. Returns the trees, the syncer and the highest run id.
+/// What [`recover`] found and set up.
+struct Recovered {
+    trees: Trees,
+    shared: Arc<Shared>,
+    syncer: Syncer,
+    /// The last commit the store had acknowledged.
+    acknowledged: u64,
+    /// The highest run id.
+    last_run: RunId,
+}
+
+/// Decides what sled opened (a duraflow store, a new one, or neither) before touching it;
+/// checks it against the marker (`marker`: what it said before the open); upgrades an
+/// older format; marks what a killed process left `Running` as `Interrupted`; and makes
+/// all of it durable. `rebuild_marker`: see [`SledConfig::rebuild_marker`].
 fn recover(
     db: &sled::Db,
     path: &Path,
     marker: Option<Marker>,
-) -> Result<(Trees, Syncer, RunId), DuraflowError> {
+    rebuild_marker: bool,
+) -> Result<Recovered, DuraflowError> {
     let io = |e: sled::Error| sled_error(path, e);
     let corrupt = |reason: String| DuraflowError::Corrupt {
         key: String::new(),
         path: Some(path.to_owned()),
         reason,
     };
-    let not_a_store = || DuraflowError::NotAStore {
-        path: path.to_owned(),
-        reason: "a sled database that is not a duraflow store".to_owned(),
-    };
-    // A marker that numbers a commit says that the store was set up: sled must hold it.
-    let set_up = marker.as_ref().is_some_and(|m| m.commit != Some(0));
-    // Look before touching: opening a tree creates it.
+    // The marker numbers the last commit the store acknowledged: a store that numbers one
+    // was set up, and sled must hold it.
+    let acknowledged = marker.as_ref().and_then(|m| m.commit);
+    let set_up = marker.is_some() && acknowledged != Some(0);
+    // Look before touching: opening a tree creates it, and sled writes it out.
     let names = db.tree_names();
     let has_meta = names.iter().any(|n| n.as_ref() == b"meta");
-    let has_data = names.len() > 1 || !db.is_empty();
-    let meta = db.open_tree("meta").map_err(io)?;
-    let trees = Trees {
-        meta: meta.clone(),
-        outputs: db.open_tree("outputs").map_err(io)?,
-        witnesses: db.open_tree("witnesses").map_err(io)?,
-        runs: db.open_tree("runs").map_err(io)?,
-        attempts: db.open_tree("attempts").map_err(io)?,
+    let meta = has_meta
+        .then(|| db.open_tree("meta"))
+        .transpose()
+        .map_err(io)?;
+    let format = match &meta {
+        Some(meta) => meta.get(FORMAT_KEY).map_err(io)?,
+        None => None,
     };
-    match meta.get(FORMAT_KEY).map_err(io)? {
+    // Nothing but sled's default tree, empty, and perhaps an empty `meta`: a new store, or
+    // one whose first open was interrupted.
+    let blank = db.is_empty()
+        && meta.as_ref().is_none_or(|m| m.is_empty())
+        && names.len() <= 1 + usize::from(has_meta);
+    let found = match format {
         Some(v) => {
             let found = v
                 .as_ref()
@@ -231,11 +265,7 @@ fn recover(
             if found > FORMAT_VERSION {
                 return Err(unsupported(path, found));
             }
-            // One step per file of `migrations/sled/`, from the store's format up.
-            if found < 2 {
-                tracing::info!(store = %path.display(), "upgrading the store to format 2");
-                to_2::upgrade(&trees, path)?;
-            }
+            Some(found)
         }
         // sled treats a damaged log as the end of the log and opens what precedes it,
         // possibly nothing: the marker says there was a store here.
@@ -246,12 +276,33 @@ fn recover(
                     .to_owned(),
             ));
         }
-        None if has_meta || (db.was_recovered() && has_data) => return Err(not_a_store()),
-        // A new store, or one whose setup was interrupted before its first commit.
-        None => {
-            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                .map_err(io)?;
+        None if !blank => {
+            return Err(DuraflowError::NotAStore {
+                path: path.to_owned(),
+                reason: "a sled database that is not a duraflow store".to_owned(),
+            })
         }
+        None => None,
+    };
+    let meta = db.open_tree("meta").map_err(io)?;
+    let trees = Trees {
+        meta: meta.clone(),
+        outputs: db.open_tree("outputs").map_err(io)?,
+        witnesses: db.open_tree("witnesses").map_err(io)?,
+        runs: db.open_tree("runs").map_err(io)?,
+        attempts: db.open_tree("attempts").map_err(io)?,
+    };
+    match found {
+        None => drop(
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(io)?,
+        ),
+        // One step per file of `migrations/sled/`, from the store's format up.
+        Some(found) if found < 2 => {
+            tracing::info!(store = %path.display(), "upgrading the store to format 2");
+            to_2::upgrade(&trees, path)?;
+        }
+        Some(_) => {}
     }
     let recovered = match meta.get(COMMIT_KEY).map_err(io)? {
         Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
@@ -261,28 +312,47 @@ fn recover(
         })?,
         None => 0,
     };
-    let acknowledged = marker.as_ref().and_then(|m| m.commit).unwrap_or(0);
-    if acknowledged > recovered {
-        return Err(corrupt(format!(
-            "the store acknowledged commit {acknowledged}, but sled recovered its database \
-             only up to commit {recovered}: its files are damaged or were rolled back \
-             (restore them from a backup, or remove the store)"
-        )));
+    match acknowledged {
+        Some(acknowledged) if acknowledged > recovered => {
+            return Err(corrupt(format!(
+                "the store acknowledged commit {acknowledged}, but sled recovered its \
+                 database only up to commit {recovered}: its files are damaged or were \
+                 rolled back (restore them from a backup, or remove the store)"
+            )));
+        }
+        None if recovered > 0 && !rebuild_marker => {
+            return Err(corrupt(
+                "the marker file `duraflow-store`, which numbers the last commit the store \
+                 acknowledged, is missing or damaged, so whether the database lost commits \
+                 cannot be told (SledConfig::rebuild_marker opens it as sled recovers it)"
+                    .to_owned(),
+            ));
+        }
+        _ => {}
     }
     let marker_file = match marker {
         Some(m) if m.current => MarkerFile::open(path)?,
         found => {
-            if found.is_some_and(|m| m.format.is_none()) {
-                tracing::warn!(store = %path.display(), "the store's marker file was damaged; writing it anew");
+            if found.is_some_and(|m| m.format.is_none() || m.commit.is_none()) {
+                tracing::warn!(store = %path.display(), "the store's marker file was damaged or old; writing it anew");
             }
-            MarkerFile::create(path, recovered)?
+            MarkerFile::create(path, recovered).map_err(|e| DuraflowError::io(path, e))?
         }
     };
     let last_run = mark_interrupted(&trees, path)?;
-    let syncer =
-        Syncer::new(path, recovered, marker_file).map_err(|e| DuraflowError::io(path, e))?;
-    syncer.sync(db, &meta).map_err(io)?;
-    Ok((trees, syncer, last_run))
+    let shared = Arc::new(Shared::new(path.to_owned()));
+    let syncer = Syncer::new(path, recovered, marker_file, Arc::clone(&shared))
+        .map_err(|e| DuraflowError::io(path, e))?;
+    syncer
+        .sync(db, &meta)
+        .map_err(|failure| failure.error(path, false))?;
+    Ok(Recovered {
+        trees,
+        shared,
+        syncer,
+        acknowledged: acknowledged.unwrap_or(recovered),
+        last_run,
+    })
 }
 
 /// Removes the snapshot files sled was still writing when its process was killed

@@ -1,31 +1,36 @@
-//! Making a store's writes durable: sled's flush, then the data syncs sled leaves out,
-//! then the commit number in the marker.
+//! Making a store's writes durable: sled's flush, with the data syncs sled leaves out, then
+//! the commit number in the marker.
 //!
 //! sled 0.34's `flush` ends in `sync_file_range` on Linux, which flushes neither the
 //! device's write cache nor the file's size and block map, and sled writes pages over about
 //! 128 KiB to files under `blobs/` that it never fsyncs. [`Syncer::sync`] adds what a power
-//! cut needs, in this order: every file new since the last sync (blobs, snapshots) fsynced,
-//! every directory whose entries changed fsynced, the database file `fdatasync`ed, and only
-//! then the commit number recorded in the marker.
+//! cut needs, in this order: the blob files new or grown since the last sync fsynced, and
+//! `blobs/` if its entries changed (before sled's flush writes the log entries that refer
+//! to them); sled's flush; the files new in the store's directory (snapshots) and the
+//! directory itself if its entries changed; the database file `fdatasync`ed; and only then
+//! the commit number recorded in the marker.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::layout::COMMIT_KEY;
 use super::marker::MarkerFile;
+use super::stop::{Failure, Shared};
 
 /// Makes a store's writes durable, one sync at a time.
 pub(super) struct Syncer {
+    /// The number of the last durable commit.
+    durable: AtomicU64,
+    shared: Arc<Shared>,
     state: Mutex<State>,
 }
 
 struct State {
-    /// The number of the last durable commit.
-    commit: u64,
     db_file: File,
     marker: MarkerFile,
     /// The entries of the store's directory and of `blobs/` at the last sync.
@@ -33,10 +38,12 @@ struct State {
     blobs: Listing,
 }
 
-/// A directory and the names it held at the last sync.
+/// A directory, and the regular files it held at the last sync with their lengths then.
 struct Listing {
     dir: PathBuf,
-    names: BTreeSet<OsString>,
+    files: BTreeMap<OsString, u64>,
+    /// Entries that are not regular files (directories).
+    others: Vec<OsString>,
 }
 
 impl Syncer {
@@ -46,12 +53,18 @@ impl Syncer {
     ///
     /// # Errors
     /// The I/O error opening the database file, its path in the text.
-    pub(super) fn new(dir: &Path, commit: u64, marker: MarkerFile) -> io::Result<Syncer> {
+    pub(super) fn new(
+        dir: &Path,
+        commit: u64,
+        marker: MarkerFile,
+        shared: Arc<Shared>,
+    ) -> io::Result<Syncer> {
         let db = dir.join("db");
         let db_file = File::open(&db).map_err(|e| with_path(&db, e))?;
         Ok(Syncer {
+            durable: AtomicU64::new(commit),
+            shared,
             state: Mutex::new(State {
-                commit,
                 db_file,
                 marker,
                 root: Listing::new(dir.to_owned()),
@@ -60,22 +73,35 @@ impl Syncer {
         })
     }
 
+    /// The number of the last durable commit: a write made now is durable at a later one.
+    pub(super) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
     /// Makes everything written to `db` so far durable: see the module docs. The commit
     /// number is kept in `meta` too, written before the flush, so an open can tell whether
-    /// sled recovered the last commit the marker records.
+    /// sled recovered the last commit the marker records. Refused once the store has
+    /// stopped: sled's flush may never return after a failed write.
     ///
     /// # Errors
-    /// sled's error, or an I/O error with the path of the file in its text.
-    pub(super) fn sync(&self, db: &sled::Db, meta: &sled::Tree) -> Result<(), sled::Error> {
+    /// The failure that stopped the store, or the error of this sync (which the caller
+    /// stops the store with).
+    pub(super) fn sync(&self, db: &sled::Db, meta: &sled::Tree) -> Result<(), Failure> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let commit = state.commit + 1;
-        meta.insert(COMMIT_KEY, &commit.to_be_bytes())?;
-        db.flush()?;
-        state.blobs.sync_changes()?;
-        state.root.sync_changes()?;
-        state.db_file.sync_data()?;
-        state.marker.record(commit)?;
-        state.commit = commit;
+        if let Some(stopped) = self.shared.failed() {
+            return Err(stopped.clone());
+        }
+        let commit = self.durable() + 1;
+        let sled = |e: sled::Error| Failure::of(&e);
+        let io = |e: io::Error| Failure::io(&e);
+        meta.insert(COMMIT_KEY, &commit.to_be_bytes())
+            .map_err(sled)?;
+        state.blobs.sync_changes().map_err(io)?;
+        db.flush().map_err(sled)?;
+        state.root.sync_changes().map_err(io)?;
+        state.db_file.sync_data().map_err(io)?;
+        state.marker.record(commit).map_err(io)?;
+        self.durable.store(commit, Ordering::Release);
         Ok(())
     }
 }
@@ -84,44 +110,81 @@ impl Listing {
     fn new(dir: PathBuf) -> Listing {
         Listing {
             dir,
-            names: BTreeSet::new(),
+            files: BTreeMap::new(),
+            others: Vec::new(),
         }
     }
 
-    /// Fsyncs every regular file that is new since the last call, then the directory if
-    /// its entries changed. A directory that does not exist (no blob yet) has no entries.
-    fn sync_changes(&mut self) -> io::Result<()> {
+    /// Fsyncs every regular file that is new or has another length since the last call
+    /// (one still being written is synced again once it is complete), then the directory
+    /// if its entries changed. A directory that does not exist (no blob yet) has no
+    /// entries. Returns how many files it synced.
+    fn sync_changes(&mut self) -> io::Result<usize> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(with_path(&self.dir, e)),
         };
-        let mut names = BTreeSet::new();
+        let (mut files, mut others) = (BTreeMap::new(), Vec::new());
+        let mut synced = 0;
         for entry in entries {
             let entry = entry.map_err(|e| with_path(&self.dir, e))?;
             let name = entry.file_name();
-            let path = entry.path();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if is_file && !self.names.contains(&name) {
-                match File::open(&path).and_then(|f| f.sync_all()) {
-                    Ok(()) => {}
-                    // sled removed it meanwhile (a blob or snapshot replaced).
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(with_path(&path, e)),
-                }
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                others.push(name);
+                continue;
             }
-            names.insert(name);
+            let path = entry.path();
+            let opened = File::open(&path).and_then(|f| {
+                // The length before the sync: a file that grows meanwhile is synced again.
+                let len = f.metadata()?.len();
+                if self.files.get(&name) != Some(&len) {
+                    f.sync_all()?;
+                    synced += 1;
+                }
+                Ok(len)
+            });
+            match opened {
+                Ok(len) => drop(files.insert(name, len)),
+                // sled removed it meanwhile (a blob or snapshot replaced).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_path(&path, e)),
+            }
         }
-        if names != self.names {
+        others.sort();
+        let changed = !files.keys().eq(self.files.keys()) || others != self.others;
+        if changed {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| with_path(&self.dir, e))?;
-            self.names = names;
         }
-        Ok(())
+        (self.files, self.others) = (files, others);
+        Ok(synced)
     }
 }
 
 fn with_path(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_is_synced_when_new_and_again_once_it_has_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut listing = Listing::new(dir.path().to_owned());
+        let mut file = File::create(dir.path().join("blob")).unwrap();
+        file.write_all(b"half").unwrap();
+        assert_eq!(listing.sync_changes().unwrap(), 1);
+        assert_eq!(listing.sync_changes().unwrap(), 0, "nothing changed");
+        file.write_all(b" and the rest").unwrap();
+        assert_eq!(
+            listing.sync_changes().unwrap(),
+            1,
+            "the grown file is synced again"
+        );
+    }
 }

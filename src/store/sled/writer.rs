@@ -1,33 +1,31 @@
-//! The writer thread: the only writer of a store's records and outputs. It takes the queued
-//! messages in groups and applies each group in order: plain inserts for records that stand
-//! alone, the group's `Cached` attempts as a few [`CachedBatch`] values, and its commits in
-//! transactions of up to [`TX_COMMITS`]; then one sync (see `sync.rs`), if anyone in the
-//! group waits for one, and the answers.
+//! The writer thread: it writes every commit and record of a store (removals and gc write
+//! on the calling thread). It takes the queued messages in groups and applies each group in
+//! order: plain inserts for records that stand alone, the group's `Cached` attempts as a
+//! few [`CachedBatch`] values, and its commits in transactions of up to [`TX_COMMITS`]; then
+//! one sync (see `sync.rs`), if anyone in the group waits for one, and the answers.
 //!
 //! The first error sled returns to the writer (a full disk, say), or a panic inside sled,
-//! fails its group and stops
-//! the store for good: every later message is answered with that error, without calling
-//! sled again. sled 0.34 does not always recover from a failed write — after a failed blob
-//! write (a value or page over 128 KiB) its next flush waits forever — so a failed store
-//! never flushes again, and [`SledStore`](super::SledStore)'s drop leaves sled's database
-//! open rather than let sled's own drop (which flushes) hang.
+//! fails its group and stops the store for good (see `stop.rs`): every later message is
+//! answered with that error, without calling sled again. sled 0.34 does not always recover
+//! from a failed write — after a failed blob write (a value or page over 128 KiB) its next
+//! flush waits forever — so a failed store never flushes again, and
+//! [`SledStore`](super::SledStore)'s drop leaves sled's database open rather than let
+//! sled's own drop (which flushes) hang.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::Arc;
 
 use futures::channel::oneshot;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::layout::{batch_key, encode_record, witness, CachedBatch, Trees};
+use super::stop::{Failure, Shared};
 use super::sync::Syncer;
 use crate::record::AttemptRecord;
-use crate::DuraflowError;
 
 /// The most messages one group takes.
 const MAX_GROUP: usize = 4096;
@@ -75,86 +73,10 @@ pub(super) struct Commit {
     pub(super) reply: Reply,
 }
 
-/// What a store shares with its writer thread.
-#[derive(Default)]
-pub(super) struct Shared {
-    /// The first error sled returned, once it did: the store has stopped.
-    pub(super) failed: OnceLock<Failure>,
-    /// Once the store has stopped: the values the outputs of the failed group had before
-    /// it (`None`: no value). sled may hold the group's values in memory although they
-    /// never reached the disk; reads answer these instead.
-    shadow: Mutex<HashMap<String, Option<sled::IVec>>>,
-}
-
-impl Shared {
-    /// The value `key` had before the failed group, if the failed group wrote it.
-    pub(super) fn shadowed(&self, key: &str) -> Option<Option<Vec<u8>>> {
-        let shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
-        shadow.get(key).map(|v| v.as_ref().map(|v| v.to_vec()))
-    }
-
-    /// Records `e` as the failure that stopped the store (the first one wins).
-    pub(super) fn fail(&self, e: &sled::Error) -> Failure {
-        self.stop(Failure::of(e))
-    }
-
-    /// Stops the store with `failure`, unless it stopped already; returns the failure that
-    /// stopped it.
-    pub(super) fn stop(&self, failure: Failure) -> Failure {
-        self.failed.get_or_init(|| failure).clone()
-    }
-}
-
-/// A failure of sled, kept to answer with (an `io::Error` is not `Clone`).
-#[derive(Debug, Clone)]
-pub(super) struct Failure {
-    kind: io::ErrorKind,
-    text: String,
-}
-
-impl Failure {
-    fn of(e: &sled::Error) -> Failure {
-        match e {
-            sled::Error::Io(io) => Failure {
-                kind: io.kind(),
-                text: io.to_string(),
-            },
-            other => Failure {
-                kind: io::ErrorKind::Other,
-                text: other.to_string(),
-            },
-        }
-    }
-
-    /// A panic inside sled, or damage it found: the store's files cannot be trusted.
-    pub(super) fn damage(text: String) -> Failure {
-        Failure {
-            kind: io::ErrorKind::InvalidData,
-            text,
-        }
-    }
-
-    fn panic(message: &str) -> Failure {
-        Failure::damage(format!("sled panicked: {message}"))
-    }
-
-    /// The error to answer with, for the store at `path`. `earlier` says the store had
-    /// stopped before the work was tried.
-    pub(super) fn error(&self, path: &std::path::Path, earlier: bool) -> DuraflowError {
-        let text = if earlier {
-            format!("the store stopped after an earlier failure: {}", self.text)
-        } else {
-            self.text.clone()
-        };
-        DuraflowError::io(path, io::Error::new(self.kind, text))
-    }
-}
-
 /// The writer's state between groups.
 pub(super) struct Writer {
     pub(super) db: sled::Db,
     pub(super) trees: Trees,
-    pub(super) path: PathBuf,
     pub(super) shared: Arc<Shared>,
     pub(super) syncer: Arc<Syncer>,
 }
@@ -169,29 +91,29 @@ struct Group {
 }
 
 impl Writer {
-    /// Applies messages from `rx` in groups until every sender is gone, then flushes.
+    /// Applies messages from `rx` in groups until every sender is gone, then syncs.
     pub(super) fn run(self, rx: Receiver<Msg>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             group.extend(rx.try_iter().take(MAX_GROUP - 1));
             self.apply(group);
         }
-        if self.shared.failed.get().is_none() {
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.sync())) {
-                self.panicked(&*panic);
-            }
+        if let Err(failure) = self.guarded(|| self.syncer.sync(&self.db, &self.trees.meta)) {
+            self.shared.stop(failure);
         }
     }
 
-    /// Records `e` as the failure that stopped the store, and logs it.
-    fn fail(&self, e: &sled::Error) -> Failure {
-        let failure = self.shared.fail(e);
-        tracing::error!(store = %self.path.display(), error = %failure.text, "sled failed; the store accepts no more writes");
-        failure
+    /// Runs `work`, a panic inside sled becoming a failure.
+    fn guarded(&self, work: impl FnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
+        catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+            let message = crate::durable::panic_message(&*panic);
+            Err(Failure::panic(message))
+        })
     }
 
-    /// Applies one group and answers whoever waits. A panic inside sled fails the group
-    /// and stops the store, as an error does.
+    /// Applies one group and answers whoever waits. A failure (an error or a panic inside
+    /// sled) fails the group and stops the store, once what its outputs held before is
+    /// kept for readers.
     fn apply(&self, group: Vec<Msg>) {
         let mut writes = Group::default();
         for msg in group {
@@ -203,18 +125,17 @@ impl Writer {
             }
         }
         let prior = RefCell::new(Vec::new());
-        let result = match self.shared.failed.get() {
+        let result = match self.shared.failed() {
             Some(stopped) => Err(stopped.clone()),
-            None => {
-                let result = catch_unwind(AssertUnwindSafe(|| self.write(&writes, &prior)))
-                    .unwrap_or_else(|panic| Err(self.panicked(&*panic)));
-                if result.is_err() {
-                    let shadow = || self.shadow(&writes.commits, &prior.into_inner());
-                    // Unknown values are read from sled, which may panic again.
-                    let _ = catch_unwind(AssertUnwindSafe(shadow));
-                }
-                result
-            }
+            None => self
+                .guarded(|| self.write(&writes, &prior))
+                .map_err(|failure| {
+                    let prior = prior.into_inner();
+                    // Values the group did not reach are read from sled, which may panic again.
+                    let shadow =
+                        catch_unwind(AssertUnwindSafe(|| self.prior(&writes.commits, prior)));
+                    self.shared.stop_with(failure, shadow.unwrap_or_default())
+                }),
         };
         let Group { commits, acked, .. } = writes;
         for reply in acked
@@ -246,31 +167,16 @@ impl Writer {
             .chain(group.commits.iter().map(|c| &c.reply))
             .any(|r| r.flush);
         if flush {
-            self.sync()?;
+            self.syncer.sync(&self.db, &self.trees.meta)?;
         }
         Ok(())
-    }
-
-    /// Makes everything written so far durable (see `sync.rs`).
-    fn sync(&self) -> Result<(), Failure> {
-        self.syncer
-            .sync(&self.db, &self.trees.meta)
-            .map_err(|e| self.fail(&e))
-    }
-
-    /// Stops the store after a panic inside sled.
-    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Failure {
-        let message = crate::durable::panic_message(panic);
-        let failure = self.shared.stop(Failure::panic(message));
-        tracing::error!(store = %self.path.display(), error = %failure.text, "sled panicked; the store accepts no more writes");
-        failure
     }
 
     fn insert(&self, record: &Record) -> Result<(), Failure> {
         (record.tree)
             .insert(record.key.as_slice(), record.value.as_slice())
             .map(drop)
-            .map_err(|e| self.fail(&e))
+            .map_err(|e| Failure::of(&e))
     }
 
     /// Stores `Cached` attempts as batches of up to [`BATCH_ENTRIES`] attempts of one run
@@ -293,49 +199,50 @@ impl Writer {
             let Ok(value) = encode_record(&CachedBatch::of(run, batch)) else {
                 continue; // plain numbers and strings always encode
             };
-            let id = self.db.generate_id().map_err(|e| self.fail(&e))?;
+            let id = self.db.generate_id().map_err(|e| Failure::of(&e))?;
             self.trees
                 .attempts
                 .insert(batch_key(run, id), value)
-                .map_err(|e| self.fail(&e))?;
+                .map_err(|e| Failure::of(&e))?;
         }
         Ok(())
     }
 
-    /// Keeps what the outputs of a failed group were before it (see [`Shared`]'s `shadow`),
-    /// from `prior` (as [`commit`](Self::commit) found them; an output it did not reach kept
-    /// its value, which is read now).
-    fn shadow(&self, commits: &[Commit], prior: &[Option<sled::IVec>]) {
-        let mut shadow = self
-            .shared
-            .shadow
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (i, commit) in commits.iter().enumerate() {
+    /// What the outputs of a failed group held before it, from `prior` (as
+    /// [`commit`](Self::commit) found them; an output it did not reach kept its value,
+    /// which is read now). The first commit of a key says its value before the group.
+    fn prior(
+        &self,
+        commits: &[Commit],
+        prior: Vec<Option<sled::IVec>>,
+    ) -> Vec<(String, Option<sled::IVec>)> {
+        let mut prior = prior.into_iter();
+        let mut found = Vec::new();
+        for commit in commits {
             let key = &commit.output.0;
-            if shadow.contains_key(key) {
-                continue; // an earlier commit of the group wrote it: its prior value stands
-            }
-            let value = match prior.get(i) {
-                Some(value) => value.clone(),
+            let value = match prior.next() {
+                Some(value) => value,
                 None => match self.trees.outputs.get(key) {
                     Ok(value) => value,
                     Err(_) => continue, // unknown: the read goes to sled
                 },
             };
-            shadow.insert(key.clone(), value);
+            found.push((key.clone(), value));
         }
+        found
     }
 
     /// Applies the group's commits in transactions of up to [`TX_COMMITS`], so no output
-    /// exists without its attempt record. Leaves in `prior` the value each output had
-    /// before, for every commit its transaction reached, failed or not (the first failure
-    /// stops the store; an output not reached kept its value).
+    /// exists without its attempt record and its witness. Leaves in `prior` the value each
+    /// output had before, for every commit its transaction reached, failed or not (the
+    /// first failure stops the store; an output not reached kept its value).
     fn commit(
         &self,
         commits: &[Commit],
         prior: &RefCell<Vec<Option<sled::IVec>>>,
     ) -> Result<(), Failure> {
+        // No sync that ends before these writes makes them durable.
+        let commit_number = self.syncer.durable() + 1;
         for chunk in commits.chunks(TX_COMMITS) {
             let chunk_prior = RefCell::new(Vec::with_capacity(chunk.len()));
             let trees = (
@@ -350,7 +257,7 @@ impl Writer {
                 for commit in chunk {
                     let (key, value) = &commit.output;
                     chunk_prior.push(outputs.insert(key.as_bytes(), value.as_slice())?);
-                    witnesses.insert(key.as_bytes(), &witness(value)[..])?;
+                    witnesses.insert(key.as_bytes(), &witness(value, commit_number)[..])?;
                     if let Some((key, value)) = &commit.attempt {
                         attempts.insert(key.as_slice(), value.as_slice())?;
                     }
@@ -362,11 +269,10 @@ impl Writer {
             // answer the values from before it (what `prior` holds), not those.
             prior.borrow_mut().extend(chunk_prior.into_inner());
             applied.map_err(|e| match e {
-                TransactionError::Storage(e) => self.fail(&e),
-                TransactionError::Abort(()) => Failure {
-                    kind: io::ErrorKind::Other,
-                    text: "transaction aborted".to_owned(),
-                },
+                TransactionError::Storage(e) => Failure::of(&e),
+                TransactionError::Abort(()) => {
+                    Failure::io(&io::Error::other("transaction aborted"))
+                }
             })?;
         }
         Ok(())
