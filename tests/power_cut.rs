@@ -8,8 +8,10 @@
 //! lines: every file of the store written before it was fsynced/fdatasynced afterwards, and
 //! before the line; every directory that gained an entry (a file created, a directory made,
 //! a file renamed into it) was fsynced afterwards, and before the line. `sync_file_range`
-//! does not count: it flushes neither the device's cache nor the file's size. A third of
-//! the outputs are over 128 KiB, which sled keeps in files of their own under `blobs/`.
+//! does not count: it flushes neither the device's cache nor the file's size. In SledStore,
+//! each commit number written to the marker follows an fdatasync of the database that came
+//! after the database's last write. A third of the outputs are over 128 KiB, which sled
+//! keeps in files of their own under `blobs/`.
 //!
 //! Without `strace` the tests say they skipped, unless `CI` is set.
 
@@ -249,6 +251,38 @@ fn first_unsynced(calls: &[Call], store: &Path) -> Option<(String, String, (usiz
     None
 }
 
+/// In a SledStore, the commit numbers written to the marker: each must follow an fdatasync
+/// of the database that came after its last write, so that the marker never numbers a
+/// commit the database may not hold. Returns how many there were, or what went wrong.
+fn marker_after_data(calls: &[Call], store: &Path) -> Result<usize, String> {
+    let (db, marker) = (store.join("db"), store.join("duraflow-store"));
+    let mut records = 0;
+    for record in calls {
+        if !matches!(&record.effect, Effect::Wrote(p) if *p == marker) {
+            continue;
+        }
+        records += 1;
+        let before = |c: &&Call| c.end < record.start;
+        let last_write = calls
+            .iter()
+            .filter(before)
+            .filter(|c| matches!(&c.effect, Effect::Wrote(p) if *p == db))
+            .map(|c| c.end)
+            .max();
+        let synced = calls.iter().filter(before).any(|s| {
+            matches!(&s.effect, Effect::Synced(p) if *p == db)
+                && last_write.is_none_or(|w| s.start > w)
+        });
+        if !synced {
+            return Err(format!(
+                "the marker was written at trace line {} before the database was synced",
+                record.start + 1
+            ));
+        }
+    }
+    Ok(records)
+}
+
 fn strace() -> Option<PathBuf> {
     let found = std::env::var_os("PATH")?
         .to_str()?
@@ -311,6 +345,12 @@ fn check(kind: &str) {
             .collect::<Vec<_>>()
             .join("\n");
         panic!("when the child reported {report:?}, {what}; the trace from there:\n{shown}");
+    }
+    if kind == "sled" {
+        match marker_after_data(&calls, &store) {
+            Ok(records) => assert!(records > LINKS, "only {records} commits numbered"),
+            Err(why) => panic!("{why}"),
+        }
     }
     // The store holds what was reported.
     let ctx = match kind {

@@ -203,7 +203,7 @@ fn a_folder_of_json_files_is_upgraded_with_its_files_kept_aside() {
 fn a_directory_holding_what_1x_never_wrote_is_not_a_store_and_left_untouched() {
     let _serial = serial();
     type Plant = fn(&Path);
-    let cases: [(&str, Plant); 7] = [
+    let cases: [(&str, Plant); 8] = [
         ("plugins", |d| {
             std::fs::create_dir(d.join("plugins")).unwrap();
             std::fs::write(d.join("plugins").join("a"), b"1").unwrap();
@@ -219,6 +219,10 @@ fn a_directory_holding_what_1x_never_wrote_is_not_a_store_and_left_untouched() {
         ("pid", |d| std::fs::write(d.join("pid"), b"").unwrap()),
         ("current", |d| {
             std::os::unix::fs::symlink(d.join("port"), d.join("current")).unwrap()
+        }),
+        // JSON under a 1.x name, but the name of the directory that key `port` goes to.
+        ("k-port", |d| {
+            std::fs::write(d.join("k-port"), b"1").unwrap()
         }),
     ];
     for (entry, plant) in cases {

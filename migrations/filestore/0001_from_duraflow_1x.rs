@@ -104,6 +104,16 @@ pub(super) fn classify(root: &Path) -> Result<Option<Vec<String>>, DuraflowError
         }
     }
     names.sort();
+    // The upgrade keeps key `a` in the directory `k-a`: a 1.x file of that name is in the way.
+    for name in &names {
+        let dir = super::dir_name(name);
+        if names.binary_search(&dir).is_ok() {
+            return Err(refuse(format!(
+                "both {name:?} and {dir:?} (the upgrade keeps the first in a directory named \
+                 as the second)"
+            )));
+        }
+    }
     Ok((begun || !names.is_empty()).then_some(names))
 }
 

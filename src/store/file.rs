@@ -103,7 +103,9 @@ const STRIPES: usize = 64;
 ///   [`DuraflowError::Corrupt`] naming it, for reads, writes, removes and
 ///   [`keys`](Storage::keys) alike, never a missing value; a link left at a temporary file's
 ///   name is removed, never written through. Nothing is read as a value from, or written
-///   to, anywhere outside the root.
+///   to, anywhere outside the root. Each path is looked at (without following links) just
+///   before it is used: a link swapped in between, by a process racing the store, is not
+///   caught.
 /// - The executor is never blocked: every file operation runs inside [`unblock`].
 ///
 /// # Formats and duraflow-rs 1.x

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::layout::COMMIT_KEY;
-use super::marker::MarkerFile;
+use super::marker::{MarkerFile, MARKER_FILE};
 use super::stop::{Failure, Shared};
 
 /// Makes a store's writes durable, one sync at a time.
@@ -41,8 +41,10 @@ struct State {
 /// A directory, and the regular files it held at the last sync with their lengths then.
 struct Listing {
     dir: PathBuf,
+    /// Files synced on their own, left out: the database file and the marker.
+    skip: &'static [&'static str],
     files: BTreeMap<OsString, u64>,
-    /// Entries that are not regular files (directories).
+    /// The other entries (directories, the files skipped).
     others: Vec<OsString>,
 }
 
@@ -67,8 +69,8 @@ impl Syncer {
             state: Mutex::new(State {
                 db_file,
                 marker,
-                root: Listing::new(dir.to_owned()),
-                blobs: Listing::new(dir.join("blobs")),
+                root: Listing::new(dir.to_owned(), &["db", MARKER_FILE]),
+                blobs: Listing::new(dir.join("blobs"), &[]),
             }),
         })
     }
@@ -107,9 +109,10 @@ impl Syncer {
 }
 
 impl Listing {
-    fn new(dir: PathBuf) -> Listing {
+    fn new(dir: PathBuf, skip: &'static [&'static str]) -> Listing {
         Listing {
             dir,
+            skip,
             files: BTreeMap::new(),
             others: Vec::new(),
         }
@@ -131,6 +134,10 @@ impl Listing {
             let entry = entry.map_err(|e| with_path(&self.dir, e))?;
             let name = entry.file_name();
             if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                others.push(name);
+                continue;
+            }
+            if self.skip.iter().any(|s| name == *s) {
                 others.push(name);
                 continue;
             }
@@ -175,7 +182,7 @@ mod tests {
     #[test]
     fn a_file_is_synced_when_new_and_again_once_it_has_grown() {
         let dir = tempfile::tempdir().unwrap();
-        let mut listing = Listing::new(dir.path().to_owned());
+        let mut listing = Listing::new(dir.path().to_owned(), &[]);
         let mut file = File::create(dir.path().join("blob")).unwrap();
         file.write_all(b"half").unwrap();
         assert_eq!(listing.sync_changes().unwrap(), 1);
