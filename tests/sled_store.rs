@@ -669,3 +669,18 @@ fn a_marker_with_a_byte_that_is_not_utf8_is_a_damaged_marker_not_an_io_error() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn a_first_open_interrupted_before_its_metadata_opens_as_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    // What a first open killed between creating `meta` and filling it leaves.
+    {
+        let db = sled::open(&path).unwrap();
+        db.open_tree("meta").unwrap();
+        db.flush().unwrap();
+    }
+    let ctx = Context::new(SledStore::open(&path).expect("a new store"));
+    ctx.save("k", &3u32).unwrap();
+    assert_eq!(ctx.get::<u32>("k"), Some(3));
+}

@@ -21,7 +21,6 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::layout::FORMAT_VERSION;
 use crate::DuraflowError;
 
 /// The marker's file name, in the store's directory.
@@ -120,16 +119,17 @@ pub(super) struct MarkerFile {
 }
 
 impl MarkerFile {
-    /// Writes the marker of the store at `dir` anew, saying `commit` in both slots: a temp
-    /// file, fsynced, renamed over the marker, and the directory fsynced. Returns it open.
+    /// Writes the marker of the store at `dir` anew, saying `format` and `commit` (in both
+    /// slots): a temp file, fsynced, renamed over the marker, and the directory fsynced.
+    /// Returns it open.
     ///
     /// # Errors
     /// The I/O error, with the file's path in its text.
-    pub(super) fn create(dir: &Path, commit: u64) -> io::Result<MarkerFile> {
+    pub(super) fn create(dir: &Path, format: u64, commit: u64) -> io::Result<MarkerFile> {
         let path = dir.join(MARKER_FILE);
         let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
         let header = format!(
-            "duraflow-rs store, format {FORMAT_VERSION}; the data is in sled's files, and \
+            "duraflow-rs store, format {format}; the data is in sled's files, and \
              this file numbers the last acknowledged commit"
         );
         let _ = fs::remove_file(&tmp);

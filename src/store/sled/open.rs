@@ -331,12 +331,16 @@ fn recover(
         _ => {}
     }
     let marker_file = match marker {
-        Some(m) if m.current => MarkerFile::open(path)?,
-        found => {
-            if found.is_some_and(|m| m.format.is_none() || m.commit.is_none()) {
+        Some(m) if m.current && found.is_none_or(|f| f == FORMAT_VERSION) => {
+            MarkerFile::open(path)?
+        }
+        old => {
+            if old.is_some_and(|m| m.format.is_none() || m.commit.is_none()) {
                 tracing::warn!(store = %path.display(), "the store's marker file was damaged or old; writing it anew");
             }
-            MarkerFile::create(path, recovered).map_err(|e| DuraflowError::io(path, e))?
+            // The format sled holds durably: an upgrade's is written once it is synced.
+            let format = found.unwrap_or(FORMAT_VERSION);
+            MarkerFile::create(path, format, recovered).map_err(|e| DuraflowError::io(path, e))?
         }
     };
     let last_run = mark_interrupted(&trees, path)?;
@@ -346,6 +350,11 @@ fn recover(
     syncer
         .sync(db, &meta)
         .map_err(|failure| failure.error(path, false))?;
+    if found.is_some_and(|f| f < FORMAT_VERSION) {
+        syncer
+            .new_marker(path, FORMAT_VERSION)
+            .map_err(|e| DuraflowError::io(path, e))?;
+    }
     Ok(Recovered {
         trees,
         shared,

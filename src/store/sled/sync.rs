@@ -108,6 +108,19 @@ impl Syncer {
     }
 }
 
+impl Syncer {
+    /// Writes the marker anew, saying `format` and the last durable commit (after an
+    /// upgrade to `format` was synced).
+    ///
+    /// # Errors
+    /// The I/O error, with the file's path in its text.
+    pub(super) fn new_marker(&self, dir: &Path, format: u64) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.marker = MarkerFile::create(dir, format, self.durable())?;
+        Ok(())
+    }
+}
+
 impl Listing {
     fn new(dir: PathBuf, skip: &'static [&'static str]) -> Listing {
         Listing {
