@@ -492,5 +492,8 @@ mod tests {
         assert!(store.health().is_err());
         let write = pollster::block_on(store.write("other", vec![1]));
         assert!(write.is_err(), "a stopped store took a write");
+        let remove = pollster::block_on(store.remove("other"));
+        assert!(remove.is_err(), "a stopped store removed a key");
+        // Nor does it sync when closed: dropping it returns.
     }
 }
