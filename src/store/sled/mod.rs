@@ -62,7 +62,10 @@ use sled::Transactional;
 /// - A value larger than [`SledConfig::max_value_size`] is refused and the previous value
 ///   kept.
 /// - A write the disk refuses (full, failing) is an error ([`DuraflowError::Persist`] for a
-///   task's output) and the previous value stays. sled does not always recover from such a
+///   task's output): this handle then reads the previous value, and after a reopen the
+///   store holds the previous value or, when sled had written the new one before the disk
+///   refused the rest of the sync, the new one with its attempt record; never a mix. Every
+///   acknowledged value stays. sled does not always recover from such a
 ///   failure, so the handle then refuses every later write with the same error
 ///   ([`health`](Storage::health) says which), and dropping it leaves sled's database open
 ///   (its lock held) until the process exits: reopen the store in a new process once the
