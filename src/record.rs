@@ -117,9 +117,12 @@ pub struct GcStats {
     pub attempts_removed: u64,
     /// How many stored entries were removed (a store may keep several attempts in one).
     pub records_removed: u64,
-    /// The sizes of the removed entries' keys and values, added up, in bytes. A store's
-    /// files need not shrink by that much at once.
+    /// The sizes of the removed entries' keys and values, and of the removed files, added
+    /// up, in bytes. A store's database files need not shrink by that much at once.
     pub bytes_reclaimed: u64,
+    /// How many files of outputs that no output refers to any more (overwritten or removed
+    /// ones, or those a killed process left) were removed.
+    pub output_files_removed: u64,
 }
 
 /// A store whose run and attempt records can be read back: what the `duraflow` command-line

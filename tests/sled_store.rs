@@ -1,8 +1,9 @@
 //! Promises of the sled store: outputs survive reopening (tasks never run again), every run
 //! and attempt is recorded and queryable (cached attempts too, which the store keeps many to
 //! a value), one handle at a time (and the store opens again as soon as the handle is
-//! dropped), paths that are not a duraflow store are refused untouched, and a value over the
-//! configured maximum size is a `Persist` error that keeps the previous value.
+//! dropped), paths that are not a duraflow store are refused untouched, a value over a
+//! configured maximum size is a `Persist` error that keeps the previous value, and large
+//! outputs are checked files of their own that gc removes once nothing refers to them.
 
 mod common;
 
@@ -408,6 +409,17 @@ fn a_value_over_the_maximum_size_is_a_persist_error_and_the_old_value_stays() {
     wait(store.write("raw", vec![7; LIMIT])).unwrap();
     assert_too_large(wait(store.write("raw", vec![8; LIMIT + 1])), "raw", LIMIT);
     assert_eq!(wait(store.read("raw")).unwrap().unwrap(), vec![7; LIMIT]);
+    // The source is an `io::Error` of kind `InvalidInput`.
+    match wait(store.write("raw", vec![8; LIMIT + 1])) {
+        Err(e @ DuraflowError::Persist { .. }) => {
+            let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+            assert_eq!(
+                io.map(|io| io.kind()),
+                Some(std::io::ErrorKind::InvalidInput)
+            );
+        }
+        other => panic!("expected Persist, got {other:?}"),
+    }
 
     // Through a context and a task: the previous value (of another type, so the task runs
     // and tries to replace it) stays.
@@ -462,26 +474,92 @@ fn a_value_over_the_maximum_size_is_a_persist_error_and_the_old_value_stays() {
 }
 
 #[test]
-fn the_default_maximum_value_size_is_16_mib() {
-    let limit = SledConfig::DEFAULT_MAX_VALUE_SIZE;
-    assert_eq!(limit, 16 * 1024 * 1024);
+fn large_outputs_are_files_of_their_own_shared_when_identical_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path().join("default.db")).unwrap();
-    wait(store.write("k", b"old".to_vec())).unwrap();
-    let over = wait(store.write("k", vec![0; limit + 1].to_vec()));
-    assert_too_large(over, "k", limit);
-    assert_eq!(wait(store.read("k")).unwrap().unwrap(), b"old");
-    // The source is an `io::Error` of kind `InvalidInput`.
-    match wait(store.write("k", vec![0; limit + 1].to_vec())) {
-        Err(e @ DuraflowError::Persist { .. }) => {
-            let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
-            assert_eq!(
-                io.map(|io| io.kind()),
-                Some(std::io::ErrorKind::InvalidInput)
-            );
-        }
-        other => panic!("expected Persist, got {other:?}"),
+    let path = dir.path().join("large.db");
+    let files = |path: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(path.join("outputs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        names
+    };
+    // Over the 16 MiB that sled's tree would take whole; and a copy of it.
+    let big: Vec<u8> = (0..20 << 20).map(|i: u32| (i % 251) as u8).collect();
+    {
+        let store = SledStore::open(&path).unwrap();
+        wait(store.write("a", big.clone())).unwrap();
+        wait(store.write("b", big.clone())).unwrap();
+        wait(store.write("small", b"inline".to_vec())).unwrap();
     }
+    assert_eq!(files(&path).len(), 1, "identical outputs share one file");
+    let store = SledStore::open(&path).unwrap();
+    assert_eq!(wait(store.read("a")).unwrap().as_deref(), Some(&big[..]));
+    assert_eq!(wait(store.read("b")).unwrap().as_deref(), Some(&big[..]));
+    assert_eq!(wait(store.read("small")).unwrap().unwrap(), b"inline");
+    let mut keys = wait(store.keys()).unwrap();
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "small"]);
+
+    // A flipped byte in the file, the file cut short or gone: `Corrupt` naming the key and
+    // the file. The store's trees are intact, so it keeps working, and a new write of the
+    // value repairs it.
+    let file = files(&path).pop().unwrap();
+    type Damage = fn(&std::path::Path);
+    let damages: [(&str, Damage); 3] = [
+        ("a flipped byte", |f| {
+            let mut bytes = std::fs::read(f).unwrap();
+            bytes[12_345] ^= 1;
+            std::fs::write(f, bytes).unwrap();
+        }),
+        ("cut short", |f| {
+            let file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+            file.set_len(1000).unwrap();
+        }),
+        ("deleted", |f| std::fs::remove_file(f).unwrap()),
+    ];
+    for (what, damage) in damages {
+        damage(&file);
+        match wait(store.read("a")) {
+            Err(DuraflowError::Corrupt { key, path, .. }) => {
+                assert_eq!(
+                    (key.as_str(), path.as_deref()),
+                    ("a", Some(file.as_path())),
+                    "{what}"
+                )
+            }
+            other => panic!(
+                "{what}: expected Corrupt, got {:?}",
+                other.map(|v| v.map(|v| v.len()))
+            ),
+        }
+        assert!(store.health().is_ok(), "{what}");
+        wait(store.write("a", big.clone())).unwrap();
+        assert_eq!(
+            wait(store.read("b")).unwrap().as_deref(),
+            Some(&big[..]),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn gc_removes_the_files_of_outputs_no_longer_stored_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path().join("gc.db")).unwrap();
+    let large = |byte| vec![byte; 100 * 1024];
+    wait(store.write("overwritten", large(1))).unwrap();
+    wait(store.write("overwritten", large(2))).unwrap();
+    wait(store.write("removed", large(3))).unwrap();
+    wait(store.remove("removed")).unwrap();
+    wait(store.write("kept", large(4))).unwrap();
+    let stats = wait(store.gc(usize::MAX)).unwrap();
+    assert_eq!(stats.output_files_removed, 2, "{stats:?}");
+    assert_eq!(wait(store.read("overwritten")).unwrap(), Some(large(2)));
+    assert_eq!(wait(store.read("kept")).unwrap(), Some(large(4)));
+    let again = wait(store.gc(usize::MAX)).unwrap();
+    assert_eq!(again.output_files_removed, 0);
 }
 
 /// A task that says it started, then never finishes.
@@ -621,19 +699,19 @@ fn a_store_of_a_newer_format_is_refused_and_left_untouched() {
     }
     let marker = path.join("duraflow-store");
     let text = std::fs::read_to_string(&marker).unwrap();
-    assert!(text.contains("format 2"), "{text}");
-    std::fs::write(&marker, text.replace("format 2", "format 7")).unwrap();
+    assert!(text.contains("format 3"), "{text}");
+    std::fs::write(&marker, text.replace("format 3", "format 7")).unwrap();
     let before = snapshot(&path);
     match SledStore::open(&path) {
         Err(DuraflowError::UnsupportedFormat {
             path: p,
             found,
             supported,
-        }) => assert_eq!((p, found, supported), (path.clone(), 7, 2)),
+        }) => assert_eq!((p, found, supported), (path.clone(), 7, 3)),
         other => panic!("expected UnsupportedFormat, got {other:?}"),
     }
     assert_eq!(snapshot(&path), before, "nothing in the store changed");
-    // Back at format 2, the store opens and still holds its value.
+    // Back at format 3, the store opens and still holds its value.
     std::fs::write(&marker, text).unwrap();
     let ctx = Context::new(SledStore::open(&path).unwrap());
     assert_eq!(ctx.get::<u32>("k"), Some(1));
@@ -660,7 +738,7 @@ fn a_marker_with_a_byte_that_is_not_utf8_is_a_damaged_marker_not_an_io_error() {
         assert_eq!(ctx.get::<u32>("k"), Some(1));
     }
     let text = std::fs::read_to_string(&marker).expect("the new marker is text");
-    assert!(text.starts_with("duraflow-rs store, format 2;"), "{text}");
+    assert!(text.starts_with("duraflow-rs store, format 3;"), "{text}");
     // Without sled's database, the damaged marker still says that a store was here.
     damage();
     std::fs::remove_file(path.join("db")).unwrap();

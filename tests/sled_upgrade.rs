@@ -1,9 +1,10 @@
-//! Promise: a SledStore of format 1 opens as format 2 with every output it held, and its
-//! outputs are then checked against their witnesses like any other; a kill during the
-//! upgrade leaves a store the next open upgrades.
+//! Promise: a SledStore of format 1 or 2 opens as format 3 with every output it held, its
+//! large outputs moved to files of their own, and its outputs are then checked like any
+//! other; a kill during the upgrade leaves a store the next open upgrades.
 //!
-//! A child process writes the format-1 store with sled itself (trees `meta` and `outputs`,
-//! and the one-line marker of format 1), so that sled's lock is gone when it exits.
+//! A child process writes the old store with sled itself, as those formats are laid out
+//! (format 1: trees `meta` and `outputs` and a one-line marker; format 2: also `witnesses`,
+//! and the marker that numbers commits), so that sled's lock is gone when it exits.
 
 mod common;
 
@@ -17,7 +18,8 @@ use common::wait;
 use duraflow_rs::{SledStore, Storage};
 
 const DIR_ENV: &str = "DURAFLOW_UPGRADE_DIR";
-const CHILD_TEST: &str = "format_1_writer";
+const FORMAT_ENV: &str = "DURAFLOW_UPGRADE_FORMAT";
+const CHILD_TEST: &str = "old_format_writer";
 const OPENER_TEST: &str = "upgrading_opener";
 /// Every line the child reports starts with this (libtest prints its own text first).
 const MARKER: &str = "@@ ";
@@ -29,7 +31,7 @@ fn key(i: usize) -> String {
 }
 
 fn value(i: usize) -> Vec<u8> {
-    // Every hundredth output is large enough for a blob file of sled's.
+    // Every hundredth output is over the blob threshold.
     let len = if i.is_multiple_of(100) {
         140 * 1024
     } else {
@@ -40,47 +42,72 @@ fn value(i: usize) -> Vec<u8> {
 
 #[test]
 #[ignore = "helper: run only as a child process by the tests below"]
-fn format_1_writer() {
+fn old_format_writer() {
     let Some(dir) = common::child_dir(DIR_ENV, CHILD_TEST) else {
         return;
     };
+    let format: u64 = common::env_number(FORMAT_ENV);
     let db = sled::open(&dir).expect("child: open sled");
     let meta = db.open_tree("meta").unwrap();
-    meta.insert("duraflow.format", &1u64.to_be_bytes()).unwrap();
+    meta.insert("duraflow.format", &format.to_be_bytes())
+        .unwrap();
     let outputs = db.open_tree("outputs").unwrap();
+    let witnesses = db.open_tree("witnesses").unwrap();
     for i in 0..OUTPUTS {
         outputs.insert(key(i), value(i)).unwrap();
+        if format == 2 {
+            // length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE)
+            let v = value(i);
+            let mut w = (v.len() as u64).to_be_bytes().to_vec();
+            w.extend_from_slice(&crc32fast::hash(&v).to_be_bytes());
+            w.extend_from_slice(&1u64.to_be_bytes());
+            witnesses.insert(key(i), w).unwrap();
+        }
+    }
+    if format == 2 {
+        meta.insert("duraflow.commit", &1u64.to_be_bytes()).unwrap();
     }
     db.open_tree("runs").unwrap();
     db.open_tree("attempts").unwrap();
     db.flush().unwrap();
-    let marker = "duraflow-rs store, format 1; the data is in sled's files\n";
+    let marker = match format {
+        1 => "duraflow-rs store, format 1; the data is in sled's files\n".to_owned(),
+        _ => {
+            let pad = |text: String| format!("{text:<511}\n");
+            let signed = format!("commit {:020}", 1);
+            let slot = pad(format!(
+                "{signed} {:08x}",
+                crc32fast::hash(signed.as_bytes())
+            ));
+            let header = pad("duraflow-rs store, format 2; the data is in sled's files".to_owned());
+            format!("{header}{slot}{slot}")
+        }
+    };
     fs::write(dir.join("duraflow-store"), marker).unwrap();
 }
 
-fn write_format_1(dir: &Path) {
+fn write_format(dir: &Path, format: u64) {
     let status = common::child_test(CHILD_TEST)
         .env(DIR_ENV, dir)
+        .env(FORMAT_ENV, format.to_string())
         .stdout(Stdio::null())
         .status()
         .expect("run the child");
     assert!(status.success(), "the child failed: {status}");
 }
 
-#[test]
-fn a_format_1_store_is_upgraded_with_every_output() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("store");
-    write_format_1(&path);
+fn write_format_1(dir: &Path) {
+    write_format(dir, 1)
+}
+
+/// Opens the store of an older format at `path` and checks that it is format 3 with every
+/// output, the large ones in files of their own.
+fn check_upgraded(path: &Path) {
     {
-        let store = SledStore::open(&path).unwrap();
+        let store = SledStore::open(path).unwrap();
         for i in 0..OUTPUTS {
-            assert_eq!(
-                wait(store.read(&key(i))).unwrap(),
-                Some(value(i)),
-                "{}",
-                key(i)
-            );
+            let found = wait(store.read(&key(i))).unwrap();
+            assert!(found == Some(value(i)), "{}", key(i));
         }
         let mut keys = wait(store.keys()).unwrap();
         keys.sort();
@@ -88,18 +115,37 @@ fn a_format_1_store_is_upgraded_with_every_output() {
     }
     let marker = fs::read_to_string(path.join("duraflow-store")).unwrap();
     assert!(
-        marker.starts_with("duraflow-rs store, format 2;"),
+        marker.starts_with("duraflow-rs store, format 3;"),
         "{marker}"
     );
-    // Upgraded outputs have witnesses: one rolled back by a missing blob is reported.
-    for blob in fs::read_dir(path.join("blobs")).unwrap() {
-        fs::remove_file(blob.unwrap().path()).unwrap();
-    }
-    let store = SledStore::open(&path).unwrap();
+    let files: Vec<_> = fs::read_dir(path.join("outputs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), OUTPUTS / 100, "one file per large output");
+    // A moved output is checked against its file.
+    fs::remove_file(&files[0]).unwrap();
+    let store = SledStore::open(path).unwrap();
     let damaged = (0..OUTPUTS)
         .filter(|&i| wait(store.read(&key(i))).is_err())
         .count();
-    assert!(damaged > 0, "no output reported damaged without its blob");
+    assert_eq!(damaged, 1);
+}
+
+#[test]
+fn a_format_2_store_is_upgraded_with_every_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("store");
+    write_format(&path, 2);
+    check_upgraded(&path);
+}
+
+#[test]
+fn a_format_1_store_is_upgraded_with_every_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("store");
+    write_format_1(&path);
+    check_upgraded(&path);
 }
 
 #[test]

@@ -22,7 +22,7 @@
 
 use crate::DuraflowError;
 
-use super::super::layout::{witness, Trees, FORMAT_KEY};
+use super::super::layout::{Trees, Witness, FORMAT_KEY};
 use super::super::sled_error;
 
 /// Outputs whose witnesses one batch writes.
@@ -35,7 +35,7 @@ pub(super) fn upgrade(trees: &Trees, path: &std::path::Path) -> Result<(), Duraf
     let mut in_batch = 0;
     for entry in trees.outputs.iter() {
         let (key, value) = entry.map_err(io)?;
-        batch.insert(key, &witness(&value, 0)[..]);
+        batch.insert(key, Witness::of(&value, 0, None).encode());
         in_batch += 1;
         if in_batch == BATCH {
             trees

@@ -1,6 +1,8 @@
 //! [`RunHistory`] of a [`SledStore`]: reading runs and attempts back, and dropping old ones.
 
-use super::layout::{attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable};
+use super::layout::{
+    attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable, Witness,
+};
 use super::{sled_error, Inner, SledStore};
 use crate::record::{GcStats, RunDetails, RunId, RunRecord, RunStatus};
 use crate::{validate_key, AttemptRecord, DuraflowError, RunHistory, StoreFuture};
@@ -24,7 +26,9 @@ impl RunHistory for SledStore {
     /// database is synced before this resolves: a crash in between leaves at most a run
     /// with fewer attempts, which the next gc removes. With `keep_runs` 0 and no run
     /// running, the run ids start again from 1 when the store is next opened. sled's files
-    /// shrink only as it compacts its segments, over later writes.
+    /// shrink only as it compacts its segments, over later writes. Then the files of
+    /// outputs no output refers to (overwritten or removed since) are deleted, and the
+    /// temporary files a killed process left; never a file a commit in flight will refer to.
     fn gc(&self, keep_runs: usize) -> StoreFuture<'_, GcStats> {
         self.call("", move |inner, _| inner.gc(keep_runs))
     }
@@ -101,6 +105,21 @@ impl Inner {
         if stats.records_removed > 0 {
             self.sync()?;
         }
+        // Files of outputs nothing refers to: after the sync, so that no removal above
+        // (of records only) is undone by a crash while a file is gone.
+        let mut referenced = std::collections::HashSet::new();
+        for witness in self.trees.witnesses.iter().values() {
+            let witness = witness.map_err(|e| sled_error(&self.path, e))?;
+            if let Some(digest) = Witness::decode(&witness).and_then(|w| w.blob) {
+                referenced.insert(digest);
+            }
+        }
+        let collected = self
+            .blobs
+            .gc(&referenced)
+            .map_err(|e| DuraflowError::io(&self.path, e))?;
+        stats.output_files_removed = collected.files as u64;
+        stats.bytes_reclaimed += collected.bytes;
         Ok(stats)
     }
 }

@@ -4,14 +4,17 @@
 //! - `meta`: [`FORMAT_KEY`] → the format version (u64 BE); its presence marks a duraflow
 //!   store. [`COMMIT_KEY`] → the number of the last commit made durable (u64 BE), which the
 //!   marker file records too (see `marker.rs`).
-//! - `outputs`: task id (UTF-8) → the stored bytes of its output.
-//! - `witnesses`: task id → the [`witness`] of its output (length, CRC-32 and a commit
-//!   number), written in the same transaction. sled skips a log entry whose blob file is
-//!   missing and opens the page as it was before it, silently; a read that finds an output
-//!   not matching its witness (older, missing, or present without one) reports it damaged,
-//!   unless the witness's commit is newer than the last one acknowledged before the open (a
-//!   write lost to a crash before it was acknowledged: the output is absent). A witness is
-//!   20 bytes, so its tree's pages stay in sled's log, never in blob files.
+//! - `outputs`: task id (UTF-8) → the stored bytes of its output, when they are no larger
+//!   than the store's blob threshold.
+//! - `witnesses`: task id → the [`Witness`] of its output (length, CRC-32, a commit
+//!   number, and the digest of its file for an output over the store's blob threshold,
+//!   which is then not in `outputs`: see `blob.rs`), written in the same transaction. sled
+//!   skips a log entry whose own blob file is missing and opens the page as it was before
+//!   it, silently; a read that finds an output not matching its witness (older, missing, or
+//!   present without one) reports it damaged, unless the witness's commit is newer than the
+//!   last one acknowledged before the open (a write lost to a crash before it was
+//!   acknowledged: the output is absent). A witness is at most 52 bytes, so its tree's
+//!   pages stay in sled's log.
 //! - `runs`: run id (u64 BE) → a [`RunRecord`](crate::RunRecord).
 //! - `attempts`, two kinds of entries, both under the run's id so that a run's attempts are
 //!   one prefix scan:
@@ -29,11 +32,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::blob::Digest;
 use crate::record::{AttemptOutcome, AttemptRecord, RunId};
 use crate::DuraflowError;
 
 /// The on-disk format this code writes; kept in the `meta` tree.
-pub(super) const FORMAT_VERSION: u64 = 2;
+pub(super) const FORMAT_VERSION: u64 = 3;
 /// Key of the format version in the `meta` tree: its presence marks a duraflow store.
 pub(super) const FORMAT_KEY: &[u8] = b"duraflow.format";
 /// Separates a key from what follows it in record keys; never occurs in UTF-8.
@@ -51,27 +55,61 @@ pub(super) struct Trees {
     pub(super) attempts: sled::Tree,
 }
 
-/// An output's witness: `length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE)` of its bytes,
-/// where `commit` is a commit number no higher than the one that made it durable (0 for
-/// outputs from before witnesses).
-pub(super) fn witness(value: &[u8], commit: u64) -> [u8; 20] {
-    let mut w = [0; 20];
-    w[..8].copy_from_slice(&(value.len() as u64).to_be_bytes());
-    w[8..12].copy_from_slice(&crc32fast::hash(value).to_be_bytes());
-    w[12..].copy_from_slice(&commit.to_be_bytes());
-    w
+/// What the store knows of an output, kept in the `witnesses` tree: its length and CRC-32,
+/// a commit number no higher than the one that made it durable (0 for outputs from before
+/// witnesses), and, for an output kept in a file of its own, that file's SHA-256.
+///
+/// `length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE) [| SHA-256 (32 bytes)]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Witness {
+    pub(super) len: u64,
+    pub(super) crc: u32,
+    pub(super) commit: u64,
+    /// The digest naming the output's file, when it is not in the `outputs` tree.
+    pub(super) blob: Option<Digest>,
 }
 
-/// Whether `value` is the output `witness` describes: `Ok`, or `Err` with the witness's
-/// commit number (0 for a witness that does not decode).
-pub(super) fn witnessed(found: &[u8], value: Option<&[u8]>) -> Result<(), u64> {
-    let Ok(w) = <[u8; 20]>::try_from(found) else {
-        return Err(0);
-    };
-    let commit = u64::from_be_bytes(w[12..].try_into().unwrap_or_default());
-    match value {
-        Some(value) if w[..12] == witness(value, 0)[..12] => Ok(()),
-        _ => Err(commit),
+impl Witness {
+    /// The witness of `value`.
+    pub(super) fn of(value: &[u8], commit: u64, blob: Option<Digest>) -> Witness {
+        Witness {
+            len: value.len() as u64,
+            crc: crc32fast::hash(value),
+            commit,
+            blob,
+        }
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(52);
+        w.extend_from_slice(&self.len.to_be_bytes());
+        w.extend_from_slice(&self.crc.to_be_bytes());
+        w.extend_from_slice(&self.commit.to_be_bytes());
+        if let Some(blob) = &self.blob {
+            w.extend_from_slice(blob);
+        }
+        w
+    }
+
+    /// The witness `bytes` encode, `None` when they do not.
+    pub(super) fn decode(bytes: &[u8]) -> Option<Witness> {
+        let u64_at = |at: usize| Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        let blob = match bytes.len() {
+            20 => None,
+            52 => Some(bytes[20..].try_into().ok()?),
+            _ => return None,
+        };
+        Some(Witness {
+            len: u64_at(0)?,
+            crc: u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?),
+            commit: u64_at(12)?,
+            blob,
+        })
+    }
+
+    /// Whether `value` is the output this witness describes.
+    pub(super) fn matches(&self, value: &[u8]) -> bool {
+        value.len() as u64 == self.len && crc32fast::hash(value) == self.crc
     }
 }
 

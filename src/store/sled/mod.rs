@@ -1,6 +1,7 @@
 //! [`SledStore`]: outputs, runs and attempts in one sled database, committed by one writer
 //! thread in groups.
 
+mod blob;
 mod history;
 mod layout;
 mod marker;
@@ -21,8 +22,10 @@ use std::thread::JoinHandle;
 
 use futures::channel::oneshot;
 
+use self::blob::Blobs;
+use self::layout::Witness;
 use self::layout::{attempt_key, encode_record, Trees};
-use self::stop::{Failure, Shared};
+use self::stop::{Failure, Prior, Shared};
 use self::sync::Syncer;
 use self::writer::{Commit, Msg, Record, Reply};
 use super::{ready, StoreFuture};
@@ -75,7 +78,9 @@ use sled::Transactional;
 pub struct SledStore {
     inner: Arc<Inner>,
     next_run: AtomicU64,
-    max_value_size: usize,
+    max_value_size: Option<usize>,
+    /// Outputs larger than this are kept in files of their own.
+    blob_threshold: usize,
     /// Whether commits wait for a flush.
     flush_commits: bool,
     writer: Option<mpsc::Sender<Msg>>,
@@ -95,6 +100,8 @@ struct Inner {
     syncer: Arc<Syncer>,
     /// The last commit the store had acknowledged when it was opened.
     acknowledged: u64,
+    /// The outputs kept in files of their own.
+    blobs: Blobs,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -132,13 +139,7 @@ impl SledStore {
     /// Hands `msg` to the writer thread; refused once the store has stopped after a failure.
     fn send(&self, msg: Msg) -> Result<(), DuraflowError> {
         self.inner.usable()?;
-        match self.writer.as_ref().map(|w| w.send(msg)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err(DuraflowError::io(
-                self.path(),
-                io::Error::other("the store's writer thread has stopped"),
-            )),
-        }
+        send(self.writer.as_ref(), self.path(), msg)
     }
 
     /// Hands the writer a message that it answers; resolves with the answer.
@@ -148,21 +149,16 @@ impl SledStore {
         msg: impl FnOnce(Reply) -> Msg,
         flush: bool,
     ) -> StoreFuture<'static, ()> {
-        let (to, answer) = oneshot::channel();
-        if let Err(e) = self.send(msg(Reply { flush, to })) {
+        let (reply, answer) = Reply::new(flush);
+        if let Err(e) = self.send(msg(reply)) {
             return ready(Err(e));
         }
-        let inner = Arc::clone(&self.inner);
-        let key = key.to_owned();
-        Box::pin(async move {
-            match answer.await {
-                Ok(result) => result.map_err(|f| f.error(&inner.path, false)),
-                Err(_) => Err(DuraflowError::RuntimeShutdown { key }),
-            }
-        })
+        let (inner, key) = (Arc::clone(&self.inner), key.to_owned());
+        Box::pin(async move { answered(answer, &inner.path, key).await })
     }
 
-    /// Queues an output, with its attempt record if any, for the writer's next group.
+    /// Queues an output, with its attempt record if any, for the writer's next group; an
+    /// output over the blob threshold is first written to a file of its own (see `blob.rs`).
     fn commit_output(
         &self,
         key: &str,
@@ -173,34 +169,111 @@ impl SledStore {
         if let Err(e) = validate_key(key).and_then(|()| self.check_size(key, &value)) {
             return ready(Err(e));
         }
-        let output = (key.to_owned(), value);
-        let commit = |reply| {
-            Msg::Commit(Box::new(Commit {
-                output,
+        let key = key.to_owned();
+        let witness = Witness::of(&value, 0, None);
+        if value.len() <= self.blob_threshold {
+            let commit = Commit {
+                key: key.clone(),
+                value: Some(value),
+                witness,
+                attempt,
+                reply: Reply::new(flush).0,
+            };
+            return self.send_commit(key, commit, flush);
+        }
+        let (inner, writer) = (Arc::clone(&self.inner), self.writer.clone());
+        Box::pin(async move {
+            let (blobs, of) = (Arc::clone(&inner), key.clone());
+            let digest = unblock(move || {
+                blobs.blobs.put(&value).map_err(|e| DuraflowError::Persist {
+                    key: of,
+                    source: Box::new(e),
+                })
+            });
+            let digest = digest.await?;
+            // gc leaves the file alone until the commit is answered.
+            let _held = Held(&inner, digest);
+            let (reply, answer) = Reply::new(flush);
+            let commit = Commit {
+                key: key.clone(),
+                value: None,
+                witness: Witness {
+                    blob: Some(digest),
+                    ..witness
+                },
                 attempt,
                 reply,
-            }))
-        };
-        self.send_acked(key, commit, flush)
+            };
+            inner.usable()?;
+            send(writer.as_ref(), &inner.path, Msg::Commit(Box::new(commit)))?;
+            answered(answer, &inner.path, key).await
+        })
+    }
+
+    /// Sends `commit`, whose reply is made here, and resolves with the writer's answer.
+    fn send_commit(
+        &self,
+        key: String,
+        mut commit: Commit,
+        flush: bool,
+    ) -> StoreFuture<'static, ()> {
+        let (reply, answer) = Reply::new(flush);
+        commit.reply = reply;
+        if let Err(e) = self.send(Msg::Commit(Box::new(commit))) {
+            return ready(Err(e));
+        }
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { answered(answer, &inner.path, key).await })
     }
 
     /// Refuses a value over the configured maximum.
     fn check_size(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
-        if value.len() <= self.max_value_size {
+        let Some(max) = self.max_value_size.filter(|&max| value.len() > max) else {
             return Ok(());
-        }
+        };
         Err(DuraflowError::Persist {
             key: key.to_owned(),
             source: Box::new(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "the value is {} bytes, over this store's maximum value size of {} bytes \
-                     (SledConfig::max_value_size)",
+                    "the value is {} bytes, over this store's maximum value size of {max} \
+                     bytes (SledConfig::max_value_size)",
                     value.len(),
-                    self.max_value_size
                 ),
             )),
         })
+    }
+}
+
+/// A digest held in the store's output files until dropped (see `Blobs::release`).
+struct Held<'a>(&'a Inner, blob::Digest);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.blobs.release(&self.1);
+    }
+}
+
+/// Hands `msg` to the writer thread.
+fn send(writer: Option<&mpsc::Sender<Msg>>, path: &Path, msg: Msg) -> Result<(), DuraflowError> {
+    match writer.map(|w| w.send(msg)) {
+        Some(Ok(())) => Ok(()),
+        _ => Err(DuraflowError::io(
+            path,
+            io::Error::other("the store's writer thread has stopped"),
+        )),
+    }
+}
+
+/// The writer's answer to a message about `key`.
+async fn answered(
+    answer: oneshot::Receiver<Result<(), Failure>>,
+    path: &Path,
+    key: String,
+) -> Result<(), DuraflowError> {
+    match answer.await {
+        Ok(result) => result.map_err(|f| f.error(path, false)),
+        Err(_) => Err(DuraflowError::RuntimeShutdown { key }),
     }
 }
 
@@ -235,26 +308,46 @@ impl Inner {
     /// (never as the value that failed).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
-        if let Some(prior) = self.shared.shadowed(key) {
-            return Ok(prior);
-        }
-        let value = self.trees.outputs.get(key);
-        let value = value.map_err(|e| self.read_error(key, e))?;
-        let witness = self.trees.witnesses.get(key);
-        let witness = witness.map_err(|e| self.read_error(key, e))?;
-        let Some(witness) = witness else {
+        let Prior { value, witness } = match self.shared.shadowed(key) {
+            Some(prior) => prior,
+            None => {
+                let value = self.trees.outputs.get(key);
+                let value = value.map_err(|e| self.read_error(key, e))?;
+                let witness = self.trees.witnesses.get(key);
+                let witness = witness.map_err(|e| self.read_error(key, e))?;
+                Prior { value, witness }
+            }
+        };
+        let Some(found) = witness else {
             return match value {
                 None => Ok(None),
                 Some(_) => Err(self.damaged(key, "its witness is missing".to_owned())),
             };
         };
-        match layout::witnessed(&witness, value.as_deref()) {
-            Ok(()) => Ok(value.map(|v| v.to_vec())),
+        let Some(witness) = Witness::decode(&found) else {
+            return Err(self.damaged(key, format!("its witness is damaged: {found:?}")));
+        };
+        if let Some(digest) = &witness.blob {
+            // A file of the store's own: damage there leaves sled's trees intact.
+            let path = self.blobs.path(digest);
+            let corrupt = |reason| DuraflowError::Corrupt {
+                key: key.to_owned(),
+                path: Some(path.clone()),
+                reason,
+            };
+            let bytes = self.blobs.get(digest, witness.len).map_err(corrupt)?;
+            if !witness.matches(&bytes) {
+                return Err(corrupt("its file is not the value stored".to_owned()));
+            }
+            return Ok(Some(bytes));
+        }
+        match value {
+            Some(value) if witness.matches(&value) => Ok(Some(value.to_vec())),
             // A write the store never acknowledged, lost to a crash: sled kept the log entry
             // of the witness but not the blob file of the value.
-            Err(commit) if commit > self.acknowledged => Ok(None),
-            Err(_) => {
-                let what = match value {
+            _ if witness.commit > self.acknowledged => Ok(None),
+            found => {
+                let what = match found {
                     Some(_) => "it is not the value last stored",
                     None => "it is missing, though it was stored",
                 };

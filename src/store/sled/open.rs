@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use super::blob::Blobs;
 use super::layout::{
     attempt_key, encode_record, run_attempts, OnUndecodable, Trees, COMMIT_KEY, FORMAT_KEY,
     FORMAT_VERSION,
@@ -21,6 +22,8 @@ use crate::store::create_dir_durably;
 
 #[path = "../../../migrations/sled/0002_witnesses.rs"]
 mod to_2;
+#[path = "../../../migrations/sled/0003_output_files.rs"]
+mod to_3;
 use super::{registry, sled_error, Inner, SledStore};
 use crate::record::{now_ms, AttemptOutcome, RunId, RunRecord, RunStatus};
 use crate::DuraflowError;
@@ -52,25 +55,28 @@ pub struct SledConfig {
     path: PathBuf,
     cache_capacity: u64,
     durability: Durability,
-    max_value_size: usize,
+    max_value_size: Option<usize>,
+    blob_threshold: usize,
     rebuild_marker: bool,
 }
 
 impl SledConfig {
-    /// The largest output a store accepts unless
-    /// [`max_value_size`](SledConfig::max_value_size) says otherwise: 16 MiB. sled keeps a
-    /// value whole in its page cache and rewrites it whenever its page is rewritten, so
-    /// outputs of many megabytes are better kept in files, with their paths as the output.
-    pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
+    /// The size over which an output is kept in a file of its own unless
+    /// [`blob_threshold`](SledConfig::blob_threshold) says otherwise: 64 KiB. Smaller
+    /// outputs are cheaper in sled's tree (a file costs three fsyncs of its own); larger
+    /// ones cost less as files, which sled neither caches nor rewrites with their page.
+    pub const DEFAULT_BLOB_THRESHOLD: usize = 64 * 1024;
 
-    /// Options for the store at `path`: a 64 MiB page cache, [`Durability::Immediate`], and
-    /// values up to [`SledConfig::DEFAULT_MAX_VALUE_SIZE`].
+    /// Options for the store at `path`: a 64 MiB page cache, [`Durability::Immediate`],
+    /// outputs over [`SledConfig::DEFAULT_BLOB_THRESHOLD`] in files of their own, and no
+    /// limit on the size of an output but the disk.
     pub fn new(path: impl AsRef<Path>) -> SledConfig {
         SledConfig {
             path: path.as_ref().to_owned(),
             cache_capacity: DEFAULT_CACHE,
             durability: Durability::Immediate,
-            max_value_size: SledConfig::DEFAULT_MAX_VALUE_SIZE,
+            max_value_size: None,
+            blob_threshold: SledConfig::DEFAULT_BLOB_THRESHOLD,
             rebuild_marker: false,
         }
     }
@@ -90,9 +96,18 @@ impl SledConfig {
     /// Sets the largest value the store accepts, in bytes: the encoded output plus
     /// duraflow's envelope of a few dozen bytes (the type name and a checksum). A larger
     /// output is refused with [`DuraflowError::Persist`] naming its key (its source gives
-    /// both sizes), and the value stored before, if any, stays.
+    /// both sizes), and the value stored before, if any, stays. No limit by default.
     pub fn max_value_size(mut self, bytes: usize) -> SledConfig {
-        self.max_value_size = bytes;
+        self.max_value_size = Some(bytes);
+        self
+    }
+
+    /// Sets the size in bytes over which an output (as stored: encoded, in its envelope)
+    /// is kept in a file of its own under `outputs/` in the store's directory, named by its
+    /// SHA-256, rather than in sled's tree; identical outputs share one file. Outputs
+    /// already stored stay where they are.
+    pub fn blob_threshold(mut self, bytes: usize) -> SledConfig {
+        self.blob_threshold = bytes;
         self
     }
 
@@ -153,8 +168,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     };
     // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
-    let rebuild = config.rebuild_marker;
-    let recovered = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker, rebuild)))
+    let recovered = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker, &config)))
         .unwrap_or_else(|panic| {
             Err(DuraflowError::Corrupt {
                 key: String::new(),
@@ -167,6 +181,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
         })?;
     let Recovered {
         trees,
+        blobs,
         shared,
         syncer,
         acknowledged,
@@ -192,9 +207,11 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
             shared,
             syncer,
             acknowledged,
+            blobs,
         }),
         next_run: AtomicU64::new(last_run + 1),
         max_value_size: config.max_value_size,
+        blob_threshold: config.blob_threshold,
         flush_commits: config.durability == Durability::Immediate,
         writer: Some(tx),
         thread: Some(thread),
@@ -211,6 +228,7 @@ fn create_dir(path: &Path) -> Result<PathBuf, DuraflowError> {
 /// What [`recover`] found and set up.
 struct Recovered {
     trees: Trees,
+    blobs: Blobs,
     shared: Arc<Shared>,
     syncer: Syncer,
     /// The last commit the store had acknowledged.
@@ -222,12 +240,12 @@ struct Recovered {
 /// Decides what sled opened (a duraflow store, a new one, or neither) before touching it;
 /// checks it against the marker (`marker`: what it said before the open); upgrades an
 /// older format; marks what a killed process left `Running` as `Interrupted`; and makes
-/// all of it durable. `rebuild_marker`: see [`SledConfig::rebuild_marker`].
+/// all of it durable.
 fn recover(
     db: &sled::Db,
     path: &Path,
     marker: Option<Marker>,
-    rebuild_marker: bool,
+    config: &SledConfig,
 ) -> Result<Recovered, DuraflowError> {
     let io = |e: sled::Error| sled_error(path, e);
     let corrupt = |reason: String| DuraflowError::Corrupt {
@@ -285,6 +303,7 @@ fn recover(
         None => None,
     };
     let meta = db.open_tree("meta").map_err(io)?;
+    let blobs = Blobs::open(path).map_err(|e| DuraflowError::io(path, e))?;
     let trees = Trees {
         meta: meta.clone(),
         outputs: db.open_tree("outputs").map_err(io)?,
@@ -298,9 +317,12 @@ fn recover(
                 .map_err(io)?,
         ),
         // One step per file of `migrations/sled/`, from the store's format up.
-        Some(found) if found < 2 => {
-            tracing::info!(store = %path.display(), "upgrading the store to format 2");
-            to_2::upgrade(&trees, path)?;
+        Some(found) if found < FORMAT_VERSION => {
+            tracing::info!(store = %path.display(), from = found, "upgrading the store");
+            if found < 2 {
+                to_2::upgrade(&trees, path)?;
+            }
+            to_3::upgrade(&trees, &blobs, config.blob_threshold, path)?;
         }
         Some(_) => {}
     }
@@ -320,7 +342,7 @@ fn recover(
                  rolled back (restore them from a backup, or remove the store)"
             )));
         }
-        None if recovered > 0 && !rebuild_marker => {
+        None if recovered > 0 && !config.rebuild_marker => {
             return Err(corrupt(
                 "the marker file `duraflow-store`, which numbers the last commit the store \
                  acknowledged, is missing or damaged, so whether the database lost commits \
@@ -357,6 +379,7 @@ fn recover(
     }
     Ok(Recovered {
         trees,
+        blobs,
         shared,
         syncer,
         acknowledged: acknowledged.unwrap_or(recovered),

@@ -19,7 +19,14 @@ pub(super) struct Shared {
     /// before it (`None`: no value). sled may hold the group's values in memory although
     /// they never reached the disk; reads answer these instead. Filled before `failed` is
     /// set, so a reader that sees the store stopped sees them.
-    shadow: Mutex<HashMap<String, Option<sled::IVec>>>,
+    shadow: Mutex<HashMap<String, Prior>>,
+}
+
+/// What an output was before a group: its entries in the `outputs` and `witnesses` trees.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Prior {
+    pub(super) value: Option<sled::IVec>,
+    pub(super) witness: Option<sled::IVec>,
 }
 
 impl Shared {
@@ -39,10 +46,10 @@ impl Shared {
 
     /// The value `key` had before the failed group, if the store has stopped and the group
     /// wrote `key`.
-    pub(super) fn shadowed(&self, key: &str) -> Option<Option<Vec<u8>>> {
+    pub(super) fn shadowed(&self, key: &str) -> Option<Prior> {
         self.failed.get()?;
         let shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
-        shadow.get(key).map(|v| v.as_ref().map(|v| v.to_vec()))
+        shadow.get(key).cloned()
     }
 
     /// Stops the store with `failure`, unless it stopped already, after keeping `prior`
@@ -51,7 +58,7 @@ impl Shared {
     pub(super) fn stop_with(
         &self,
         failure: Failure,
-        prior: impl IntoIterator<Item = (String, Option<sled::IVec>)>,
+        prior: impl IntoIterator<Item = (String, Prior)>,
     ) -> Failure {
         if self.failed.get().is_none() {
             let mut shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);

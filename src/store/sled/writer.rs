@@ -22,8 +22,8 @@ use futures::channel::oneshot;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::layout::{batch_key, encode_record, witness, CachedBatch, Trees};
-use super::stop::{Failure, Shared};
+use super::layout::{batch_key, encode_record, CachedBatch, Trees, Witness};
+use super::stop::{Failure, Prior, Shared};
 use super::sync::Syncer;
 use crate::record::AttemptRecord;
 
@@ -64,10 +64,23 @@ pub(super) struct Reply {
     pub(super) to: oneshot::Sender<Result<(), Failure>>,
 }
 
+impl Reply {
+    /// A reply, and where its answer arrives.
+    pub(super) fn new(flush: bool) -> (Reply, oneshot::Receiver<Result<(), Failure>>) {
+        let (to, answer) = oneshot::channel();
+        (Reply { flush, to }, answer)
+    }
+}
+
 /// An output and its attempt record, written in one transaction.
 pub(super) struct Commit {
-    /// The task id and the stored bytes.
-    pub(super) output: (String, Vec<u8>),
+    /// The task id.
+    pub(super) key: String,
+    /// The stored bytes, for the `outputs` tree; `None` for an output kept in a file of its
+    /// own (already durable), which `witness` names.
+    pub(super) value: Option<Vec<u8>>,
+    /// The output's witness; the writer sets its commit number.
+    pub(super) witness: Witness,
     /// The attempt record's key and value (in the `attempts` tree).
     pub(super) attempt: Option<(Vec<u8>, Vec<u8>)>,
     pub(super) reply: Reply,
@@ -150,11 +163,7 @@ impl Writer {
     /// Writes a group in order — records, `Cached` batches, commits, then the records
     /// answered (a run's final record goes after every record of the run sent before it) —
     /// and syncs once if anyone in the group waits for it.
-    fn write(
-        &self,
-        group: &Group,
-        prior: &RefCell<Vec<Option<sled::IVec>>>,
-    ) -> Result<(), Failure> {
+    fn write(&self, group: &Group, prior: &RefCell<Vec<Prior>>) -> Result<(), Failure> {
         for record in &group.records {
             self.insert(record)?;
         }
@@ -210,24 +219,20 @@ impl Writer {
 
     /// What the outputs of a failed group held before it, from `prior` (as
     /// [`commit`](Self::commit) found them; an output it did not reach kept its value,
-    /// which is read now). The first commit of a key says its value before the group.
-    fn prior(
-        &self,
-        commits: &[Commit],
-        prior: Vec<Option<sled::IVec>>,
-    ) -> Vec<(String, Option<sled::IVec>)> {
+    /// which is read now). The first commit of a key says what it was before the group.
+    fn prior(&self, commits: &[Commit], prior: Vec<Prior>) -> Vec<(String, Prior)> {
         let mut prior = prior.into_iter();
         let mut found = Vec::new();
         for commit in commits {
-            let key = &commit.output.0;
-            let value = match prior.next() {
-                Some(value) => value,
-                None => match self.trees.outputs.get(key) {
-                    Ok(value) => value,
-                    Err(_) => continue, // unknown: the read goes to sled
+            let key = commit.key.as_str();
+            let before = match prior.next() {
+                Some(before) => before,
+                None => match (self.trees.outputs.get(key), self.trees.witnesses.get(key)) {
+                    (Ok(value), Ok(witness)) => Prior { value, witness },
+                    _ => continue, // unknown: the read goes to sled
                 },
             };
-            found.push((key.clone(), value));
+            found.push((key.to_owned(), before));
         }
         found
     }
@@ -236,11 +241,7 @@ impl Writer {
     /// exists without its attempt record and its witness. Leaves in `prior` the value each
     /// output had before, for every commit its transaction reached, failed or not (the
     /// first failure stops the store; an output not reached kept its value).
-    fn commit(
-        &self,
-        commits: &[Commit],
-        prior: &RefCell<Vec<Option<sled::IVec>>>,
-    ) -> Result<(), Failure> {
+    fn commit(&self, commits: &[Commit], prior: &RefCell<Vec<Prior>>) -> Result<(), Failure> {
         // No sync that ends before these writes makes them durable.
         let commit_number = self.syncer.durable() + 1;
         for chunk in commits.chunks(TX_COMMITS) {
@@ -255,9 +256,17 @@ impl Writer {
                 let mut chunk_prior = chunk_prior.borrow_mut();
                 chunk_prior.clear();
                 for commit in chunk {
-                    let (key, value) = &commit.output;
-                    chunk_prior.push(outputs.insert(key.as_bytes(), value.as_slice())?);
-                    witnesses.insert(key.as_bytes(), &witness(value, commit_number)[..])?;
+                    let key = commit.key.as_bytes();
+                    let value = match &commit.value {
+                        Some(value) => outputs.insert(key, value.as_slice())?,
+                        None => outputs.remove(key)?,
+                    };
+                    let witness = Witness {
+                        commit: commit_number,
+                        ..commit.witness
+                    };
+                    let witness = witnesses.insert(key, witness.encode())?;
+                    chunk_prior.push(Prior { value, witness });
                     if let Some((key, value)) = &commit.attempt {
                         attempts.insert(key.as_slice(), value.as_slice())?;
                     }
