@@ -48,9 +48,9 @@ use sled::Transactional;
 ///   commits are applied and synced together by one writer thread.
 /// - A store whose database lacks a commit the marker records (sled reads damage as the
 ///   end of its log, and opens what precedes it) is [`DuraflowError::Corrupt`] when it
-///   opens, never silently older. An output whose page sled opened as it was before (its
-///   blob file missing) reads as `Corrupt` naming its key: each output is checked against
-///   a witness (length and CRC-32) kept in another tree.
+///   opens, never silently older. An output whose page sled opened as it was before (a
+///   blob file of sled's missing) reads as `Corrupt` naming its key: each output is
+///   checked against a witness (length and CRC-32) kept in another tree.
 /// - A panic inside sled is caught: `Corrupt` for a read (naming the key) or a failed write.
 ///   A store that found damage stops like one whose write failed (below), and a DAG then
 ///   fails a task whose output is unreadable instead of running it again.
@@ -62,8 +62,14 @@ use sled::Transactional;
 /// - One handle at a time: a second open of the same path fails with
 ///   [`DuraflowError::StoreLocked`]; once the handle is dropped, the store can be opened
 ///   again at once.
-/// - A value larger than [`SledConfig::max_value_size`] is refused and the previous value
-///   kept.
+/// - An output over [`SledConfig::blob_threshold`] (64 KiB by default) is a file of its
+///   own under `outputs/`, named by the SHA-256 of its bytes (identical outputs share one),
+///   durable (fsynced, renamed, its directory fsynced) before the commit that refers to it:
+///   a crash leaves at worst a file nothing refers to, which [`RunHistory::gc`] removes.
+///   Its reads check its length and digest: a damaged file is [`DuraflowError::Corrupt`]
+///   naming the key and the file, and the store keeps working (a new write repairs it).
+/// - No output is refused for its size unless [`SledConfig::max_value_size`] sets a
+///   limit; one over it is refused and the previous value kept.
 /// - A write the disk refuses (full, failing) is an error ([`DuraflowError::Persist`] for a
 ///   task's output): this handle then reads the previous value, and after a reopen the
 ///   store holds the previous value or, when sled had written the new one before the disk
@@ -172,14 +178,16 @@ impl SledStore {
         let key = key.to_owned();
         let witness = Witness::of(&value, 0, None);
         if value.len() <= self.blob_threshold {
-            let commit = Commit {
-                key: key.clone(),
-                value: Some(value),
-                witness,
-                attempt,
-                reply: Reply::new(flush).0,
+            let commit = |reply| {
+                Msg::Commit(Box::new(Commit {
+                    key: key.clone(),
+                    value: Some(value),
+                    witness,
+                    attempt,
+                    reply,
+                }))
             };
-            return self.send_commit(key, commit, flush);
+            return self.send_acked(&key, commit, flush);
         }
         let (inner, writer) = (Arc::clone(&self.inner), self.writer.clone());
         Box::pin(async move {
@@ -208,22 +216,6 @@ impl SledStore {
             send(writer.as_ref(), &inner.path, Msg::Commit(Box::new(commit)))?;
             answered(answer, &inner.path, key).await
         })
-    }
-
-    /// Sends `commit`, whose reply is made here, and resolves with the writer's answer.
-    fn send_commit(
-        &self,
-        key: String,
-        mut commit: Commit,
-        flush: bool,
-    ) -> StoreFuture<'static, ()> {
-        let (reply, answer) = Reply::new(flush);
-        commit.reply = reply;
-        if let Err(e) = self.send(Msg::Commit(Box::new(commit))) {
-            return ready(Err(e));
-        }
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { answered(answer, &inner.path, key).await })
     }
 
     /// Refuses a value over the configured maximum.
@@ -308,16 +300,44 @@ impl Inner {
     /// (never as the value that failed).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
-        let Prior { value, witness } = match self.shared.shadowed(key) {
-            Some(prior) => prior,
-            None => {
-                let value = self.trees.outputs.get(key);
-                let value = value.map_err(|e| self.read_error(key, e))?;
-                let witness = self.trees.witnesses.get(key);
-                let witness = witness.map_err(|e| self.read_error(key, e))?;
-                Prior { value, witness }
+        let (read, witness) = self.read_once(key);
+        match read {
+            // The output was overwritten, and gc removed its old file, between the look at
+            // its witness and the read of the file: read it again.
+            Err(DuraflowError::Corrupt { .. })
+                if witness.is_some() && self.trees.witnesses.get(key).ok().flatten() != witness =>
+            {
+                self.read_once(key).0
             }
+            read => read,
+        }
+    }
+
+    /// Reads `key` once; also returns the witness it found in the tree for an output kept
+    /// in a file of its own.
+    fn read_once(&self, key: &str) -> (Result<Option<Vec<u8>>, DuraflowError>, Option<sled::IVec>) {
+        let prior = match self.shared.shadowed(key) {
+            Some(prior) => Ok(prior),
+            None => self.trees.outputs.get(key).and_then(|value| {
+                let witness = self.trees.witnesses.get(key)?;
+                Ok(Prior { value, witness })
+            }),
         };
+        match prior {
+            Ok(prior) => {
+                let in_file = prior
+                    .witness
+                    .clone()
+                    .filter(|w| Witness::decode(w).is_some_and(|w| w.blob.is_some()));
+                (self.resolve(key, prior), in_file)
+            }
+            Err(e) => (Err(self.read_error(key, e)), None),
+        }
+    }
+
+    /// The output `prior` describes, checked against its witness.
+    fn resolve(&self, key: &str, prior: Prior) -> Result<Option<Vec<u8>>, DuraflowError> {
+        let Prior { value, witness } = prior;
         let Some(found) = witness else {
             return match value {
                 None => Ok(None),
@@ -474,8 +494,8 @@ impl Storage for SledStore {
         self.call(key, Inner::read)
     }
 
-    /// Durable (flushed, whatever the [`Durability`]) when it resolves. A value over
-    /// [`SledConfig::max_value_size`] is refused with [`DuraflowError::Persist`].
+    /// Durable (synced, whatever the [`Durability`]) when it resolves. A value over
+    /// [`SledConfig::max_value_size`], if set, is refused with [`DuraflowError::Persist`].
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
         self.commit_output(key, value, None, true)
     }
