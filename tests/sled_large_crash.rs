@@ -1,0 +1,133 @@
+//! Promise: a SledStore writing outputs kept in files of their own (over the blob threshold)
+//! survives SIGKILL at any moment: after each of 24 kills, every output reads as the value
+//! last acknowledged or the one being written, whole, never damaged and never a reference
+//! to a missing file; and gc then leaves exactly the files the outputs refer to.
+//!
+//! A child process (this test binary, re-run with `--ignored --exact large_writer`)
+//! overwrites a few large outputs in turn, reporting each acknowledged write, until it is
+//! killed at a random moment.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::wait;
+use duraflow_rs::{RunHistory, SledStore, Storage};
+
+const DIR_ENV: &str = "DURAFLOW_LARGE_CRASH_DIR";
+const CHILD_TEST: &str = "large_writer";
+const MARKER: &str = "@@ ";
+const KEYS: usize = 3;
+const KILLS: usize = 24;
+
+/// Version `version` of output `key`: 300 KiB that differ from every other version.
+fn value(key: usize, version: u64) -> Vec<u8> {
+    let mut x = (key as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version;
+    (0..300 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The version whose bytes `found` are, among those `key` may hold.
+fn version_of(key: usize, found: &[u8], candidates: &[u64]) -> Option<u64> {
+    candidates.iter().copied().find(|&v| value(key, v) == found)
+}
+
+#[test]
+#[ignore = "helper: run only as a child process, to be killed, by the test below"]
+fn large_writer() {
+    let Some(dir) = common::child_dir(DIR_ENV, CHILD_TEST) else {
+        return;
+    };
+    let store = SledStore::open(&dir).expect("child: open");
+    let start: u64 = common::env_number("DURAFLOW_LARGE_CRASH_FROM");
+    for version in start.. {
+        for key in 0..KEYS {
+            wait(store.write(&format!("k{key}"), value(key, version))).expect("child: write");
+            println!("{MARKER}wrote {key} {version}");
+        }
+    }
+}
+
+#[test]
+fn large_outputs_survive_sigkill_at_any_moment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("store");
+    let mut rng = fastrand::Rng::with_seed(0x1a59_e0b1_0b5c_0de5);
+    // The version each key last acknowledged (0: none yet).
+    let mut acked = [0u64; KEYS];
+    let mut next = 1;
+    for round in 0..KILLS {
+        let mut child = common::child_test(CHILD_TEST)
+            .env(DIR_ENV, &path)
+            .env("DURAFLOW_LARGE_CRASH_FROM", next.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the child");
+        let stdout = child.stdout.take().expect("the child's stdout");
+        let mut reports = BufReader::new(stdout)
+            .lines()
+            .map(|l| l.expect("read the child's stdout"))
+            .filter_map(|l| l.split_once(MARKER).map(|(_, r)| r.to_owned()));
+        // Once it has written something, a kill at a random moment of its next writes.
+        let first = reports.next().expect("the child wrote an output");
+        std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
+        child.kill().expect("SIGKILL the child");
+        child.wait().expect("reap the child");
+        for report in std::iter::once(first).chain(reports) {
+            let mut parts = report.strip_prefix("wrote ").expect("a write").split(' ');
+            let key: usize = parts.next().unwrap().parse().unwrap();
+            let version: u64 = parts.next().unwrap().parse().unwrap();
+            acked[key] = acked[key].max(version);
+        }
+        // A write in flight is at most one version past the newest acknowledged one.
+        let top = acked.iter().max().copied().unwrap_or(0) + 1;
+        let store = SledStore::open(&path).unwrap();
+        for (key, &last) in acked.clone().iter().enumerate() {
+            let found = wait(store.read(&format!("k{key}")))
+                .unwrap_or_else(|e| panic!("round {round}, k{key}: {e}"));
+            let Some(found) = found else {
+                assert_eq!(last, 0, "round {round}: k{key} lost version {last}");
+                continue;
+            };
+            // The last acknowledged version, or one the child was writing when killed.
+            let candidates: Vec<u64> = (last.max(1)..=top).collect();
+            let version = version_of(key, &found, &candidates)
+                .unwrap_or_else(|| panic!("round {round}: k{key} holds no version it was given"));
+            assert!(
+                version >= last,
+                "round {round}: k{key} went back to {version}"
+            );
+            acked[key] = version;
+        }
+        next = acked.iter().max().copied().unwrap_or(0) + 1;
+    }
+    // Some kills landed while a file was being written: its temporary file is left.
+    let temps = std::fs::read_dir(path.join("outputs"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with(".tmp-")
+        })
+        .count();
+    assert!(
+        temps > 0,
+        "no kill landed while an output's file was written"
+    );
+    // Files the kills left that no output refers to are removed; the outputs stay whole.
+    let store = SledStore::open(&path).unwrap();
+    wait(store.gc(usize::MAX)).unwrap();
+    let files = std::fs::read_dir(path.join("outputs")).unwrap().count();
+    assert_eq!(files, KEYS, "one file per output after gc");
+    for (key, &version) in acked.iter().enumerate() {
+        let found = wait(store.read(&format!("k{key}"))).unwrap();
+        assert!(found == Some(value(key, version)), "k{key} after gc");
+    }
+}
