@@ -1,5 +1,5 @@
 //! Promise: a SledStore writing outputs kept in files of their own (over the blob threshold)
-//! survives SIGKILL at any moment: after each of 24 kills, every output reads as the value
+//! survives SIGKILL at any moment: after each of 24 or more kills, every output reads as the value
 //! last acknowledged or the one being written, whole, never damaged and never a reference
 //! to a missing file; and gc then leaves exactly the files the outputs refer to.
 //!
@@ -21,6 +21,7 @@ const CHILD_TEST: &str = "large_writer";
 const MARKER: &str = "@@ ";
 const KEYS: usize = 3;
 const KILLS: usize = 24;
+const MAX_KILLS: usize = 120;
 
 /// Version `version` of output `key`: 300 KiB that differ from every other version.
 fn value(key: usize, version: u64) -> Vec<u8> {
@@ -50,7 +51,9 @@ fn large_writer() {
     let start: u64 = common::env_number("DURAFLOW_LARGE_CRASH_FROM");
     for version in start.. {
         for key in 0..KEYS {
-            wait(store.write(&format!("k{key}"), value(key, version))).expect("child: write");
+            let bytes = value(key, version);
+            println!("{MARKER}writing {key} {version}");
+            wait(store.write(&format!("k{key}"), bytes)).expect("child: write");
             println!("{MARKER}wrote {key} {version}");
         }
     }
@@ -64,7 +67,21 @@ fn large_outputs_survive_sigkill_at_any_moment() {
     // The version each key last acknowledged (0: none yet).
     let mut acked = [0u64; KEYS];
     let mut next = 1;
-    for round in 0..KILLS {
+    // Kills that landed inside a write: seen as a version durable but not reported.
+    let mut in_flight = 0;
+    let temps = || {
+        std::fs::read_dir(path.join("outputs"))
+            .map(|entries| {
+                let temp =
+                    |e: &std::fs::DirEntry| e.file_name().to_string_lossy().starts_with(".tmp-");
+                entries.filter(|e| e.as_ref().is_ok_and(temp)).count()
+            })
+            .unwrap_or(0)
+    };
+    // At least KILLS kills, and on until one landed inside a write (up to MAX_KILLS).
+    let mut round = 0;
+    while round < KILLS || (temps() + in_flight == 0 && round < MAX_KILLS) {
+        round += 1;
         let mut child = common::child_test(CHILD_TEST)
             .env(DIR_ENV, &path)
             .env("DURAFLOW_LARGE_CRASH_FROM", next.to_string())
@@ -76,13 +93,24 @@ fn large_outputs_survive_sigkill_at_any_moment() {
             .lines()
             .map(|l| l.expect("read the child's stdout"))
             .filter_map(|l| l.split_once(MARKER).map(|(_, r)| r.to_owned()));
-        // Once it has written something, a kill at a random moment of its next writes.
-        let first = reports.next().expect("the child wrote an output");
-        std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
+        // A kill at a random moment of a write: a few milliseconds into one, at most.
+        let nth = rng.usize(1..=2 * KEYS);
+        let mut seen = Vec::new();
+        for report in reports.by_ref() {
+            let writing = report.starts_with("writing ");
+            seen.push(report);
+            if writing && seen.iter().filter(|r| r.starts_with("writing ")).count() == nth {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.u64(0..6000)));
         child.kill().expect("SIGKILL the child");
         child.wait().expect("reap the child");
-        for report in std::iter::once(first).chain(reports) {
-            let mut parts = report.strip_prefix("wrote ").expect("a write").split(' ');
+        for report in seen.into_iter().chain(reports) {
+            let Some(wrote) = report.strip_prefix("wrote ") else {
+                continue;
+            };
+            let mut parts = wrote.split(' ');
             let key: usize = parts.next().unwrap().parse().unwrap();
             let version: u64 = parts.next().unwrap().parse().unwrap();
             acked[key] = acked[key].max(version);
@@ -105,21 +133,21 @@ fn large_outputs_survive_sigkill_at_any_moment() {
                 version >= last,
                 "round {round}: k{key} went back to {version}"
             );
+            if version > last {
+                in_flight += 1; // durable, but killed before it was reported
+            }
             acked[key] = version;
         }
         next = acked.iter().max().copied().unwrap_or(0) + 1;
     }
-    // Some kills landed while a file was being written: its temporary file is left.
-    let temps = std::fs::read_dir(path.join("outputs"))
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            name.to_string_lossy().starts_with(".tmp-")
-        })
-        .count();
+    // A kill while an output's file was being written leaves its temporary file.
+    let temps = temps();
+    eprintln!(
+        "{round} kills: {temps} temporary files left, {in_flight} writes durable but unreported"
+    );
     assert!(
-        temps > 0,
-        "no kill landed while an output's file was written"
+        temps + in_flight > 0,
+        "no kill landed inside a write (no temporary file left, no write durable unreported)"
     );
     // Files the kills left that no output refers to are removed; the outputs stay whole.
     let store = SledStore::open(&path).unwrap();
