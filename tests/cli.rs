@@ -17,6 +17,7 @@ mod common;
 use common::wait;
 use duraflow_rs::RunHistory;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -738,6 +739,33 @@ fn gc_directly_reports_what_it_removed_and_spares_a_running_run() {
     assert_eq!(left, [running], "the running run stays, whatever its age");
     assert!(wait(store.attempts_of("fetch/orders")).unwrap().is_empty());
     assert_eq!(sorted(wait(store.keys()).unwrap()), keys);
+}
+
+#[test]
+fn gc_removes_the_files_of_outputs_no_longer_stored() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("files.db");
+    {
+        let store = SledStore::open(&path).unwrap();
+        wait(store.write("big", vec![1; 100 * 1024])).unwrap();
+        wait(store.write("big", vec![2; 100 * 1024])).unwrap();
+    }
+    let ran = duraflow([
+        OsStr::new("gc"),
+        path.as_os_str(),
+        OsStr::new("--keep-runs"),
+        OsStr::new("1"),
+    ]);
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    assert!(
+        ran.stdout
+            .starts_with("removed 1 output file that no stored output refers to\n"),
+        "{}",
+        ran.stdout
+    );
+    let store = SledStore::open(&path).unwrap();
+    assert_eq!(wait(store.read("big")).unwrap(), Some(vec![2; 100 * 1024]));
 }
 
 #[test]

@@ -433,6 +433,13 @@ fn gc(path: &Path, keep_runs: u64, out: &mut dyn Write) -> Result<(), Failure> {
     let history = store.history(path)?;
     let keep = usize::try_from(keep_runs).unwrap_or(usize::MAX);
     let stats = wait(history.gc(keep))?;
+    if stats.output_files_removed > 0 {
+        writeln!(
+            out,
+            "removed {} that no stored output refers to",
+            text::count(stats.output_files_removed, "output file"),
+        )?;
+    }
     if stats.runs_removed.is_empty() {
         let runs = wait(history.runs())?.len();
         writeln!(
