@@ -230,18 +230,12 @@ fn paths_that_are_not_stores_are_refused_untouched() {
 
     // A sled database that some other program made.
     let foreign = dir.path().join("foreign.db");
-    {
-        let db = sled::open(&foreign).unwrap();
-        db.open_tree("their-data")
-            .unwrap()
-            .insert("k", "v")
-            .unwrap();
-        db.flush().unwrap();
-    }
-    assert!(matches!(
-        SledStore::open(&foreign),
-        Err(DuraflowError::NotAStore { .. })
-    ));
+    raw_sled(&foreign, "foreign");
+    let opened = SledStore::open(&foreign);
+    assert!(
+        matches!(opened, Err(DuraflowError::NotAStore { .. })),
+        "{opened:?}"
+    );
     let db = sled::open(&foreign).unwrap();
     let mut trees = db.tree_names();
     trees.sort();
@@ -312,6 +306,41 @@ const HOLDER_VAR: &str = "DURAFLOW_SLED_LOCK_HOLDER";
 const HELD: &str = "duraflow-sled-lock-holder: open";
 
 /// Not a test of its own: the child process of
+const RAW_DIR: &str = "DURAFLOW_RAW_SLED_DIR";
+const RAW_KIND: &str = "DURAFLOW_RAW_SLED_KIND";
+
+/// Makes a sled database at `path` with sled itself, in a child process (`raw_sled_writer`):
+/// sled's lock is released when the process exits, not when its handle is dropped.
+fn raw_sled(path: &std::path::Path, kind: &str) {
+    let status = common::child_test("raw_sled_writer")
+        .env(RAW_DIR, path)
+        .env(RAW_KIND, kind)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "raw_sled_writer failed: {status}");
+}
+
+#[test]
+#[ignore = "helper: run only as a child process, by raw_sled"]
+fn raw_sled_writer() {
+    let Some(path) = common::child_dir(RAW_DIR, "raw_sled_writer") else {
+        return;
+    };
+    let db = sled::open(&path).unwrap();
+    match std::env::var(RAW_KIND).as_deref() {
+        Ok("foreign") => drop(
+            db.open_tree("their-data")
+                .unwrap()
+                .insert("k", "v")
+                .unwrap(),
+        ),
+        Ok("empty-meta") => drop(db.open_tree("meta").unwrap()),
+        other => panic!("{RAW_KIND} is {other:?}"),
+    }
+    db.flush().unwrap();
+}
+
 /// `a_store_open_in_another_process_is_store_locked`.
 #[test]
 #[ignore = "helper: run only as a child process by the cross-process lock test"]
@@ -536,11 +565,10 @@ fn large_outputs_are_files_of_their_own_shared_when_identical_and_checked() {
         }
         assert!(store.health().is_ok(), "{what}");
         wait(store.write("a", big.clone())).unwrap();
-        assert_eq!(
-            wait(store.read("b")).unwrap().as_deref(),
-            Some(&big[..]),
-            "{what}"
-        );
+        for key in ["a", "b"] {
+            let found = wait(store.read(key)).unwrap();
+            assert!(found.as_deref() == Some(&big[..]), "{what}: {key}");
+        }
     }
 }
 
@@ -552,7 +580,7 @@ fn gc_removes_the_files_of_outputs_no_longer_stored_and_no_other() {
     wait(store.write("overwritten", large(1))).unwrap();
     wait(store.write("overwritten", large(2))).unwrap();
     wait(store.write("removed", large(3))).unwrap();
-    wait(store.remove("removed")).unwrap();
+    assert!(wait(store.remove("removed")).unwrap(), "it was stored");
     wait(store.write("kept", large(4))).unwrap();
     let stats = wait(store.gc(usize::MAX)).unwrap();
     assert_eq!(stats.output_files_removed, 2, "{stats:?}");
@@ -560,6 +588,44 @@ fn gc_removes_the_files_of_outputs_no_longer_stored_and_no_other() {
     assert_eq!(wait(store.read("kept")).unwrap(), Some(large(4)));
     let again = wait(store.gc(usize::MAX)).unwrap();
     assert_eq!(again.output_files_removed, 0);
+}
+
+#[test]
+fn gc_running_beside_writes_never_takes_a_file_an_output_refers_to() {
+    const KEYS: usize = 4;
+    const VERSIONS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path().join("busy.db")).unwrap());
+    let large = |key: usize, version: usize| vec![(key * 31 + version) as u8; 80 * 1024];
+    let writer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            for version in 0..VERSIONS {
+                for key in 0..KEYS {
+                    wait(store.write(&format!("k{key}"), large(key, version))).unwrap();
+                }
+            }
+        })
+    };
+    let mut removed = 0;
+    while !writer.is_finished() {
+        removed += wait(store.gc(usize::MAX)).unwrap().output_files_removed;
+        for key in 0..KEYS {
+            let found = wait(store.read(&format!("k{key}")));
+            assert!(
+                found.is_ok(),
+                "k{key} during gc: {:?}",
+                found.map(|v| v.map(|v| v.len()))
+            );
+        }
+    }
+    writer.join().unwrap();
+    removed += wait(store.gc(usize::MAX)).unwrap().output_files_removed;
+    assert!(removed > 0, "gc removed the overwritten versions");
+    for key in 0..KEYS {
+        let found = wait(store.read(&format!("k{key}"))).unwrap();
+        assert!(found == Some(large(key, VERSIONS - 1)), "k{key}");
+    }
 }
 
 /// A task that says it started, then never finishes.
@@ -753,11 +819,7 @@ fn a_first_open_interrupted_before_its_metadata_opens_as_a_new_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     // What a first open killed between creating `meta` and filling it leaves.
-    {
-        let db = sled::open(&path).unwrap();
-        db.open_tree("meta").unwrap();
-        db.flush().unwrap();
-    }
+    raw_sled(&path, "empty-meta");
     let ctx = Context::new(SledStore::open(&path).expect("a new store"));
     ctx.save("k", &3u32).unwrap();
     assert_eq!(ctx.get::<u32>("k"), Some(3));

@@ -19,6 +19,7 @@ use duraflow_rs::{SledStore, Storage};
 
 const DIR_ENV: &str = "DURAFLOW_UPGRADE_DIR";
 const FORMAT_ENV: &str = "DURAFLOW_UPGRADE_FORMAT";
+const DAMAGED_ENV: &str = "DURAFLOW_UPGRADE_DAMAGED";
 const CHILD_TEST: &str = "old_format_writer";
 const OPENER_TEST: &str = "upgrading_opener";
 /// Every line the child reports starts with this (libtest prints its own text first).
@@ -59,7 +60,11 @@ fn old_format_writer() {
             // length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE)
             let v = value(i);
             let mut w = (v.len() as u64).to_be_bytes().to_vec();
-            w.extend_from_slice(&crc32fast::hash(&v).to_be_bytes());
+            // A damaged store: the large output `out/0` is not the value its witness names
+            // (as when sled opened an older page of it).
+            let damaged = i == 0 && std::env::var_os(DAMAGED_ENV).is_some();
+            let crc = crc32fast::hash(&v) ^ u32::from(damaged);
+            w.extend_from_slice(&crc.to_be_bytes());
             w.extend_from_slice(&1u64.to_be_bytes());
             witnesses.insert(key(i), w).unwrap();
         }
@@ -130,6 +135,28 @@ fn check_upgraded(path: &Path) {
         .filter(|&i| wait(store.read(&key(i))).is_err())
         .count();
     assert_eq!(damaged, 1);
+}
+
+#[test]
+fn an_upgrade_keeps_reporting_damage_it_finds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("store");
+    let status = common::child_test(CHILD_TEST)
+        .env(DIR_ENV, &path)
+        .env(FORMAT_ENV, "2")
+        .env(DAMAGED_ENV, "1")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the child");
+    assert!(status.success());
+    let store = SledStore::open(&path).unwrap();
+    match wait(store.read(&key(0))) {
+        Err(duraflow_rs::DuraflowError::Corrupt { key: k, .. }) => assert_eq!(k, key(0)),
+        other => panic!(
+            "expected Corrupt, got {:?}",
+            other.map(|v| v.map(|v| v.len()))
+        ),
+    }
 }
 
 #[test]

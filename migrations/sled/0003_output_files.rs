@@ -13,14 +13,16 @@
 //! never fsyncs and silently skips when it is missing. Large outputs cost less, and are
 //! checked better, as files of the store's own.
 //!
-//! **How, crash-safely.** For each large output: its file is written durably (a temporary
-//! file, fsynced, renamed, the directory fsynced); then one transaction removes it from
-//! `outputs` and gives its witness the digest. The format number is written last, and the
+//! **How, crash-safely.** For each large output that matches its witness (one that does not
+//! is damage, and stays where reading it reports it): its file is written durably (a
+//! temporary file, fsynced, renamed, the directory fsynced); then one transaction removes
+//! it from `outputs` and gives its witness the digest. The format number is written last, and the
 //! open then makes everything durable. A kill at any moment leaves format 2 with some
 //! outputs moved (each whole, in its file or in the tree), which the next open moves on
 //! from, and perhaps a file no output refers to yet, which gc removes.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -31,10 +33,12 @@ use super::super::blob::Blobs;
 use super::super::layout::{Trees, Witness, FORMAT_KEY};
 use super::super::sled_error;
 
-/// Moves every output over `threshold` bytes to a file of its own, then writes format 3.
+/// Moves every output over `threshold` bytes whose witness it matches to a file of its own,
+/// then writes format 3. An output that does not match its witness is damage (sled opened
+/// an older page of it): it stays in the tree, where reading it reports the damage.
 pub(super) fn upgrade(
     trees: &Trees,
-    blobs: &Blobs,
+    blobs: &Arc<Blobs>,
     threshold: usize,
     path: &Path,
 ) -> Result<(), DuraflowError> {
@@ -50,19 +54,25 @@ pub(super) fn upgrade(
         let Some(value) = trees.outputs.get(&key).map_err(io)? else {
             continue;
         };
-        let digest = blobs.put(&value).map_err(|e| DuraflowError::io(path, e))?;
         let witnessed = trees.witnesses.get(&key).map_err(io)?;
-        let commit = witnessed
+        let Some(old) = witnessed
             .as_deref()
             .and_then(Witness::decode)
-            .map_or(0, |w| w.commit);
-        let witness = Witness::of(&value, commit, Some(digest)).encode();
+            .filter(|w| w.blob.is_none() && w.matches(&value))
+        else {
+            continue;
+        };
+        let (held, _) = blobs.put(&value).map_err(|e| DuraflowError::io(path, e))?;
+        let witness = Witness {
+            blob: Some(held.digest),
+            ..old
+        }
+        .encode();
         let moved = (&trees.outputs, &trees.witnesses).transaction(|(outputs, witnesses)| {
             outputs.remove(&key)?;
             witnesses.insert(&key, witness.as_slice())?;
             Ok::<(), ConflictableTransactionError<()>>(())
         });
-        blobs.release(&digest);
         moved.map_err(|e| match e {
             TransactionError::Storage(e) => io(e),
             TransactionError::Abort(()) => {

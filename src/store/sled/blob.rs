@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
@@ -22,6 +22,25 @@ const TEMP: &str = ".tmp-";
 
 /// A SHA-256 digest.
 pub(super) type Digest = [u8; 32];
+
+/// A digest whose file gc leaves alone while this lives: from before the file is written
+/// until its commit is applied and durable (or abandoned).
+pub(super) struct Held {
+    blobs: Arc<Blobs>,
+    pub(super) digest: Digest,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut in_flight = self.blobs.lock();
+        if let Some(n) = in_flight.digests.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.digests.remove(&self.digest);
+            }
+        }
+    }
+}
 
 /// The output files of one store.
 pub(super) struct Blobs {
@@ -57,11 +76,13 @@ impl Blobs {
             fs::create_dir(&dir).map_err(|e| with_path(&dir, e))?;
             sync_dir(store)?;
         }
-        Ok(Blobs {
+        let blobs = Blobs {
             dir,
             in_flight: Mutex::default(),
             next_temp: AtomicU64::new(0),
-        })
+        };
+        blobs.remove_temps()?;
+        Ok(blobs)
     }
 
     /// The file of `digest`.
@@ -70,19 +91,20 @@ impl Blobs {
     }
 
     /// Stores `bytes` durably under their digest (one file for identical outputs), and
-    /// returns the digest. The digest stays held (gc leaves its file alone)
-    /// until [`release`](Self::release).
+    /// returns the digest held (gc leaves its file alone) until the [`Held`] is dropped,
+    /// with the CRC-32 of the bytes.
     ///
     /// # Errors
     /// The I/O error, its path in the text; the digest is then not held.
-    pub(super) fn put(&self, bytes: &[u8]) -> io::Result<Digest> {
+    pub(super) fn put(self: &Arc<Self>, bytes: &[u8]) -> io::Result<(Held, u32)> {
         let digest: Digest = Sha256::digest(bytes).into();
-        self.hold(&digest);
-        let stored = self.write(&digest, bytes);
-        if stored.is_err() {
-            self.release(&digest);
-        }
-        stored.map(|()| digest)
+        *self.lock().digests.entry(digest).or_default() += 1;
+        let held = Held {
+            blobs: Arc::clone(self),
+            digest,
+        };
+        self.write(&digest, bytes)?;
+        Ok((held, crc32fast::hash(bytes)))
     }
 
     /// Writes the file of `digest` anew even when there is one (it may be damaged): the
@@ -143,23 +165,23 @@ impl Blobs {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn hold(&self, digest: &Digest) {
-        *self.lock().digests.entry(*digest).or_default() += 1;
-    }
-
-    /// Lets gc remove the file of `digest` once no output refers to it.
-    pub(super) fn release(&self, digest: &Digest) {
-        let mut in_flight = self.lock();
-        if let Some(n) = in_flight.digests.get_mut(digest) {
-            *n -= 1;
-            if *n == 0 {
-                in_flight.digests.remove(digest);
+    /// Removes the temporary files a killed process left: at open, when the store is this
+    /// process's alone.
+    fn remove_temps(&self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.dir).map_err(|e| with_path(&self.dir, e))? {
+            let entry = entry.map_err(|e| with_path(&self.dir, e))?;
+            if entry.file_name().to_string_lossy().starts_with(TEMP) {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|e| with_path(&path, e))?;
             }
         }
+        Ok(())
     }
 
-    /// Removes every file no output refers to (`referenced`) and no write holds, and every
-    /// temporary file no write of this process is writing (those a killed process left).
+    /// Removes every file no output refers to (`referenced`, read once every commit sent
+    /// before is applied and durable) and no write holds, and every temporary file no write
+    /// of this process is writing. Each file is checked and removed under the lock that
+    /// [`put`](Self::put) takes, so a write of the same digest waits for its removal.
     ///
     /// # Errors
     /// The I/O error, its path in the text.
@@ -229,28 +251,27 @@ mod tests {
     #[test]
     fn identical_outputs_share_a_file_and_a_flipped_byte_is_found() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = Blobs::open(dir.path()).unwrap();
+        let blobs = Arc::new(Blobs::open(dir.path()).unwrap());
         let bytes = vec![7u8; 100_000];
-        let a = blobs.put(&bytes).unwrap();
-        let b = blobs.put(&bytes).unwrap();
-        assert_eq!(a, b);
+        let (a, _) = blobs.put(&bytes).unwrap();
+        let (b, _) = blobs.put(&bytes).unwrap();
+        assert_eq!(a.digest, b.digest);
         assert_eq!(fs::read_dir(dir.path().join(DIR)).unwrap().count(), 1);
-        assert_eq!(blobs.get(&a, bytes.len() as u64).unwrap(), bytes);
+        assert_eq!(blobs.get(&a.digest, bytes.len() as u64).unwrap(), bytes);
         let mut damaged = bytes.clone();
         damaged[500] ^= 1;
-        fs::write(blobs.path(&a), damaged).unwrap();
-        assert!(blobs.get(&a, bytes.len() as u64).is_err());
+        fs::write(blobs.path(&a.digest), damaged).unwrap();
+        assert!(blobs.get(&a.digest, bytes.len() as u64).is_err());
     }
 
     #[test]
     fn gc_removes_only_files_nothing_refers_to_or_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = Blobs::open(dir.path()).unwrap();
-        let kept = blobs.put(b"kept").unwrap();
-        let held = blobs.put(b"held").unwrap();
-        let orphan = blobs.put(b"orphan").unwrap();
-        blobs.release(&kept);
-        blobs.release(&orphan);
+        let blobs = Arc::new(Blobs::open(dir.path()).unwrap());
+        // Released once written, as after their commits.
+        let kept = blobs.put(b"kept").unwrap().0.digest;
+        let orphan = blobs.put(b"orphan").unwrap().0.digest;
+        let (held, _) = blobs.put(b"held").unwrap();
         fs::write(
             dir.path().join(DIR).join(".tmp-1-0"),
             b"left by a killed process",
@@ -261,7 +282,18 @@ mod tests {
             collected.files, 2,
             "the orphan and the stale temporary file"
         );
-        assert!(blobs.path(&kept).exists() && blobs.path(&held).exists());
+        assert!(blobs.path(&kept).exists() && blobs.path(&held.digest).exists());
         assert!(!blobs.path(&orphan).exists());
+    }
+
+    #[test]
+    fn temporary_files_a_killed_process_left_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Blobs::open(dir.path()).unwrap());
+        let temp = dir.path().join(DIR).join(".tmp-1-0");
+        fs::write(&temp, b"left by a killed process").unwrap();
+        let blobs = Arc::new(Blobs::open(dir.path()).unwrap());
+        assert!(!temp.exists());
+        blobs.put(b"the first write of the next process").unwrap();
     }
 }

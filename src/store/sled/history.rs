@@ -1,11 +1,11 @@
 //! [`RunHistory`] of a [`SledStore`]: reading runs and attempts back, and dropping old ones.
 
-use super::layout::{
-    attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable, Witness,
-};
+use super::layout::{attempts_in, decode_record, key_attempts, run_attempts, OnUndecodable};
+use super::writer::Msg;
 use super::{sled_error, Inner, SledStore};
 use crate::record::{GcStats, RunDetails, RunId, RunRecord, RunStatus};
 use crate::{validate_key, AttemptRecord, DuraflowError, RunHistory, StoreFuture};
+use futures::channel::oneshot;
 
 /// Every query fails with [`DuraflowError::Io`] once the store has stopped after a failed
 /// write (reopen it in a new process): sled may hold records that never reached the disk.
@@ -30,7 +30,21 @@ impl RunHistory for SledStore {
     /// outputs no output refers to (overwritten or removed since) are deleted, and the
     /// temporary files a killed process left; never a file a commit in flight will refer to.
     fn gc(&self, keep_runs: usize) -> StoreFuture<'_, GcStats> {
-        self.call("", move |inner, _| inner.gc(keep_runs))
+        let records = self.call("", move |inner, _| inner.gc(keep_runs));
+        Box::pin(async move {
+            let mut stats = records.await?;
+            // The files, on the writer thread: after every commit sent before is durable,
+            // and with no commit applied meanwhile.
+            let (to, answer) = oneshot::channel();
+            self.send(Msg::Gc(to))?;
+            let collected = match answer.await {
+                Ok(collected) => collected.map_err(|f| f.error(self.path(), false))?,
+                Err(_) => return Err(DuraflowError::RuntimeShutdown { key: String::new() }),
+            };
+            stats.output_files_removed = collected.files as u64;
+            stats.bytes_reclaimed += collected.bytes;
+            Ok(stats)
+        })
     }
 }
 
@@ -105,21 +119,6 @@ impl Inner {
         if stats.records_removed > 0 {
             self.sync()?;
         }
-        // Files of outputs nothing refers to: after the sync, so that no removal above
-        // (of records only) is undone by a crash while a file is gone.
-        let mut referenced = std::collections::HashSet::new();
-        for witness in self.trees.witnesses.iter().values() {
-            let witness = witness.map_err(|e| sled_error(&self.path, e))?;
-            if let Some(digest) = Witness::decode(&witness).and_then(|w| w.blob) {
-                referenced.insert(digest);
-            }
-        }
-        let collected = self
-            .blobs
-            .gc(&referenced)
-            .map_err(|e| DuraflowError::io(&self.path, e))?;
-        stats.output_files_removed = collected.files as u64;
-        stats.bytes_reclaimed += collected.bytes;
         Ok(stats)
     }
 }

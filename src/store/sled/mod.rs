@@ -107,7 +107,7 @@ struct Inner {
     /// The last commit the store had acknowledged when it was opened.
     acknowledged: u64,
     /// The outputs kept in files of their own.
-    blobs: Blobs,
+    blobs: Arc<Blobs>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -176,13 +176,13 @@ impl SledStore {
             return ready(Err(e));
         }
         let key = key.to_owned();
-        let witness = Witness::of(&value, 0, None);
         if value.len() <= self.blob_threshold {
             let commit = |reply| {
                 Msg::Commit(Box::new(Commit {
                     key: key.clone(),
+                    witness: Witness::of(&value, 0, None),
                     value: Some(value),
-                    witness,
+                    _held: None,
                     attempt,
                     reply,
                 }))
@@ -191,24 +191,27 @@ impl SledStore {
         }
         let (inner, writer) = (Arc::clone(&self.inner), self.writer.clone());
         Box::pin(async move {
-            let (blobs, of) = (Arc::clone(&inner), key.clone());
-            let digest = unblock(move || {
-                blobs.blobs.put(&value).map_err(|e| DuraflowError::Persist {
+            let (blobs, of, len) = (Arc::clone(&inner.blobs), key.clone(), value.len() as u64);
+            let put = unblock(move || {
+                blobs.put(&value).map_err(|e| DuraflowError::Persist {
                     key: of,
                     source: Box::new(e),
                 })
             });
-            let digest = digest.await?;
-            // gc leaves the file alone until the commit is answered.
-            let _held = Held(&inner, digest);
+            // The file is held from gc until the writer has applied the commit and made it
+            // durable (or, should this future be dropped first, until then).
+            let (held, crc) = put.await?;
             let (reply, answer) = Reply::new(flush);
             let commit = Commit {
                 key: key.clone(),
                 value: None,
                 witness: Witness {
-                    blob: Some(digest),
-                    ..witness
+                    len,
+                    crc,
+                    commit: 0,
+                    blob: Some(held.digest),
                 },
+                _held: Some(held),
                 attempt,
                 reply,
             };
@@ -237,13 +240,18 @@ impl SledStore {
     }
 }
 
-/// A digest held in the store's output files until dropped (see `Blobs::release`).
-struct Held<'a>(&'a Inner, blob::Digest);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.0.blobs.release(&self.1);
-    }
+/// What one read of an output found.
+enum Resolved {
+    /// The output, checked (`None`: none is stored).
+    Value(Option<Vec<u8>>),
+    /// A write lost to a crash before it was acknowledged: no output.
+    Unacknowledged,
+    /// sled's trees are damaged, for this reason: the store stops.
+    Damaged(String),
+    /// The output's own file is damaged: `Corrupt` naming it; the store works on.
+    BadFile(DuraflowError),
+    /// sled's read failed.
+    Failed(DuraflowError),
 }
 
 /// Hands `msg` to the writer thread.
@@ -300,22 +308,25 @@ impl Inner {
     /// (never as the value that failed).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
         validate_key(key)?;
-        let (read, witness) = self.read_once(key);
-        match read {
-            // The output was overwritten, and gc removed its old file, between the look at
-            // its witness and the read of the file: read it again.
-            Err(DuraflowError::Corrupt { .. })
-                if witness.is_some() && self.trees.witnesses.get(key).ok().flatten() != witness =>
-            {
-                self.read_once(key).0
-            }
-            read => read,
+        let (found, witness) = self.read_once(key);
+        let found = match found {
+            // A write applied between the look at the output and the look at its witness,
+            // or (for an output in a file) a gc that removed the old file meanwhile: the
+            // witness has changed since; read again.
+            Resolved::Value(_) | Resolved::Failed(_) => found,
+            _ if self.trees.witnesses.get(key).ok().flatten() != witness => self.read_once(key).0,
+            _ => found,
+        };
+        match found {
+            Resolved::Value(value) => Ok(value),
+            Resolved::Unacknowledged => Ok(None),
+            Resolved::Damaged(reason) => Err(self.damaged(key, reason)),
+            Resolved::BadFile(e) | Resolved::Failed(e) => Err(e),
         }
     }
 
-    /// Reads `key` once; also returns the witness it found in the tree for an output kept
-    /// in a file of its own.
-    fn read_once(&self, key: &str) -> (Result<Option<Vec<u8>>, DuraflowError>, Option<sled::IVec>) {
+    /// Reads `key` once; also returns the witness it found.
+    fn read_once(&self, key: &str) -> (Resolved, Option<sled::IVec>) {
         let prior = match self.shared.shadowed(key) {
             Some(prior) => Ok(prior),
             None => self.trees.outputs.get(key).and_then(|value| {
@@ -325,57 +336,55 @@ impl Inner {
         };
         match prior {
             Ok(prior) => {
-                let in_file = prior
-                    .witness
-                    .clone()
-                    .filter(|w| Witness::decode(w).is_some_and(|w| w.blob.is_some()));
-                (self.resolve(key, prior), in_file)
+                let witness = prior.witness.clone();
+                (self.resolve(key, prior), witness)
             }
-            Err(e) => (Err(self.read_error(key, e)), None),
+            Err(e) => (Resolved::Failed(self.read_error(key, e)), None),
         }
     }
 
     /// The output `prior` describes, checked against its witness.
-    fn resolve(&self, key: &str, prior: Prior) -> Result<Option<Vec<u8>>, DuraflowError> {
+    fn resolve(&self, key: &str, prior: Prior) -> Resolved {
         let Prior { value, witness } = prior;
         let Some(found) = witness else {
             return match value {
-                None => Ok(None),
-                Some(_) => Err(self.damaged(key, "its witness is missing".to_owned())),
+                None => Resolved::Value(None),
+                Some(_) => Resolved::Damaged("its witness is missing".to_owned()),
             };
         };
         let Some(witness) = Witness::decode(&found) else {
-            return Err(self.damaged(key, format!("its witness is damaged: {found:?}")));
+            return Resolved::Damaged(format!("its witness is damaged: {found:?}"));
         };
         if let Some(digest) = &witness.blob {
             // A file of the store's own: damage there leaves sled's trees intact.
             let path = self.blobs.path(digest);
-            let corrupt = |reason| DuraflowError::Corrupt {
-                key: key.to_owned(),
-                path: Some(path.clone()),
-                reason,
+            let corrupt = |reason| {
+                Resolved::BadFile(DuraflowError::Corrupt {
+                    key: key.to_owned(),
+                    path: Some(path.clone()),
+                    reason,
+                })
             };
-            let bytes = self.blobs.get(digest, witness.len).map_err(corrupt)?;
-            if !witness.matches(&bytes) {
-                return Err(corrupt("its file is not the value stored".to_owned()));
-            }
-            return Ok(Some(bytes));
+            return match self.blobs.get(digest, witness.len) {
+                Ok(bytes) if witness.matches(&bytes) => Resolved::Value(Some(bytes)),
+                Ok(_) => corrupt("its file is not the value stored".to_owned()),
+                Err(reason) => corrupt(reason),
+            };
         }
         match value {
-            Some(value) if witness.matches(&value) => Ok(Some(value.to_vec())),
+            Some(value) if witness.matches(&value) => Resolved::Value(Some(value.to_vec())),
             // A write the store never acknowledged, lost to a crash: sled kept the log entry
             // of the witness but not the blob file of the value.
-            _ if witness.commit > self.acknowledged => Ok(None),
+            _ if witness.commit > self.acknowledged => Resolved::Unacknowledged,
             found => {
                 let what = match found {
                     Some(_) => "it is not the value last stored",
                     None => "it is missing, though it was stored",
                 };
-                let reason = format!(
+                Resolved::Damaged(format!(
                     "{what} (sled opened an older version of its page: a file of sled's is \
                      missing)"
-                );
-                Err(self.damaged(key, reason))
+                ))
             }
         }
     }
@@ -435,8 +444,10 @@ impl Inner {
         self.usable()?;
         let trees = (&self.trees.outputs, &self.trees.witnesses);
         let removed = trees.transaction(|(outputs, witnesses)| {
-            witnesses.remove(key.as_bytes())?;
-            Ok::<_, ConflictableTransactionError<()>>(outputs.remove(key.as_bytes())?.is_some())
+            // An output kept in a file of its own has only its witness in the trees.
+            let witness = witnesses.remove(key.as_bytes())?;
+            let value = outputs.remove(key.as_bytes())?;
+            Ok::<_, ConflictableTransactionError<()>>(witness.is_some() || value.is_some())
         });
         let removed = removed.map_err(|e| match e {
             TransactionError::Storage(e) => self.write_error(e),
@@ -496,6 +507,9 @@ impl Storage for SledStore {
 
     /// Durable (synced, whatever the [`Durability`]) when it resolves. A value over
     /// [`SledConfig::max_value_size`], if set, is refused with [`DuraflowError::Persist`].
+    /// A value over the blob threshold is written to its file when the future is first
+    /// polled, and committed after that: two such writes of one key that are not awaited
+    /// one after the other may be applied in either order.
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
         self.commit_output(key, value, None, true)
     }

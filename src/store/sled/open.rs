@@ -194,6 +194,7 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
         trees: trees.clone(),
         shared: Arc::clone(&shared),
         syncer: Arc::clone(&syncer),
+        blobs: Arc::clone(&blobs),
     };
     let thread = std::thread::Builder::new()
         .name("duraflow-sled-writer".to_owned())
@@ -228,7 +229,7 @@ fn create_dir(path: &Path) -> Result<PathBuf, DuraflowError> {
 /// What [`recover`] found and set up.
 struct Recovered {
     trees: Trees,
-    blobs: Blobs,
+    blobs: Arc<Blobs>,
     shared: Arc<Shared>,
     syncer: Syncer,
     /// The last commit the store had acknowledged.
@@ -303,7 +304,6 @@ fn recover(
         None => None,
     };
     let meta = db.open_tree("meta").map_err(io)?;
-    let blobs = Blobs::open(path).map_err(|e| DuraflowError::io(path, e))?;
     let trees = Trees {
         meta: meta.clone(),
         outputs: db.open_tree("outputs").map_err(io)?,
@@ -311,21 +311,6 @@ fn recover(
         runs: db.open_tree("runs").map_err(io)?,
         attempts: db.open_tree("attempts").map_err(io)?,
     };
-    match found {
-        None => drop(
-            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                .map_err(io)?,
-        ),
-        // One step per file of `migrations/sled/`, from the store's format up.
-        Some(found) if found < FORMAT_VERSION => {
-            tracing::info!(store = %path.display(), from = found, "upgrading the store");
-            if found < 2 {
-                to_2::upgrade(&trees, path)?;
-            }
-            to_3::upgrade(&trees, &blobs, config.blob_threshold, path)?;
-        }
-        Some(_) => {}
-    }
     let recovered = match meta.get(COMMIT_KEY).map_err(io)? {
         Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
             corrupt(format!(
@@ -351,6 +336,23 @@ fn recover(
             ));
         }
         _ => {}
+    }
+    // Only a store that passed the checks above is changed.
+    let blobs = Arc::new(Blobs::open(path).map_err(|e| DuraflowError::io(path, e))?);
+    match found {
+        None => drop(
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(io)?,
+        ),
+        // One step per file of `migrations/sled/`, from the store's format up.
+        Some(found) if found < FORMAT_VERSION => {
+            tracing::info!(store = %path.display(), from = found, "upgrading the store");
+            if found < 2 {
+                to_2::upgrade(&trees, path)?;
+            }
+            to_3::upgrade(&trees, &blobs, config.blob_threshold, path)?;
+        }
+        Some(_) => {}
     }
     let marker_file = match marker {
         Some(m) if m.current && found.is_none_or(|f| f == FORMAT_VERSION) => {

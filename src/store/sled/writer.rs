@@ -13,6 +13,7 @@
 //! sled's own drop (which flushes) hang.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
@@ -22,6 +23,7 @@ use futures::channel::oneshot;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use super::blob::{Blobs, Collected, Held};
 use super::layout::{batch_key, encode_record, CachedBatch, Trees, Witness};
 use super::stop::{Failure, Prior, Shared};
 use super::sync::Syncer;
@@ -55,6 +57,9 @@ pub(super) enum Msg {
     Commit(Box<Commit>),
     /// Store a record, then answer.
     Acked(Record, Reply),
+    /// Once every message before is applied and durable, remove the output files nothing
+    /// refers to, then answer with what was removed.
+    Gc(oneshot::Sender<Result<Collected, Failure>>),
 }
 
 /// How a waiting message is answered.
@@ -81,6 +86,8 @@ pub(super) struct Commit {
     pub(super) value: Option<Vec<u8>>,
     /// The output's witness; the writer sets its commit number.
     pub(super) witness: Witness,
+    /// The output's file, held from gc until the commit is applied and durable.
+    pub(super) _held: Option<Held>,
     /// The attempt record's key and value (in the `attempts` tree).
     pub(super) attempt: Option<(Vec<u8>, Vec<u8>)>,
     pub(super) reply: Reply,
@@ -92,6 +99,7 @@ pub(super) struct Writer {
     pub(super) trees: Trees,
     pub(super) shared: Arc<Shared>,
     pub(super) syncer: Arc<Syncer>,
+    pub(super) blobs: Arc<Blobs>,
 }
 
 /// One group's messages, by kind.
@@ -101,6 +109,7 @@ struct Group {
     cached: Vec<AttemptRecord>,
     commits: Vec<Commit>,
     acked: Vec<(Record, Reply)>,
+    gcs: Vec<oneshot::Sender<Result<Collected, Failure>>>,
 }
 
 impl Writer {
@@ -135,6 +144,7 @@ impl Writer {
                 Msg::Cached(attempt) => writes.cached.push(attempt),
                 Msg::Commit(commit) => writes.commits.push(*commit),
                 Msg::Acked(record, reply) => writes.acked.push((record, reply)),
+                Msg::Gc(reply) => writes.gcs.push(reply),
             }
         }
         let prior = RefCell::new(Vec::new());
@@ -150,7 +160,13 @@ impl Writer {
                     self.shared.stop_with(failure, shadow.unwrap_or_default())
                 }),
         };
-        let Group { commits, acked, .. } = writes;
+        let Group {
+            commits,
+            acked,
+            gcs,
+            ..
+        } = writes;
+        // Dropping a commit releases its output's file to gc: it is applied and durable.
         for reply in acked
             .into_iter()
             .map(|(_, reply)| reply)
@@ -158,6 +174,30 @@ impl Writer {
         {
             let _ = reply.to.send(result.clone());
         }
+        for reply in gcs {
+            let collected = result.clone().and_then(|()| self.guarded_gc());
+            let _ = reply.send(collected);
+        }
+    }
+
+    /// Removes the output files nothing refers to, after a sync: a file goes only once
+    /// no durable witness can name it. A failure stops the store.
+    fn guarded_gc(&self) -> Result<Collected, Failure> {
+        let mut collected = Collected::default();
+        let gc = self.guarded(|| {
+            self.syncer.sync(&self.db, &self.trees.meta)?;
+            let mut referenced = HashSet::new();
+            for witness in self.trees.witnesses.iter().values() {
+                let witness = witness.map_err(|e| Failure::of(&e))?;
+                if let Some(digest) = Witness::decode(&witness).and_then(|w| w.blob) {
+                    referenced.insert(digest);
+                }
+            }
+            collected = self.blobs.gc(&referenced).map_err(|e| Failure::io(&e))?;
+            Ok(())
+        });
+        gc.map(|()| collected)
+            .map_err(|failure| self.shared.stop(failure))
     }
 
     /// Writes a group in order — records, `Cached` batches, commits, then the records
@@ -174,7 +214,8 @@ impl Writer {
         }
         let flush = (group.acked.iter().map(|(_, r)| r))
             .chain(group.commits.iter().map(|c| &c.reply))
-            .any(|r| r.flush);
+            .any(|r| r.flush)
+            || !group.gcs.is_empty();
         if flush {
             self.syncer.sync(&self.db, &self.trees.meta)?;
         }
