@@ -21,6 +21,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::sync::{sync_dir, with_path};
 use crate::DuraflowError;
 
 /// The marker's file name, in the store's directory.
@@ -145,9 +146,7 @@ impl MarkerFile {
             .and_then(|()| file.sync_all())
             .map_err(|e| with_path(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| with_path(&path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| with_path(dir, e))?;
+        sync_dir(dir)?;
         Ok(MarkerFile { path, file })
     }
 
@@ -175,10 +174,6 @@ impl MarkerFile {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| with_path(&self.path, e))
     }
-}
-
-fn with_path(path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

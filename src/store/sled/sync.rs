@@ -174,17 +174,23 @@ impl Listing {
         others.sort();
         let changed = !files.keys().eq(self.files.keys()) || others != self.others;
         if changed {
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| with_path(&self.dir, e))?;
+            sync_dir(&self.dir)?;
         }
         (self.files, self.others) = (files, others);
         Ok(synced)
     }
 }
 
-fn with_path(path: &Path, e: io::Error) -> io::Error {
+/// `e`, with `path` in its text.
+pub(super) fn with_path(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Fsyncs the directory `dir`.
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| with_path(dir, e))
 }
 
 #[cfg(test)]
