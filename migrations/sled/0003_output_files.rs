@@ -5,8 +5,8 @@
 //!
 //! **What format 3 changes.** An output larger than the blob threshold
 //! ([`SledConfig::blob_threshold`](crate::SledConfig::blob_threshold), 64 KiB by default)
-//! is a file under `outputs/` named by the SHA-256 of its bytes; its witness carries that
-//! digest, and the `outputs` tree has no entry for it.
+//! is a file under `outputs/` named by the BLAKE3 hash of its bytes; its witness carries
+//! that digest, and the `outputs` tree has no entry for it.
 //!
 //! **Why.** sled keeps a value whole in its page cache and writes it again whenever its
 //! page is rewritten; a page over about 128 KiB goes to a blob file of sled's that sled

@@ -1,5 +1,5 @@
 //! Outputs too large to keep in sled's tree: files under `outputs/`, each named by the
-//! SHA-256 of its bytes, so identical outputs share one file.
+//! BLAKE3 hash of its bytes, so identical outputs share one file.
 //!
 //! A file is written to a temporary file in the same directory, fsynced, renamed to its
 //! digest and the directory fsynced, all before the commit that refers to it is sent to the
@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use sha2::{Digest as _, Sha256};
-
 use super::sync::{sync_dir, with_path};
 
 /// The directory, in the store's, that holds the output files.
@@ -22,7 +20,7 @@ pub(super) const DIR: &str = "outputs";
 /// The prefix of temporary files.
 const TEMP: &str = ".tmp-";
 
-/// A SHA-256 digest.
+/// A BLAKE3 hash (32 bytes).
 pub(super) type Digest = [u8; 32];
 
 /// A digest whose file gc leaves alone while this lives: from before the file is written
@@ -99,7 +97,7 @@ impl Blobs {
     /// # Errors
     /// The I/O error, its path in the text; the digest is then not held.
     pub(super) fn put(self: &Arc<Self>, bytes: &[u8]) -> io::Result<(Held, u32)> {
-        let digest: Digest = Sha256::digest(bytes).into();
+        let digest: Digest = *blake3::hash(bytes).as_bytes();
         *self.lock().digests.entry(digest).or_default() += 1;
         let held = Held {
             blobs: Arc::clone(self),
@@ -155,7 +153,7 @@ impl Blobs {
                 bytes.len()
             ));
         }
-        if Sha256::digest(&bytes)[..] != digest[..] {
+        if blake3::hash(&bytes).as_bytes() != digest {
             return Err("its file's bytes do not match their digest".to_owned());
         }
         Ok(bytes)

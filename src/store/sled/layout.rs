@@ -57,9 +57,9 @@ pub(super) struct Trees {
 
 /// What the store knows of an output, kept in the `witnesses` tree: its length and CRC-32,
 /// a commit number no higher than the one that made it durable (0 for outputs from before
-/// witnesses), and, for an output kept in a file of its own, that file's SHA-256.
+/// witnesses), and, for an output kept in a file of its own, that file's BLAKE3 hash.
 ///
-/// `length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE) [| SHA-256 (32 bytes)]`.
+/// `length (u64 BE) | CRC-32 (u32 BE) | commit (u64 BE) [| BLAKE3 hash (32 bytes)]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Witness {
     pub(super) len: u64,

@@ -63,9 +63,10 @@ use sled::Transactional;
 ///   [`DuraflowError::StoreLocked`]; once the handle is dropped, the store can be opened
 ///   again at once.
 /// - An output over [`SledConfig::blob_threshold`] (64 KiB by default) is a file of its
-///   own under `outputs/`, named by the SHA-256 of its bytes (identical outputs share one),
-///   durable (fsynced, renamed, its directory fsynced) before the commit that refers to it:
-///   a crash leaves at worst a file nothing refers to, which [`RunHistory::gc`] removes.
+///   own under `outputs/`, named by the BLAKE3 hash of its bytes (identical outputs share
+///   one), durable (fsynced, renamed, its directory fsynced) before the commit that refers
+///   to it: a crash leaves at worst a file nothing refers to, which [`RunHistory::gc`]
+///   removes.
 ///   Its reads check its length and digest: a damaged file is [`DuraflowError::Corrupt`]
 ///   naming the key and the file, and the store keeps working (a new write repairs it).
 /// - No output is refused for its size unless [`SledConfig::max_value_size`] sets a

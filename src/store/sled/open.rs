@@ -104,7 +104,7 @@ impl SledConfig {
 
     /// Sets the size in bytes over which an output (as stored: encoded, in its envelope)
     /// is kept in a file of its own under `outputs/` in the store's directory, named by its
-    /// SHA-256, rather than in sled's tree; identical outputs share one file. Outputs
+    /// BLAKE3 hash, rather than in sled's tree; identical outputs share one file. Outputs
     /// already stored stay where they are.
     pub fn blob_threshold(mut self, bytes: usize) -> SledConfig {
         self.blob_threshold = bytes;
