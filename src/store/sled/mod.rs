@@ -14,7 +14,6 @@ mod writer;
 pub use self::open::{Durability, SledConfig};
 
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -25,7 +24,7 @@ use futures::channel::oneshot;
 use self::blob::Blobs;
 use self::layout::Witness;
 use self::layout::{attempt_key, encode_record, Trees};
-use self::stop::{Failure, Prior, Shared};
+use self::stop::{inside_sled, Failure, Prior, Shared};
 use self::sync::Syncer;
 use self::writer::{Commit, Msg, Record, Reply};
 use super::{ready, StoreFuture};
@@ -421,10 +420,7 @@ impl Inner {
         key: &str,
         op: impl FnOnce(&Inner) -> Result<T, DuraflowError>,
     ) -> Result<T, DuraflowError> {
-        catch_unwind(AssertUnwindSafe(|| op(self))).unwrap_or_else(|panic| {
-            let message = crate::durable::panic_message(&*panic);
-            Err(self.damaged(key, format!("sled panicked: {message}")))
-        })
+        inside_sled(|| op(self)).unwrap_or_else(|panic| Err(self.damaged(key, panic)))
     }
 
     /// Makes everything written so far durable; a failure stops the store.

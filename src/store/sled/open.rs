@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
@@ -15,7 +14,7 @@ use super::layout::{
     FORMAT_VERSION,
 };
 use super::marker::{self, Marker, MarkerFile};
-use super::stop::Shared;
+use super::stop::{inside_sled, Shared};
 use super::sync::Syncer;
 use super::writer::Writer;
 use crate::store::create_dir_durably;
@@ -168,17 +167,8 @@ fn open_with(config: SledConfig) -> Result<SledStore, DuraflowError> {
     };
     // From here on sled has held the lock: dropping the claim waits for its release.
     claim.opened();
-    let recovered = catch_unwind(AssertUnwindSafe(|| recover(&db, &path, marker, &config)))
-        .unwrap_or_else(|panic| {
-            Err(DuraflowError::Corrupt {
-                key: String::new(),
-                path: Some(path.clone()),
-                reason: format!(
-                    "sled panicked reading the database: {}",
-                    crate::durable::panic_message(&*panic)
-                ),
-            })
-        })?;
+    let recovered = inside_sled(|| recover(&db, &path, marker, &config))
+        .unwrap_or_else(|panic| Err(panicked(&path, panic)))?;
     let Recovered {
         trees,
         blobs,
@@ -411,17 +401,10 @@ fn remove_torn_snapshots(path: &Path) -> Result<bool, DuraflowError> {
 
 /// Opens sled's database, turning a panic into `Corrupt`.
 fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, DuraflowError> {
-    match catch_unwind(AssertUnwindSafe(|| config.open())) {
+    match inside_sled(|| config.open()) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(open_error(path, e)),
-        Err(panic) => Err(DuraflowError::Corrupt {
-            key: String::new(),
-            path: Some(path.to_owned()),
-            reason: format!(
-                "sled panicked opening the database: {}",
-                crate::durable::panic_message(&*panic)
-            ),
-        }),
+        Err(panic) => Err(panicked(path, panic)),
     }
 }
 
@@ -495,6 +478,15 @@ fn check_path(path: &Path) -> Result<Option<Marker>, DuraflowError> {
         Ok(_) => Err(not_a_store("a file, not a directory")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(DuraflowError::io(path, e)),
+    }
+}
+
+/// The store at `path` is damaged: sled panicked (`panic`) opening or reading it.
+fn panicked(path: &Path, panic: String) -> DuraflowError {
+    DuraflowError::Corrupt {
+        key: String::new(),
+        path: Some(path.to_owned()),
+        reason: panic,
     }
 }
 

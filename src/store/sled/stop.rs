@@ -91,6 +91,13 @@ impl Shared {
     }
 }
 
+/// Runs `work`, which calls sled: `Err` says what sled panicked with (sled 0.34 panics on
+/// some damage it finds), so that the store can stop instead of the caller unwinding.
+pub(super) fn inside_sled<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .map_err(|panic| format!("sled panicked: {}", crate::durable::panic_message(&*panic)))
+}
+
 /// A failure, kept to answer with (an `io::Error` is not `Clone`).
 #[derive(Debug, Clone)]
 pub(super) struct Failure {
@@ -124,11 +131,6 @@ impl Failure {
             kind: io::ErrorKind::InvalidData,
             text,
         }
-    }
-
-    /// A panic inside sled.
-    pub(super) fn panic(message: &str) -> Failure {
-        Failure::damage(format!("sled panicked: {message}"))
     }
 
     /// The error to answer with, for the store at `path`. `earlier` says the store had

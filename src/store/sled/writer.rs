@@ -15,7 +15,6 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
@@ -25,7 +24,7 @@ use sled::Transactional;
 
 use super::blob::{Blobs, Collected, Held};
 use super::layout::{batch_key, encode_record, CachedBatch, Trees, Witness};
-use super::stop::{Failure, Prior, Shared};
+use super::stop::{inside_sled, Failure, Prior, Shared};
 use super::sync::Syncer;
 use crate::record::AttemptRecord;
 
@@ -127,10 +126,7 @@ impl Writer {
 
     /// Runs `work`, a panic inside sled becoming a failure.
     fn guarded(&self, work: impl FnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
-        catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-            let message = crate::durable::panic_message(&*panic);
-            Err(Failure::panic(message))
-        })
+        inside_sled(work).unwrap_or_else(|panic| Err(Failure::damage(panic)))
     }
 
     /// Applies one group and answers whoever waits. A failure (an error or a panic inside
@@ -155,8 +151,7 @@ impl Writer {
                 .map_err(|failure| {
                     let prior = prior.into_inner();
                     // Values the group did not reach are read from sled, which may panic again.
-                    let shadow =
-                        catch_unwind(AssertUnwindSafe(|| self.prior(&writes.commits, prior)));
+                    let shadow = inside_sled(|| self.prior(&writes.commits, prior));
                     self.shared.stop_with(failure, shadow.unwrap_or_default())
                 }),
         };
@@ -214,8 +209,7 @@ impl Writer {
         }
         let flush = (group.acked.iter().map(|(_, r)| r))
             .chain(group.commits.iter().map(|c| &c.reply))
-            .any(|r| r.flush)
-            || !group.gcs.is_empty();
+            .any(|r| r.flush);
         if flush {
             self.syncer.sync(&self.db, &self.trees.meta)?;
         }
