@@ -9,16 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::wait;
+use common::{wait, MARKER};
 use duraflow_rs::{RunHistory, SledStore, Storage};
 
 const DIR_ENV: &str = "DURAFLOW_LARGE_CRASH_DIR";
 const CHILD_TEST: &str = "large_writer";
-const MARKER: &str = "@@ ";
 const KEYS: usize = 3;
 const KILLS: usize = 24;
 const MAX_KILLS: usize = 120;
@@ -83,17 +80,11 @@ fn large_outputs_survive_sigkill_at_any_moment() {
     let mut left_temps = 0;
     while round < KILLS || (left_temps + in_flight == 0 && round < MAX_KILLS) {
         round += 1;
-        let mut child = common::child_test(CHILD_TEST)
+        let mut writer = common::child_test(CHILD_TEST);
+        writer
             .env(DIR_ENV, &path)
-            .env("DURAFLOW_LARGE_CRASH_FROM", next.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the child");
-        let stdout = child.stdout.take().expect("the child's stdout");
-        let mut reports = BufReader::new(stdout)
-            .lines()
-            .map(|l| l.expect("read the child's stdout"))
-            .filter_map(|l| l.split_once(MARKER).map(|(_, r)| r.to_owned()));
+            .env("DURAFLOW_LARGE_CRASH_FROM", next.to_string());
+        let (mut child, mut reports) = common::spawn_reporting(writer);
         // A kill at a random moment of a write: a few milliseconds into one, at most.
         let nth = rng.usize(1..=2 * KEYS);
         let mut seen = Vec::new();

@@ -9,12 +9,11 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::wait;
+use common::{wait, MARKER};
 use duraflow_rs::{SledStore, Storage};
 
 const DIR_ENV: &str = "DURAFLOW_UPGRADE_DIR";
@@ -22,8 +21,6 @@ const FORMAT_ENV: &str = "DURAFLOW_UPGRADE_FORMAT";
 const DAMAGED_ENV: &str = "DURAFLOW_UPGRADE_DAMAGED";
 const CHILD_TEST: &str = "old_format_writer";
 const OPENER_TEST: &str = "upgrading_opener";
-/// Every line the child reports starts with this (libtest prints its own text first).
-const MARKER: &str = "@@ ";
 /// More than one batch of the upgrade.
 const OUTPUTS: usize = 2500;
 
@@ -191,17 +188,9 @@ fn upgrading_opener() {
 /// Starts the opener over `path`; returns it, with its later reports, once it says it is
 /// opening.
 fn start_opener(path: &Path) -> (std::process::Child, impl Iterator<Item = String>) {
-    let mut child = common::child_test(OPENER_TEST)
-        .env(DIR_ENV, path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn the child");
-    let stdout = child.stdout.take().expect("the child's stdout");
-    let mut reports = BufReader::new(stdout)
-        .lines()
-        .map(|l| l.expect("read the child's stdout"))
-        .filter_map(|l| l.split_once(MARKER).map(|(_, r)| r.to_owned()));
+    let mut opener = common::child_test(OPENER_TEST);
+    opener.env(DIR_ENV, path).stdin(Stdio::piped());
+    let (child, mut reports) = common::spawn_reporting(opener);
     assert_eq!(reports.next().as_deref(), Some("opening"));
     (child, reports)
 }

@@ -199,3 +199,25 @@ pub fn child_test(test: &str) -> std::process::Command {
 pub fn wait<F: std::future::Future>(future: F) -> F::Output {
     futures::executor::block_on(future)
 }
+
+/// Every line a child process reports starts with this (libtest prints its own text, without
+/// a newline, before the first one).
+pub const MARKER: &str = "@@ ";
+
+/// Spawns `command` with its stdout piped; returns the child and the reports it prints (the
+/// text after [`MARKER`] on each line that has it), as they come.
+pub fn spawn_reporting(
+    mut command: std::process::Command,
+) -> (std::process::Child, impl Iterator<Item = String>) {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("the child's stdout");
+    let reports = std::io::BufReader::new(stdout)
+        .lines()
+        .map(|l| l.expect("read the child's stdout"))
+        .filter_map(|l| l.split_once(MARKER).map(|(_, r)| r.to_owned()));
+    (child, reports)
+}
