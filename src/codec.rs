@@ -17,8 +17,11 @@
 //! or loses one. The checksum makes a flipped or truncated byte a [`DuraflowError::Corrupt`]
 //! instead of a wrong value.
 
+use std::io::{self, BufRead, BufReader, Read, Write};
+
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::store::value::carried;
 use crate::DuraflowError;
 
 const MAGIC: &[u8; 2] = b"DF";
@@ -28,8 +31,13 @@ const TRAILER: usize = 4;
 /// Flag: the payload is the JSON text duraflow-rs 1.x stored, kept as it was so that every
 /// type reads back exactly what 1.x's `serde_json::from_str` returned.
 const FLAG_JSON: u8 = 1;
+/// The payload length field of a payload of 4 GiB or more: the payload then fills the
+/// envelope up to its trailer.
+const LONG: u32 = u32::MAX;
+/// The buffer between a streamed value and the store's file.
+const BUFFER: usize = 256 * 1024;
 
-/// How strictly [`decode`] compares the stored type name with the requested type.
+/// How strictly a read compares the stored type name with the requested type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TypeCheck {
     /// The stored type name must equal the requested one (untyped values excepted): what a
@@ -39,7 +47,28 @@ pub(crate) enum TypeCheck {
     Structural,
 }
 
-/// Encodes `value` into an envelope.
+/// The type name of `T` as the envelope records it: cut to `u16::MAX` bytes (the name is a
+/// label, not the type's identity).
+fn type_name_of<T: ?Sized>() -> (&'static str, &'static [u8]) {
+    let name = std::any::type_name::<T>();
+    (name, &name.as_bytes()[..name.len().min(u16::MAX as usize)])
+}
+
+/// The envelope's header, up to and including its payload length field.
+fn header(name: &[u8], flags: u8, payload_len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + name.len() + 4);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(flags);
+    // At most u16::MAX bytes (see `type_name_of`).
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    let field = u32::try_from(payload_len).ok().filter(|&n| n != LONG);
+    out.extend_from_slice(&field.unwrap_or(LONG).to_le_bytes());
+    out
+}
+
+/// Encodes `value` into an envelope, in memory.
 ///
 /// # Errors
 /// [`DuraflowError::Encode`] when serde cannot serialise the value.
@@ -47,138 +76,433 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     key: &str,
     value: &T,
 ) -> Result<Vec<u8>, DuraflowError> {
-    let type_name = std::any::type_name::<T>();
-    // Type names longer than u16::MAX are cut: the name is a label, not the type's identity.
-    let name = type_name.as_bytes();
-    let name = &name[..name.len().min(u16::MAX as usize)];
-    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + 16 + TRAILER);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(0);
-    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    out.extend_from_slice(name);
-    let len_at = out.len();
-    out.extend_from_slice(&[0; 4]);
-    // The payload is encoded in place, then its length patched in: one buffer per value.
-    rmp_serde::encode::write_named(&mut out, value).map_err(|source| DuraflowError::Encode {
+    // Nothing is over a limit of `usize::MAX` bytes.
+    Ok(encode_within(key, value, usize::MAX)?.unwrap_or_default())
+}
+
+/// Encodes `value` into an envelope in memory if it takes at most `limit` bytes; `None`
+/// (after encoding at most `limit` bytes of it) if it takes more.
+///
+/// # Errors
+/// [`DuraflowError::Encode`] when serde cannot serialise the value.
+pub(crate) fn encode_within<T: Serialize + ?Sized>(
+    key: &str,
+    value: &T,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, DuraflowError> {
+    let (type_name, name) = type_name_of::<T>();
+    let out = header(name, 0, 0);
+    let len_at = out.len() - 4;
+    // The payload is encoded in place, then its length patched in: one pass, one buffer.
+    let mut bounded = Bounded {
+        out,
+        limit: limit.saturating_sub(TRAILER),
+        over: false,
+    };
+    match rmp_serde::encode::write_named(&mut bounded, value) {
+        Ok(()) => {}
+        Err(_) if bounded.over => return Ok(None),
+        Err(source) => {
+            return Err(DuraflowError::Encode {
+                key: key.to_owned(),
+                type_name,
+                source,
+            })
+        }
+    }
+    let mut out = bounded.out;
+    let payload_len = (out.len() - len_at - 4) as u64;
+    let field = u32::try_from(payload_len).ok().filter(|&n| n != LONG);
+    out[len_at..len_at + 4].copy_from_slice(&field.unwrap_or(LONG).to_le_bytes());
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(Some(out))
+}
+
+/// A buffer that refuses to grow past `limit` bytes.
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.over = true;
+            return Err(io::Error::other("over the limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes the envelope of `value` into `out` as it is encoded: a first pass counts the
+/// payload's bytes (for the length field), the second writes them, through a buffer, with
+/// the checksum computed on the way. Nothing is held in memory but the buffer.
+///
+/// # Errors
+/// [`DuraflowError::Encode`] when serde cannot serialise the value (found by the first
+/// pass, before anything is written); an error of `out` as the `DuraflowError` it carries
+/// (see [`Encoder`](crate::Encoder)), or as [`DuraflowError::Persist`] naming `key`.
+pub(crate) fn write<T: Serialize + ?Sized>(
+    key: &str,
+    value: &T,
+    out: &mut dyn Write,
+) -> Result<(), DuraflowError> {
+    let (type_name, name) = type_name_of::<T>();
+    let encode_error = |source| DuraflowError::Encode {
         key: key.to_owned(),
         type_name,
         source,
-    })?;
-    let payload_len = out.len() - len_at - 4;
-    let payload_len = u32::try_from(payload_len).map_err(|_| DuraflowError::Persist {
+    };
+    let mut counter = Counter(0);
+    rmp_serde::encode::write_named(&mut counter, value).map_err(encode_error)?;
+    let mut checked = Checked {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+        error: None,
+    };
+    let written = {
+        let mut buffered = io::BufWriter::with_capacity(BUFFER, &mut checked);
+        buffered
+            .write_all(&header(name, 0, counter.0))
+            .map_err(|_| None)
+            .and_then(|()| rmp_serde::encode::write_named(&mut buffered, value).map_err(Some))
+            .and_then(|()| buffered.flush().map_err(|_| None))
+    };
+    let Checked { inner, crc, error } = checked;
+    let crc = crc.finalize().to_le_bytes();
+    let written = written.and_then(|()| inner.write_all(&crc).map_err(|_| None));
+    match (written, error) {
+        (Ok(()), _) => Ok(()),
+        // The writer's error, whatever serde made of it.
+        (Err(_), Some(e)) => Err(write_error(key, e)),
+        (Err(Some(e)), None) => Err(encode_error(e)),
+        (Err(None), None) => Err(write_error(key, io::Error::other("the write failed"))),
+    }
+}
+
+/// An error of the writer a value is encoded into.
+fn write_error(key: &str, e: io::Error) -> DuraflowError {
+    carried(e).unwrap_or_else(|e| DuraflowError::Persist {
         key: key.to_owned(),
-        source: format!("encoded value is {payload_len} bytes; the limit is 4 GiB").into(),
-    })?;
-    out[len_at..len_at + 4].copy_from_slice(&payload_len.to_le_bytes());
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    Ok(out)
+        source: Box::new(e),
+    })
+}
+
+/// Counts the bytes written to it.
+struct Counter(u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Passes bytes on to `inner`, computing their CRC-32 and keeping the first error of
+/// `inner`.
+struct Checked<T> {
+    inner: T,
+    crc: crc32fast::Hasher,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Write for Checked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.inner.write(buf) {
+            Ok(n) => {
+                self.crc.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) => Err(self.keep(e)),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(|e| self.keep(e))
+    }
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.crc.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) => Err(self.keep(e)),
+        }
+    }
+}
+
+impl<T> Checked<T> {
+    /// Keeps `e` (the first error only) and returns a stand-in for the layers above.
+    fn keep(&mut self, e: io::Error) -> io::Error {
+        let stand_in = io::Error::new(e.kind(), "the store's reader or writer failed");
+        self.error.get_or_insert(e);
+        stand_in
+    }
 }
 
 /// Wraps `json` (a value as duraflow-rs 1.x stored it) in an untyped envelope whose payload
 /// is read with `serde_json`.
 pub(crate) fn encode_json(json: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + 4 + json.len() + TRAILER);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(FLAG_JSON);
-    out.extend_from_slice(&0u16.to_le_bytes());
-    // 1.x values are files read whole into memory: far below 4 GiB.
-    out.extend_from_slice(&(json.len().min(u32::MAX as usize) as u32).to_le_bytes());
+    let mut out = header(b"", FLAG_JSON, json.len() as u64);
     out.extend_from_slice(json);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
 }
 
-/// A checked envelope: the type name it records and its payload.
+/// What an envelope's header says.
 #[derive(Debug)]
-pub(crate) struct Envelope<'a> {
-    pub type_name: &'a str,
-    pub payload: &'a [u8],
+pub(crate) struct Header {
+    /// The type name it records (empty: untyped).
+    pub type_name: String,
     /// Whether the payload is JSON (see [`encode_json`]) rather than MessagePack.
     pub json: bool,
 }
 
-/// Checks framing and checksum of `bytes` and returns the envelope's parts.
+/// The payload of an envelope being read: exactly its bytes.
+pub(crate) type Payload<'a> = io::Take<&'a mut dyn BufRead>;
+
+/// Reads the envelope of `len` bytes that `reader` yields, handing its header and payload
+/// to `body`, and checks it whole: framing, the checksum, and that `reader` ends where `len`
+/// says (which lets a store's reader check its own digest). Nothing but a buffer is held in
+/// memory beyond what `body` keeps.
+///
+/// An error of `reader` comes first, then damage (the envelope's framing and checksum),
+/// then `body`'s error: `body` may fail on bytes that are damaged, and damage must be
+/// reported as such.
 ///
 /// # Errors
-/// [`DuraflowError::Corrupt`] naming `key` when anything does not add up.
-pub(crate) fn open<'a>(key: &str, bytes: &'a [u8]) -> Result<Envelope<'a>, DuraflowError> {
+/// The `DuraflowError` an error of `reader` carries (see [`Stored`](crate::Stored)), or
+/// [`DuraflowError::Corrupt`] naming `key` for any other error of it and for damage; the
+/// error of `body`.
+pub(crate) fn read_with<R>(
+    key: &str,
+    reader: &mut dyn Read,
+    len: u64,
+    body: impl FnOnce(&Header, &mut Payload<'_>) -> Result<R, DuraflowError>,
+) -> Result<R, DuraflowError> {
     let corrupt = |reason: &str| DuraflowError::Corrupt {
         key: key.to_owned(),
         path: None,
         reason: reason.to_owned(),
     };
-    if bytes.len() < HEADER + 4 + TRAILER || &bytes[..2] != MAGIC {
-        return Err(corrupt("not a duraflow envelope (bad magic or too short)"));
+    let mut checked = Checked {
+        inner: reader.take(len.saturating_sub(TRAILER as u64)),
+        crc: crc32fast::Hasher::new(),
+        error: None,
+    };
+    let result = {
+        let capacity = usize::try_from(len).unwrap_or(BUFFER).clamp(64, BUFFER);
+        let mut buffered = BufReader::with_capacity(capacity, &mut checked);
+        let result = read_header(&mut buffered, len).map(|(header, payload_len)| {
+            let mut payload = (&mut buffered as &mut dyn BufRead).take(payload_len);
+            body(&header, &mut payload)
+        });
+        // Whatever `body` left is read too, so that the checksum covers every byte (an
+        // error of the reader is kept in `checked`).
+        let _ = io::copy(&mut buffered, &mut io::sink());
+        result
+    };
+    let Checked { inner, crc, error } = checked;
+    let store_error =
+        |e: io::Error| carried(e).unwrap_or_else(|e| corrupt(&format!("reading it failed: {e}")));
+    if let Some(e) = error {
+        return Err(store_error(e));
     }
-    let (body, crc) = bytes.split_at(bytes.len() - TRAILER);
-    let stored_crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    if crc32fast::hash(body) != stored_crc {
+    if inner.limit() > 0 || len < (HEADER + 4 + TRAILER) as u64 {
+        return Err(corrupt("truncated: shorter than its stored length"));
+    }
+    let reader = inner.into_inner();
+    let mut trailer = [0; TRAILER];
+    match reader.read_exact(&mut trailer) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(corrupt("truncated: shorter than its stored length"))
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    // The end of the reader, where a store's reader checks its digest.
+    match reader.read(&mut [0]) {
+        Ok(0) => {}
+        Ok(_) => return Err(corrupt("longer than its stored length")),
+        Err(e) => return Err(store_error(e)),
+    }
+    if crc.finalize() != u32::from_le_bytes(trailer) {
         return Err(corrupt("checksum mismatch"));
     }
-    if body[2] != VERSION {
-        return Err(corrupt(&format!("unknown envelope version {}", body[2])));
+    match result {
+        Ok(result) => result,
+        Err(reason) => Err(corrupt(&reason)),
     }
-    let name_len = u16::from_le_bytes([body[4], body[5]]) as usize;
-    let rest = &body[HEADER..];
-    if rest.len() < name_len + 4 {
-        return Err(corrupt("truncated type name"));
-    }
-    let (name, rest) = rest.split_at(name_len);
-    let type_name = std::str::from_utf8(name).map_err(|_| corrupt("type name is not UTF-8"))?;
-    let (len, payload) = rest.split_at(4);
-    let payload_len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if payload.len() != payload_len {
-        return Err(corrupt("payload length does not match"));
-    }
-    if body[3] & !FLAG_JSON != 0 {
-        return Err(corrupt(&format!("unknown envelope flags {:#04x}", body[3])));
-    }
-    Ok(Envelope {
-        type_name,
-        payload,
-        json: body[3] & FLAG_JSON != 0,
-    })
 }
 
-/// Decodes the value stored under `key` as a `T`.
+/// Reads an envelope's header from `reader`, for an envelope of `len` bytes; returns it with
+/// the payload's length, or what is wrong with it.
+fn read_header(reader: &mut dyn Read, len: u64) -> Result<(Header, u64), String> {
+    let mut fixed = [0; HEADER];
+    reader
+        .read_exact(&mut fixed)
+        .map_err(|_| "not a duraflow envelope (too short)".to_owned())?;
+    if &fixed[..2] != MAGIC {
+        return Err("not a duraflow envelope (bad magic)".to_owned());
+    }
+    if fixed[2] != VERSION {
+        return Err(format!("unknown envelope version {}", fixed[2]));
+    }
+    if fixed[3] & !FLAG_JSON != 0 {
+        return Err(format!("unknown envelope flags {:#04x}", fixed[3]));
+    }
+    let name_len = u16::from_le_bytes([fixed[4], fixed[5]]) as usize;
+    let mut name = vec![0; name_len + 4];
+    reader
+        .read_exact(&mut name)
+        .map_err(|_| "truncated type name".to_owned())?;
+    let field = u32::from_le_bytes([
+        name[name_len],
+        name[name_len + 1],
+        name[name_len + 2],
+        name[name_len + 3],
+    ]);
+    name.truncate(name_len);
+    let type_name = String::from_utf8(name).map_err(|_| "type name is not UTF-8".to_owned())?;
+    let framing = (HEADER + name_len + 4 + TRAILER) as u64;
+    let payload_len = len.saturating_sub(framing);
+    let fits = match field {
+        LONG => payload_len >= u64::from(LONG),
+        n => payload_len == u64::from(n),
+    };
+    if !fits || len < framing {
+        return Err("payload length does not match".to_owned());
+    }
+    let json = fixed[3] & FLAG_JSON != 0;
+    Ok((Header { type_name, json }, payload_len))
+}
+
+/// Decodes the value stored under `key` as a `T`, from the `len` bytes `reader` yields.
 ///
 /// # Errors
 /// [`DuraflowError::Corrupt`] for damaged bytes; [`DuraflowError::TypeMismatch`] when the
-/// payload does not decode as `T` (or, with [`TypeCheck::Exact`], was written by another type).
+/// payload does not decode as `T` (or, with [`TypeCheck::Exact`], was written by another
+/// type); an error of `reader` as [`read_with`] says.
+pub(crate) fn read<T: DeserializeOwned>(
+    key: &str,
+    reader: &mut dyn Read,
+    len: u64,
+    check: TypeCheck,
+) -> Result<T, DuraflowError> {
+    read_with(key, reader, len, |header, payload| {
+        let requested = std::any::type_name::<T>();
+        let mismatch = |reason: String| DuraflowError::TypeMismatch {
+            key: key.to_owned(),
+            stored: header.type_name.clone(),
+            requested,
+            reason,
+        };
+        let untyped = header.type_name.is_empty();
+        if check == TypeCheck::Exact && !untyped && header.type_name != requested {
+            return Err(mismatch("written by another type".to_owned()));
+        }
+        let value = if header.json {
+            serde_json::from_reader(&mut *payload).map_err(|e| mismatch(e.to_string()))?
+        } else {
+            let mut de = rmp_serde::Deserializer::new(&mut *payload);
+            T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
+        };
+        if payload.limit() != 0 {
+            return Err(mismatch(
+                "the value does not use all stored bytes".to_owned(),
+            ));
+        }
+        Ok(value)
+    })
+}
+
+/// Decodes the envelope `bytes` as a `T`: [`read`] over bytes in memory.
+///
+/// # Errors
+/// As [`read`].
 pub(crate) fn decode<T: DeserializeOwned>(
     key: &str,
     bytes: &[u8],
     check: TypeCheck,
 ) -> Result<T, DuraflowError> {
-    let env = open(key, bytes)?;
-    let requested = std::any::type_name::<T>();
-    let mismatch = |reason: String| DuraflowError::TypeMismatch {
-        key: key.to_owned(),
-        stored: env.type_name.to_owned(),
-        requested,
-        reason,
+    read(key, &mut &bytes[..], bytes.len() as u64, check)
+}
+
+/// Checks the envelope `bytes` (framing and checksum) without decoding its payload.
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] naming `key` for damage.
+pub(crate) fn check(key: &str, bytes: &[u8]) -> Result<(), DuraflowError> {
+    read_with(key, &mut &bytes[..], bytes.len() as u64, drain)
+}
+
+/// Reads what is left of `payload`.
+fn drain(_: &Header, payload: &mut Payload<'_>) -> Result<(), DuraflowError> {
+    let _ = io::copy(payload, &mut io::sink());
+    Ok(())
+}
+
+/// Where a [`copy`] failed.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    /// Reading the envelope: the reader's error, or damage.
+    Source(DuraflowError),
+    /// Writing it.
+    Target(DuraflowError),
+}
+
+/// Copies the envelope of `len` bytes that `reader` yields into `out` as it is read,
+/// checking it whole on the way (as [`read_with`] does).
+///
+/// # Errors
+/// [`CopyError::Source`] with what [`read_with`] returns; [`CopyError::Target`] with the
+/// error of `out` (as [`write`] reports it).
+pub(crate) fn copy(
+    key: &str,
+    reader: &mut dyn Read,
+    len: u64,
+    out: &mut dyn Write,
+) -> Result<(), CopyError> {
+    let mut tee = Tee {
+        reader,
+        out,
+        failed: None,
     };
-    if check == TypeCheck::Exact && !env.type_name.is_empty() && env.type_name != requested {
-        return Err(mismatch("written by another type".to_owned()));
+    let checked = read_with(key, &mut tee, len, drain);
+    match tee.failed {
+        Some(e) => Err(CopyError::Target(write_error(key, e))),
+        None => checked.map_err(CopyError::Source),
     }
-    if env.json {
-        return serde_json::from_slice(env.payload).map_err(|e| mismatch(e.to_string()));
+}
+
+/// Writes what it reads from `reader` to `out`, keeping the error of `out`.
+struct Tee<'a> {
+    reader: &'a mut dyn Read,
+    out: &'a mut dyn Write,
+    failed: Option<io::Error>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        if let Err(e) = self.out.write_all(&buf[..n]) {
+            self.failed = Some(e);
+            return Err(io::Error::other("the copy's writer failed"));
+        }
+        Ok(n)
     }
-    let mut cursor = std::io::Cursor::new(env.payload);
-    let value = {
-        let mut de = rmp_serde::Deserializer::new(&mut cursor);
-        T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
-    };
-    if cursor.position() as usize != env.payload.len() {
-        return Err(mismatch(
-            "the value does not use all stored bytes".to_owned(),
-        ));
-    }
-    Ok(value)
 }
 
 /// Decodes the value stored under `key` without knowing its type: the type name it was
@@ -191,18 +515,24 @@ pub(crate) fn inspect(
     key: &str,
     bytes: &[u8],
 ) -> Result<(String, serde_json::Value), DuraflowError> {
-    let env = open(key, bytes)?;
-    let corrupt = |reason: String| DuraflowError::Corrupt {
-        key: key.to_owned(),
-        path: None,
-        reason,
-    };
-    let value = if env.json {
-        serde_json::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
-    } else {
-        rmp_serde::from_slice(env.payload).map_err(|e| corrupt(e.to_string()))?
-    };
-    Ok((env.type_name.to_owned(), value))
+    read_with(
+        key,
+        &mut &bytes[..],
+        bytes.len() as u64,
+        |header, payload| {
+            let corrupt = |reason: String| DuraflowError::Corrupt {
+                key: key.to_owned(),
+                path: None,
+                reason,
+            };
+            let value = if header.json {
+                serde_json::from_reader(&mut *payload).map_err(|e| corrupt(e.to_string()))?
+            } else {
+                rmp_serde::from_read(&mut *payload).map_err(|e| corrupt(e.to_string()))?
+            };
+            Ok((header.type_name.clone(), value))
+        },
+    )
 }
 
 #[cfg(test)]
@@ -247,10 +577,10 @@ mod tests {
     #[test]
     fn round_trip_and_type_name() {
         let bytes = encode("k", &V1 { a: 7 }).unwrap();
-        assert_eq!(
-            open("k", &bytes).unwrap().type_name,
-            std::any::type_name::<V1>()
-        );
+        let name = read_with("k", &mut &bytes[..], bytes.len() as u64, |header, _| {
+            Ok(header.type_name.clone())
+        });
+        assert_eq!(name.unwrap(), std::any::type_name::<V1>());
         assert_eq!(
             decode::<V1>("k", &bytes, TypeCheck::Exact).unwrap(),
             V1 { a: 7 }

@@ -1,5 +1,6 @@
 //! [`Context`]: the store handle shared by every task of a pipeline.
 
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use pollster::block_on as wait;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{self, TypeCheck};
-use crate::{validate_key, DuraflowError, Storage};
+use crate::{validate_key, DuraflowError, Storage, Stored};
 
 /// The store a pipeline persists into, plus a counter of completed tasks.
 ///
@@ -71,9 +72,15 @@ impl Context {
     /// [`DuraflowError::InvalidKey`]; any error of the store.
     pub fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, DuraflowError> {
         validate_key(key)?;
-        match wait(self.db.read(key))? {
+        match wait(self.db.read_value(key))? {
             None => Ok(None),
-            Some(bytes) => codec::decode(key, &bytes, TypeCheck::Structural).map(Some),
+            Some(Stored::Bytes(bytes)) => {
+                codec::decode(key, &bytes, TypeCheck::Structural).map(Some)
+            }
+            // A large value is decoded as it is read, on the calling thread.
+            Some(Stored::Reader { len, mut reader }) => {
+                codec::read(key, &mut reader, len, TypeCheck::Structural).map(Some)
+            }
         }
     }
 
@@ -95,6 +102,58 @@ impl Context {
             value,
             size: bytes.len(),
         }))
+    }
+
+    /// Writes the value stored under `key`, whatever its type, to `out` as pretty-printed
+    /// JSON as it is read, so that a large value is never held in memory (the CLI's `get`):
+    /// `head` is called first, with the name of the type that wrote it (empty for values
+    /// upgraded from duraflow-rs 1.x), its size in bytes and `out`. Returns `false`, having
+    /// written nothing, if the key holds nothing. Blocks the calling thread.
+    ///
+    /// The value is checked as it is read: damage found past its start is reported once
+    /// part of it has been written.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Corrupt`] when the bytes fail their checksum or do not decode (a
+    /// map key that JSON cannot express, say); [`DuraflowError::Io`] naming `"<output>"`
+    /// when `out` or `head` fails; [`DuraflowError::InvalidKey`]; any error of the store.
+    pub fn write_json(
+        &self,
+        key: &str,
+        out: &mut dyn Write,
+        head: impl FnOnce(&str, u64, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<bool, DuraflowError> {
+        validate_key(key)?;
+        let Some(found) = wait(self.db.read_value(key))? else {
+            return Ok(false);
+        };
+        let len = found.len();
+        let mut reader: Box<dyn Read + Send> = match found {
+            Stored::Bytes(bytes) => Box::new(io::Cursor::new(bytes)),
+            Stored::Reader { reader, .. } => reader,
+        };
+        let output = |e| DuraflowError::io("<output>", e);
+        codec::read_with(key, &mut reader, len, |header, payload| {
+            head(&header.type_name, len, out).map_err(output)?;
+            let mut json = serde_json::Serializer::pretty(&mut *out);
+            let transcoded = if header.json {
+                let mut from = serde_json::Deserializer::from_reader(&mut *payload);
+                serde_transcode::transcode(&mut from, &mut json)
+            } else {
+                let mut from = rmp_serde::Deserializer::new(&mut *payload);
+                serde_transcode::transcode(&mut from, &mut json)
+            };
+            transcoded.map_err(|e| match e.io_error_kind() {
+                Some(kind) => output(io::Error::new(kind, e)),
+                None => DuraflowError::Corrupt {
+                    key: key.to_owned(),
+                    path: None,
+                    reason: e.to_string(),
+                },
+            })?;
+            writeln!(out).map_err(output)
+        })?;
+        Ok(true)
     }
 
     /// Stores `value` under `key`, replacing any previous value, with the store's durability

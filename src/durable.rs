@@ -162,29 +162,23 @@ where
             // 2. The run.
             run.record(&id, &attempt, AttemptOutcome::Running, None);
             let (error, if_last) = match work.run(&id).await {
-                Ran::Output(output) => {
-                    // Encoded now, so that no borrow of `output` lives across the write.
-                    let persisting = K::stored(&output).map(|v| run.persist(&id, v, &attempt));
-                    match persisting {
-                        // 3. The persist; with the attempt's success, where attempts are
-                        // recorded.
-                        Ok(persisting) => {
-                            return match persisting.await.map_err(|e| e.into_persist(&id)) {
-                                Ok(()) => Step::Final(Outcome::Done(output), Ending::Executed),
-                                Err(error) => {
-                                    tracing::error!(key = &*id, %error, "task output not persisted");
-                                    run.record(&id, &attempt, failed(error.to_string()), None);
-                                    let outcome = Outcome::NotPersisted(output, Box::new(error));
-                                    Step::Final(outcome, Ending::Failed)
-                                }
-                            };
-                        }
-                        // A fallible task's `Err`: handed to dependents once attempts run out.
-                        Err(message) => {
-                            (message, Step::Final(Outcome::Done(output), Ending::Failed))
-                        }
+                // A fallible task's `Err`: handed to dependents once attempts run out.
+                Ran::Output(output) => match K::stored(&output).err() {
+                    Some(message) => (message, Step::Final(Outcome::Done(output), Ending::Failed)),
+                    // 3. The persist; with the attempt's success, where attempts are recorded.
+                    None => {
+                        let (output, persisted) = run.persist::<_, K>(&id, output, &attempt).await;
+                        return match persisted.map_err(|e| e.into_persist(&id)) {
+                            Ok(()) => Step::Final(Outcome::Done(output), Ending::Executed),
+                            Err(error) => {
+                                tracing::error!(key = &*id, %error, "task output not persisted");
+                                run.record(&id, &attempt, failed(error.to_string()), None);
+                                let outcome = Outcome::NotPersisted(output, Box::new(error));
+                                Step::Final(outcome, Ending::Failed)
+                            }
+                        };
                     }
-                }
+                },
                 Ran::NoInput(message) => {
                     tracing::error!(key = &*id, %message, "task did not run: a dependency failed");
                     let error = DuraflowError::DependencyFailed {

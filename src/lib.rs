@@ -35,6 +35,6 @@ pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
 pub use runlog::RunLog;
 pub use store::{
-    open_existing, unblock, Durability, FileStore, MemoryStore, SledConfig, SledStore, Storage,
-    StoreFuture,
+    open_existing, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig, SledStore,
+    Storage, StoreFuture, Stored, Value,
 };

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::codec::{self, TypeCheck};
+use crate::output::OutputKind;
 use crate::record::now_ms;
 use crate::spans::RunSpans;
+use crate::store::value::WHOLE_LIMIT;
 use crate::{
-    AttemptOutcome, AttemptRecord, Context, DuraflowError, RunId, RunLog, RunRecord, RunStatus,
-    StoreFuture,
+    unblock, AttemptOutcome, AttemptRecord, Context, DuraflowError, Encoder, RunId, RunLog,
+    RunRecord, RunStatus, StoreFuture, Stored, Value,
 };
 
 /// The progress callback: called with a task's id and how many tasks of the run have
@@ -127,17 +128,25 @@ impl RunState {
     /// The stored output of task `id` and its size in bytes, if it can be handed to the
     /// task's dependents: present, intact and written by the same type. Anything else is
     /// logged and treated as absent, so the task runs again and overwrites it — unless the
-    /// store has stopped ([`Storage::health`]): then the read's error.
-    pub(crate) async fn stored<T: DeserializeOwned>(
+    /// store has stopped ([`Storage::health`]): then the read's error. A value the store
+    /// hands out as a reader is decoded as it is read, on duraflow's I/O threads.
+    pub(crate) async fn stored<T: DeserializeOwned + Send + 'static>(
         &self,
         id: &str,
     ) -> Result<Option<(T, usize)>, DuraflowError> {
-        let found = self.ctx.db.read(id).await.and_then(|bytes| match bytes {
-            None => Ok(None),
-            Some(bytes) => {
+        let found = match self.ctx.db.read_value(id).await {
+            Ok(None) => Ok(None),
+            Ok(Some(Stored::Bytes(bytes))) => {
                 codec::decode(id, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
             }
-        });
+            Ok(Some(Stored::Reader { len, mut reader })) => {
+                let key = id.to_owned();
+                let decoded =
+                    unblock(move || codec::read(&key, &mut reader, len, TypeCheck::Exact));
+                decoded.await.map(|v| Some((v, len as usize)))
+            }
+            Err(error) => Err(error),
+        };
         match found {
             Ok(found) => Ok(found),
             Err(error) if self.ctx.db.health().is_ok() => {
@@ -180,26 +189,69 @@ impl RunState {
         }
     }
 
-    /// Persists the output of task `id`: with its `Succeeded` attempt in one atomic commit
-    /// where the store keeps records, as a plain write otherwise. The value is encoded now;
-    /// the store's future resolves once the output is durable.
-    pub(crate) fn persist<'a, T: Serialize>(
-        &'a self,
-        id: &'a str,
-        value: &T,
+    /// Persists `output`, the output of task `id` (what `K` stores of it): with its
+    /// `Succeeded` attempt in one atomic commit where the store keeps records, as a plain
+    /// write otherwise; returns the output with the result once the store has answered. An
+    /// output that encodes to at most [`WHOLE_LIMIT`] bytes is encoded here; a larger one is
+    /// lent to the store, which encodes it as it writes it (on its own threads), and is
+    /// handed back once the store is done with it.
+    pub(crate) async fn persist<O, K>(
+        &self,
+        id: &str,
+        output: O,
         attempt: &Attempt,
-    ) -> StoreFuture<'a, ()> {
-        let bytes = match codec::encode(id, value) {
-            Ok(bytes) => bytes,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
+    ) -> (O, Result<(), DuraflowError>)
+    where
+        O: Send + 'static,
+        K: OutputKind<O>,
+    {
+        let whole = match K::stored(&output) {
+            Ok(value) => codec::encode_within(id, value, WHOLE_LIMIT),
+            // Not reached: a failed output is not persisted.
+            Err(message) => Err(DuraflowError::Persist {
+                key: id.to_owned(),
+                source: message.into(),
+            }),
         };
+        match whole {
+            Ok(Some(bytes)) => {
+                let stored = self.store(id, Value::Bytes(bytes), attempt).await;
+                (output, stored)
+            }
+            Err(error) => (output, Err(error)),
+            Ok(None) => {
+                let slot = Arc::new(Mutex::new(Some(output)));
+                let (lent, key) = (Arc::clone(&slot), id.to_owned());
+                let encoder = Encoder::new(move |out| {
+                    let output = lent.lock().unwrap_or_else(PoisonError::into_inner);
+                    match output.as_ref().map(K::stored) {
+                        Some(Ok(value)) => codec::write(&key, value, out),
+                        // Not reached: the output is taken back only after this is dropped.
+                        _ => Err(DuraflowError::Persist {
+                            key,
+                            source: "the output was taken back before it was written".into(),
+                        }),
+                    }
+                });
+                let stored = self.store(id, Value::Stream(encoder), attempt).await;
+                let output = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                match output {
+                    Some(output) => (output, stored),
+                    // Only this function takes the output out of its slot.
+                    None => unreachable!("the output of {id:?} was taken twice"),
+                }
+            }
+        }
+    }
+
+    /// Hands `value` to the store: see [`persist`](Self::persist).
+    fn store<'a>(&'a self, id: &'a str, value: Value, attempt: &Attempt) -> StoreFuture<'a, ()> {
         match self.log() {
             Some((log, run)) => {
-                let size = Some(bytes.len());
-                let record = attempt.record(run, id, AttemptOutcome::Succeeded, size);
-                log.commit(id, bytes, record)
+                let record = attempt.record(run, id, AttemptOutcome::Succeeded, None);
+                log.commit(id, value, record)
             }
-            None => self.ctx.db.write(id, bytes),
+            None => self.ctx.db.write_value(id, value),
         }
     }
 

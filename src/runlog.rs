@@ -2,7 +2,7 @@
 //! happen.
 
 use crate::record::{AttemptRecord, RunId, RunRecord};
-use crate::{DuraflowError, StoreFuture};
+use crate::{DuraflowError, StoreFuture, Value};
 
 /// A store that records runs and attempts, and commits a task's output together with its
 /// `Succeeded` attempt atomically. Reached through [`Storage::run_log`](crate::Storage::run_log).
@@ -28,13 +28,15 @@ pub trait RunLog: Send + Sync {
 
     /// Stores `value` under `key` and `attempt` in one atomic step: neither exists without
     /// the other after a crash. Resolves when both are as durable as the store promises.
+    /// The store records the stored value's length in the attempt's `output_size`.
     ///
     /// # Errors
-    /// Any backend error; the previous value is then unchanged.
+    /// Any backend error, or the encoder's (see [`Encoder::write_to`](crate::Encoder::write_to)); the previous value
+    /// is then unchanged.
     fn commit<'a>(
         &'a self,
         key: &'a str,
-        value: Vec<u8>,
+        value: Value,
         attempt: AttemptRecord,
     ) -> StoreFuture<'a, ()>;
 

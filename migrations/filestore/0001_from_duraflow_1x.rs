@@ -38,7 +38,7 @@ use std::fs::{self, File};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use crate::{codec, DuraflowError};
+use crate::{codec, DuraflowError, Value};
 
 use super::{holds, sync_dir, write_small_file, Dir, Want, LOCK_FILE, MANIFEST, UPGRADE_LIST};
 
@@ -156,7 +156,7 @@ pub(super) fn upgrade(
     for name in names {
         let path = store.root.join(name);
         let json = fs::read(&path).map_err(|e| DuraflowError::io(&path, e))?;
-        store.write(name, &codec::encode_json(&json))?;
+        store.write(name, Value::Bytes(codec::encode_json(&json)))?;
     }
     let list = store.root.join(UPGRADE_LIST);
     write_small_file(&list, names.join("\n").as_bytes())?;

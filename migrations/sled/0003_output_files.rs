@@ -62,7 +62,10 @@ pub(super) fn upgrade(
         else {
             continue;
         };
-        let (held, _) = blobs.put(&value).map_err(|e| DuraflowError::io(path, e))?;
+        let held = blobs
+            .put(&value)
+            .map_err(|e| DuraflowError::io(path, e))?
+            .held;
         let witness = Witness {
             blob: Some(held.digest),
             ..old

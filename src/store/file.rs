@@ -1,14 +1,15 @@
 //! [`FileStore`]: one directory per key, atomic and durable writes, one writer per root.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
+use super::value::{carried, carry, WHOLE_LIMIT};
 use super::{create_dir_durably, unblock, unblock_on, StoreFuture};
-use crate::{validate_key, DuraflowError, Storage};
+use crate::{validate_key, DuraflowError, Storage, Stored, Value};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
 /// as the root directory itself is.
@@ -68,6 +69,8 @@ const VALUE_FILE: &str = "value";
 const TEMP_FILE: &str = "value.tmp";
 /// Magic at the start of every value file.
 const RECORD_MAGIC: &[u8; 4] = b"DFK1";
+/// The magic and key length that start every value file.
+const RECORD_HEADER: usize = 8;
 /// Directory names longer than this are replaced by a hash of the key (file systems allow 255).
 const MAX_NAME_LEN: usize = 200;
 /// Writers of the same key are serialised in-process by one of this many mutexes.
@@ -243,14 +246,16 @@ impl Dir {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The value of `key`, checked against the key and checksum its file records.
-    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
+    /// The value of `key`, checked against the key and checksum its file records: read
+    /// whole when it is small, handed out as a reader that checks it as it is read
+    /// otherwise.
+    fn read_value(&self, key: &str) -> Result<Option<Stored>, DuraflowError> {
         validate_key(key)?;
         let Some(path) = value_in(&self.key_dir(key), key)? else {
             return Ok(None);
         };
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
             // Removed since it was looked at.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DuraflowError::io(&path, e)),
@@ -260,15 +265,56 @@ impl Dir {
             path: Some(path.clone()),
             reason,
         };
-        let (stored_key, value) = parse_record(&bytes).map_err(corrupt)?;
-        if stored_key != key {
-            return Err(corrupt(format!("the file belongs to key {stored_key:?}")));
+        let file_len = file
+            .metadata()
+            .map_err(|e| DuraflowError::io(&path, e))?
+            .len();
+        let framing = (RECORD_HEADER + key.len() + 4) as u64;
+        if file_len <= (WHOLE_LIMIT as u64).saturating_add(framing) {
+            let mut bytes = Vec::with_capacity(file_len as usize);
+            file.read_to_end(&mut bytes)
+                .map_err(|e| DuraflowError::io(&path, e))?;
+            let (stored_key, value) = parse_record(&bytes).map_err(corrupt)?;
+            if stored_key != key {
+                return Err(corrupt(format!("the file belongs to key {stored_key:?}")));
+            }
+            return Ok(Some(Stored::Bytes(value.to_vec())));
         }
-        Ok(Some(value.to_vec()))
+        let mut header = vec![0; RECORD_HEADER + key.len()];
+        file.read_exact(&mut header)
+            .map_err(|e| DuraflowError::io(&path, e))?;
+        let key_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if &header[..4] != RECORD_MAGIC {
+            return Err(corrupt("not a duraflow value file (bad magic)".to_owned()));
+        }
+        if key_len != key.len() || &header[RECORD_HEADER..] != key.as_bytes() {
+            return Err(corrupt("the file belongs to another key".to_owned()));
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header);
+        let len = file_len - framing;
+        let reader = RecordReader {
+            file: file.take(len),
+            crc,
+            key: key.to_owned(),
+            path,
+        };
+        Ok(Some(Stored::Reader {
+            len,
+            reader: Box::new(reader),
+        }))
     }
 
-    /// Writes `value` under `key`: see [`FileStore`]'s guarantees.
-    pub(crate) fn write(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
+    /// The value of `key` in memory: [`read_value`](Self::read_value), read whole.
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
+        self.read_value(key)?
+            .map(|found| found.into_bytes(key))
+            .transpose()
+    }
+
+    /// Writes `value` under `key`: see [`FileStore`]'s guarantees. A stream is written as
+    /// it is encoded.
+    pub(crate) fn write(&self, key: &str, value: Value) -> Result<(), DuraflowError> {
         validate_key(key)?;
         let dir = self.key_dir(key);
         let _guard = self.stripe(key);
@@ -285,16 +331,14 @@ impl Dir {
         // creation and the root's sync): the first value of a key also syncs the root.
         let first_value = !holds(&target, Want::File, key)?;
         let tmp = dir.join(TEMP_FILE);
-        let record = build_record(key, value);
-        let written = create_temp(&tmp).and_then(|mut f| {
-            f.write_all(&record)?;
-            f.sync_all()
-        });
+        let written = create_temp(&tmp)
+            .map_err(|e| DuraflowError::io(&tmp, e))
+            .and_then(|file| write_record(file, &tmp, key, value));
         if let Err(e) = written {
             // Best effort: the old value is untouched either way; a leftover temp file is
             // replaced by the next write of this key.
             let _ = fs::remove_file(&tmp);
-            return Err(DuraflowError::io(&tmp, e));
+            return Err(e);
         }
         fs::rename(&tmp, &target).map_err(|e| DuraflowError::io(&target, e))?;
         sync_dir(&dir)?;
@@ -369,9 +413,21 @@ impl Storage for FileStore {
     }
 
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+        self.write_value(key, Value::Bytes(value))
+    }
+
+    /// A value over 64 KiB is handed out as a reader of its file, which checks the key and
+    /// checksum the file records as it is read.
+    fn read_value<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Stored>> {
+        unblock_on(&self.dir, key, Dir::read_value)
+    }
+
+    /// As [`write`](Storage::write); a stream is written to the file as it is encoded, on an
+    /// I/O thread.
+    fn write_value<'a>(&'a self, key: &'a str, value: Value) -> StoreFuture<'a, ()> {
         let dir = Arc::clone(&self.dir);
         let key = key.to_owned();
-        unblock(move || dir.write(&key, &value))
+        unblock(move || dir.write(&key, value))
     }
 
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
@@ -408,16 +464,108 @@ pub(crate) fn dir_name(key: &str) -> String {
 }
 
 /// `magic | key length (u32 LE) | key | value | CRC-32 of all before (u32 LE)`.
+#[cfg(test)]
 fn build_record(key: &str, value: &[u8]) -> Vec<u8> {
-    let mut rec = Vec::with_capacity(4 + 4 + key.len() + value.len() + 4);
-    rec.extend_from_slice(RECORD_MAGIC);
-    // Keys are at most MAX_KEY_LEN bytes (validated), so the length fits in a u32.
-    rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    rec.extend_from_slice(key.as_bytes());
-    rec.extend_from_slice(value);
-    let crc = crc32fast::hash(&rec);
-    rec.extend_from_slice(&crc.to_le_bytes());
+    let mut rec = Vec::new();
+    let out = Counted {
+        out: &mut rec,
+        crc: crc32fast::Hasher::new(),
+        path: Path::new(""),
+    };
+    let written = write_into(out, key, Value::Bytes(value.to_vec()));
+    assert!(written.is_ok());
     rec
+}
+
+/// Writes the record of `value` under `key` (see [`build_record`]'s layout) into the new
+/// file `file` at `path`, and fsyncs it.
+fn write_record(file: File, path: &Path, key: &str, value: Value) -> Result<(), DuraflowError> {
+    let mut buffered = io::BufWriter::new(file);
+    let out = Counted {
+        out: &mut buffered,
+        crc: crc32fast::Hasher::new(),
+        path,
+    };
+    write_into(out, key, value)?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| DuraflowError::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| DuraflowError::io(path, e))
+}
+
+/// Writes a record into `out`: header, value, then the checksum of both.
+fn write_into(mut out: Counted<'_>, key: &str, value: Value) -> Result<(), DuraflowError> {
+    let mut header = Vec::with_capacity(RECORD_HEADER + key.len());
+    header.extend_from_slice(RECORD_MAGIC);
+    // Keys are at most MAX_KEY_LEN bytes (validated), so the length fits in a u32.
+    header.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    header.extend_from_slice(key.as_bytes());
+    let path = out.path;
+    let io_error = |e| carried(e).unwrap_or_else(|e| DuraflowError::io(path, e));
+    out.write_all(&header).map_err(io_error)?;
+    match value {
+        Value::Bytes(bytes) => out.write_all(&bytes).map_err(io_error)?,
+        Value::Stream(encoder) => encoder.write_to(&mut out)?,
+    }
+    let crc = out.crc.clone().finalize();
+    out.out.write_all(&crc.to_le_bytes()).map_err(io_error)
+}
+
+/// Passes bytes on to `out`, computing their CRC-32; its errors name `path`.
+struct Counted<'a> {
+    out: &'a mut dyn Write,
+    crc: crc32fast::Hasher,
+    path: &'a Path,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self
+            .out
+            .write(buf)
+            .map_err(|e| carry(DuraflowError::io(self.path, e)))?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| carry(DuraflowError::io(self.path, e)))
+    }
+}
+
+/// Reads the value of a record, checking the record's checksum at the end.
+struct RecordReader {
+    /// The file, past the record's header, limited to the value.
+    file: io::Take<File>,
+    /// The checksum of what was read so far, header included.
+    crc: crc32fast::Hasher,
+    key: String,
+    path: PathBuf,
+}
+
+impl Read for RecordReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let io_error = |e| carry(DuraflowError::io(&self.path, e));
+        let n = self.file.read(buf).map_err(io_error)?;
+        self.crc.update(&buf[..n]);
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        let mut trailer = [0; 4];
+        let ended = self.file.get_mut().read_exact(&mut trailer);
+        let reason = match ended {
+            Ok(()) if self.crc.clone().finalize() == u32::from_le_bytes(trailer) => return Ok(0),
+            Ok(()) => "checksum mismatch",
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "truncated",
+            Err(e) => return Err(io_error(e)),
+        };
+        Err(carry(DuraflowError::Corrupt {
+            key: self.key.clone(),
+            path: Some(self.path.clone()),
+            reason: reason.to_owned(),
+        }))
+    }
 }
 
 fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {

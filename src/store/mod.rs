@@ -7,11 +7,13 @@ mod file;
 mod memory;
 mod open;
 mod sled;
+pub(crate) mod value;
 
 pub use self::open::open_existing;
 pub use self::sled::{Durability, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;
+pub use value::{Encoder, Stored, Value};
 
 use std::fs;
 use std::future::Future;
@@ -56,6 +58,33 @@ pub trait Storage: Send + Sync {
     /// the new one, never a mix; stores document which (a failure before anything is
     /// replaced, such as a full disk, leaves the previous value).
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()>;
+
+    /// The value stored under `key`, whole or as a reader of it: what a DAG reads, so that a
+    /// store can hand out a large value without reading it into memory. By default,
+    /// [`read`](Storage::read)'s bytes.
+    ///
+    /// # Errors
+    /// As [`read`](Storage::read).
+    fn read_value<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Stored>> {
+        Box::pin(async move { Ok(self.read(key).await?.map(Stored::Bytes)) })
+    }
+
+    /// Stores `value` under `key` as [`write`](Storage::write) does: what a DAG writes, so
+    /// that a store can write a large output as it is encoded, without holding it in memory.
+    /// By default, a stream is encoded into memory inside [`unblock`], then written with
+    /// `write`.
+    ///
+    /// # Errors
+    /// As [`write`](Storage::write); the encoder's error (see [`Encoder::write_to`]).
+    fn write_value<'a>(&'a self, key: &'a str, value: Value) -> StoreFuture<'a, ()> {
+        match value {
+            Value::Bytes(bytes) => self.write(key, bytes),
+            Value::Stream(encoder) => Box::pin(async move {
+                let bytes = unblock(move || encoder.into_bytes()).await?;
+                self.write(key, bytes).await
+            }),
+        }
+    }
 
     /// Removes `key`; resolves to whether it was present.
     ///
@@ -114,6 +143,12 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
         (**self).write(key, value)
+    }
+    fn read_value<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Stored>> {
+        (**self).read_value(key)
+    }
+    fn write_value<'a>(&'a self, key: &'a str, value: Value) -> StoreFuture<'a, ()> {
+        (**self).write_value(key, value)
     }
     fn remove<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
         (**self).remove(key)

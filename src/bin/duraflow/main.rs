@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
-use duraflow_rs::{DuraflowError, RunDetails, RunHistory, RunId, RunStatus};
+use duraflow_rs::{DuraflowError, RunDetails, RunHistory, RunId, RunStatus, Stored};
 
 use open::{wait, Store};
 use text::Align;
@@ -338,28 +338,35 @@ fn show(
     Ok(())
 }
 
-/// `duraflow get`.
+/// `duraflow get`: the value is written as it is read, never held in memory whole.
 fn get(path: &Path, key: &str, json: bool, raw: bool, out: &mut dyn Write) -> Result<(), Failure> {
     let store = Store::open(path)?;
     let missing = || Failure::new(format!("no value stored under key {key:?}"));
     if raw {
-        let bytes = wait(store.storage().read(key))?.ok_or_else(missing)?;
-        out.write_all(&bytes)?;
+        let found = wait(store.storage().read_value(key))?.ok_or_else(missing)?;
+        match found {
+            Stored::Bytes(bytes) => out.write_all(&bytes)?,
+            Stored::Reader { mut reader, .. } => {
+                io::copy(&mut reader, out).map_err(|e| Failure::new(format!("{key:?}: {e}")))?;
+            }
+        }
         return Ok(());
     }
-    let value = store.context().inspect(key)?.ok_or_else(missing)?;
-    let pretty = serde_json::to_string_pretty(&value.value)
-        .map_err(|e| Failure::new(format!("cannot print the value of {key:?} as JSON: {e}")))?;
-    if !json {
-        let type_name = if value.type_name.is_empty() {
+    let head = |type_name: &str, size: u64, out: &mut dyn Write| {
+        if json {
+            return Ok(());
+        }
+        let type_name = if type_name.is_empty() {
             "(unknown: a value from duraflow-rs 1.x)"
         } else {
-            &value.type_name
+            type_name
         };
         writeln!(out, "type: {type_name}")?;
-        writeln!(out, "size: {}", text::bytes(value.size as u64))?;
+        writeln!(out, "size: {}", text::bytes(size))
+    };
+    if !store.context().write_json(key, out, head)? {
+        return Err(missing());
     }
-    writeln!(out, "{pretty}")?;
     Ok(())
 }
 

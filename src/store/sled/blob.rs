@@ -7,13 +7,15 @@
 //! to a missing file. A read checks the file's length and digest.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::sync::{sync_dir, with_path};
+use crate::store::value::carry;
+use crate::DuraflowError;
 
 /// The directory, in the store's, that holds the output files.
 pub(super) const DIR: &str = "outputs";
@@ -90,27 +92,22 @@ impl Blobs {
         self.dir.join(hex(digest))
     }
 
-    /// Stores `bytes` durably under their digest (one file for identical outputs), and
-    /// returns the digest held (gc leaves its file alone) until the [`Held`] is dropped,
-    /// with the CRC-32 of the bytes.
+    /// Stores `bytes` durably under their digest (one file for identical outputs): see
+    /// [`BlobWriter::finish`].
     ///
     /// # Errors
-    /// The I/O error, its path in the text; the digest is then not held.
-    pub(super) fn put(self: &Arc<Self>, bytes: &[u8]) -> io::Result<(Held, u32)> {
-        let digest: Digest = *blake3::hash(bytes).as_bytes();
-        *self.lock().digests.entry(digest).or_default() += 1;
-        let held = Held {
-            blobs: Arc::clone(self),
-            digest,
-        };
-        self.write(&digest, bytes)?;
-        Ok((held, crc32fast::hash(bytes)))
+    /// The I/O error, its path in the text.
+    pub(super) fn put(self: &Arc<Self>, bytes: &[u8]) -> io::Result<Written> {
+        let mut writer = self.writer()?;
+        writer.write_all(bytes)?;
+        writer.finish()
     }
 
-    /// Writes the file of `digest` anew even when there is one (it may be damaged): the
-    /// rename replaces it atomically with the same bytes.
-    fn write(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
-        let target = self.path(digest);
+    /// A new file, written as its bytes come.
+    ///
+    /// # Errors
+    /// The I/O error, its path in the text.
+    pub(super) fn writer(self: &Arc<Self>) -> io::Result<BlobWriter> {
         let name = format!(
             "{TEMP}{}-{}",
             std::process::id(),
@@ -118,45 +115,57 @@ impl Blobs {
         );
         let temp = self.dir.join(&name);
         self.lock().temps.insert(name.clone());
-        let written = OpenOptions::new()
+        let mut writer = BlobWriter {
+            blobs: Arc::clone(self),
+            file: None,
+            temp,
+            name,
+            hasher: blake3::Hasher::new(),
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        };
+        // The name is registered first: should this fail, the writer's drop forgets it.
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&temp)
-            .and_then(|mut f| {
-                f.write_all(bytes)?;
-                f.sync_all()
-            })
-            .map_err(|e| with_path(&temp, e))
-            .and_then(|()| fs::rename(&temp, &target).map_err(|e| with_path(&target, e)))
-            .and_then(|()| sync_dir(&self.dir));
-        if written.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        self.lock().temps.remove(&name);
-        written
+            .open(&writer.temp);
+        writer.file = Some(file.map_err(|e| with_path(&writer.temp, e))?);
+        Ok(writer)
     }
 
-    /// The bytes of the file of `digest`, checked: `Err` says what is wrong (the file is
-    /// missing, of another length, or not what its name says).
-    pub(super) fn get(&self, digest: &Digest, len: u64) -> Result<Vec<u8>, String> {
+    /// A reader of the file of `digest`, which holds `len` bytes: it checks the digest when
+    /// it reaches the end, and fails then with `Corrupt` naming `key` and the file. `Err`
+    /// says what is wrong (the file is missing, or of another length).
+    pub(super) fn reader(
+        &self,
+        digest: &Digest,
+        len: u64,
+        key: &str,
+    ) -> Result<BlobReader, String> {
         let path = self.path(digest);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
+        let file = match File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err("its file is missing".to_owned())
             }
             Err(e) => return Err(format!("its file cannot be read: {e}")),
         };
-        if bytes.len() as u64 != len {
+        let found = file
+            .metadata()
+            .map_err(|e| format!("its file cannot be read: {e}"))?
+            .len();
+        if found != len {
             return Err(format!(
-                "its file holds {} bytes, not the {len} stored",
-                bytes.len()
+                "its file holds {found} bytes, not the {len} stored"
             ));
         }
-        if blake3::hash(&bytes).as_bytes() != digest {
-            return Err("its file's bytes do not match their digest".to_owned());
-        }
-        Ok(bytes)
+        Ok(BlobReader {
+            file: file.take(len),
+            hasher: blake3::Hasher::new(),
+            digest: *digest,
+            key: key.to_owned(),
+            path,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -219,6 +228,205 @@ impl Blobs {
     }
 }
 
+/// A file of [`Blobs`] being written: a temporary file until [`finish`](Self::finish)
+/// names it by its digest; dropped unfinished, it is removed.
+pub(super) struct BlobWriter {
+    blobs: Arc<Blobs>,
+    /// `None` until opened, and once finished.
+    file: Option<File>,
+    temp: PathBuf,
+    name: String,
+    hasher: blake3::Hasher,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+/// A file [`BlobWriter::finish`] wrote.
+pub(super) struct Written {
+    /// Its digest, held until this is dropped.
+    pub(super) held: Held,
+    /// The CRC-32 of its bytes.
+    pub(super) crc: u32,
+    /// Its length.
+    pub(super) len: u64,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("the file is finished"));
+        };
+        let n = file.write(buf).map_err(|e| with_path(&self.temp, e))?;
+        self.hasher.update(&buf[..n]);
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlobWriter {
+    /// Makes the file durable under its digest: fsynced, its digest held (gc leaves it
+    /// alone while the returned [`Written`] lives), renamed to its digest (replacing a file
+    /// of the same digest, which may be damaged, atomically with the same bytes), and the
+    /// directory fsynced.
+    ///
+    /// # Errors
+    /// The I/O error, its path in the text; the file is then removed and not held.
+    pub(super) fn finish(mut self) -> io::Result<Written> {
+        let synced = self.file.take().map_or(Ok(()), |f| f.sync_all());
+        synced.map_err(|e| with_path(&self.temp, e))?;
+        let digest: Digest = *self.hasher.finalize().as_bytes();
+        *self.blobs.lock().digests.entry(digest).or_default() += 1;
+        let held = Held {
+            blobs: Arc::clone(&self.blobs),
+            digest,
+        };
+        let target = self.blobs.path(&digest);
+        fs::rename(&self.temp, &target).map_err(|e| with_path(&target, e))?;
+        sync_dir(&self.blobs.dir)?;
+        Ok(Written {
+            held,
+            crc: self.crc.clone().finalize(),
+            len: self.len,
+        })
+    }
+}
+
+impl Drop for BlobWriter {
+    /// Removes the temporary file (gone already once renamed) and forgets its name.
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.temp);
+        self.blobs.lock().temps.remove(&self.name);
+    }
+}
+
+/// Where a value goes as it is written: memory while it is at most `threshold` bytes (it is
+/// then kept in sled's tree), a file of [`Blobs`] once it is more.
+pub(super) struct Spill {
+    blobs: Arc<Blobs>,
+    threshold: usize,
+    /// The store's maximum value size, if it has one.
+    max: Option<usize>,
+    to: SpillTo,
+}
+
+enum SpillTo {
+    Memory(Vec<u8>),
+    File(Box<BlobWriter>),
+}
+
+/// Where a [`Spill`] put its value.
+pub(super) enum Spilled {
+    /// In memory: the value is at most the threshold.
+    Memory(Vec<u8>),
+    /// In a file, durable.
+    File(Written),
+}
+
+impl Spill {
+    /// A value of the store whose files are `blobs`, kept in memory up to `threshold` bytes,
+    /// refused over `max`.
+    pub(super) fn new(blobs: Arc<Blobs>, threshold: usize, max: Option<usize>) -> Spill {
+        Spill {
+            blobs,
+            threshold,
+            max,
+            to: SpillTo::Memory(Vec::new()),
+        }
+    }
+
+    /// Where the value is: in memory, or in its file made durable ([`BlobWriter::finish`]).
+    ///
+    /// # Errors
+    /// The I/O error, its path in the text.
+    pub(super) fn finish(self) -> io::Result<Spilled> {
+        match self.to {
+            SpillTo::Memory(bytes) => Ok(Spilled::Memory(bytes)),
+            SpillTo::File(file) => file.finish().map(Spilled::File),
+        }
+    }
+}
+
+impl Write for Spill {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = match &self.to {
+            SpillTo::Memory(bytes) => bytes.len(),
+            SpillTo::File(file) => usize::try_from(file.len).unwrap_or(usize::MAX),
+        };
+        if let Some(max) = self.max {
+            if len.saturating_add(buf.len()) > max {
+                return Err(over_max(len.saturating_add(buf.len()), max));
+            }
+        }
+        if let SpillTo::Memory(bytes) = &mut self.to {
+            if bytes.len() + buf.len() > self.threshold {
+                let mut file = self.blobs.writer()?;
+                file.write_all(bytes)?;
+                self.to = SpillTo::File(Box::new(file));
+            }
+        }
+        match &mut self.to {
+            SpillTo::Memory(bytes) => {
+                bytes.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            SpillTo::File(file) => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The error of a value of (at least) `len` bytes, over a store's maximum of `max`.
+pub(super) fn over_max(len: usize, max: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "the value is {len} bytes or more, over this store's maximum value size of {max} \
+             bytes (SledConfig::max_value_size)"
+        ),
+    )
+}
+
+/// Reads a file of [`Blobs`], checking its digest at the end.
+pub(super) struct BlobReader {
+    file: io::Take<File>,
+    hasher: blake3::Hasher,
+    digest: Digest,
+    key: String,
+    path: PathBuf,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let corrupt = |reason: &str| {
+            carry(DuraflowError::Corrupt {
+                key: self.key.clone(),
+                path: Some(self.path.clone()),
+                reason: reason.to_owned(),
+            })
+        };
+        let read = self.file.read(buf);
+        let n = read.map_err(|e| carry(DuraflowError::io(&self.path, e)))?;
+        self.hasher.update(&buf[..n]);
+        if n == 0 && !buf.is_empty() {
+            if self.file.limit() > 0 {
+                return Err(corrupt("its file is shorter than the value stored"));
+            }
+            if self.hasher.finalize().as_bytes() != &self.digest {
+                return Err(corrupt("its file's bytes do not match their digest"));
+            }
+        }
+        Ok(n)
+    }
+}
+
 fn hex(digest: &Digest) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -243,15 +451,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Arc::new(Blobs::open(dir.path()).unwrap());
         let bytes = vec![7u8; 100_000];
-        let (a, _) = blobs.put(&bytes).unwrap();
-        let (b, _) = blobs.put(&bytes).unwrap();
+        let a = blobs.put(&bytes).unwrap().held;
+        let b = blobs.put(&bytes).unwrap().held;
         assert_eq!(a.digest, b.digest);
         assert_eq!(fs::read_dir(dir.path().join(DIR)).unwrap().count(), 1);
-        assert_eq!(blobs.get(&a.digest, bytes.len() as u64).unwrap(), bytes);
+        let len = bytes.len() as u64;
+        let read = |blobs: &Blobs| {
+            let mut back = Vec::new();
+            let mut reader = blobs.reader(&a.digest, len, "k")?;
+            reader.read_to_end(&mut back).map_err(|e| e.to_string())?;
+            Ok::<_, String>(back)
+        };
+        assert_eq!(read(&blobs).unwrap(), bytes);
         let mut damaged = bytes.clone();
         damaged[500] ^= 1;
         fs::write(blobs.path(&a.digest), damaged).unwrap();
-        assert!(blobs.get(&a.digest, bytes.len() as u64).is_err());
+        let error = read(&blobs).unwrap_err();
+        assert!(error.contains("do not match their digest"), "{error}");
+        fs::write(blobs.path(&a.digest), &bytes[1..]).unwrap();
+        assert!(read(&blobs).unwrap_err().contains("not the 100000 stored"));
     }
 
     #[test]
@@ -259,9 +477,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Arc::new(Blobs::open(dir.path()).unwrap());
         // Released once written, as after their commits.
-        let kept = blobs.put(b"kept").unwrap().0.digest;
-        let orphan = blobs.put(b"orphan").unwrap().0.digest;
-        let (held, _) = blobs.put(b"held").unwrap();
+        let kept = blobs.put(b"kept").unwrap().held.digest;
+        let orphan = blobs.put(b"orphan").unwrap().held.digest;
+        let held = blobs.put(b"held").unwrap().held;
         fs::write(
             dir.path().join(DIR).join(".tmp-1-0"),
             b"left by a killed process",

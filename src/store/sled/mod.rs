@@ -13,7 +13,7 @@ mod writer;
 
 pub use self::open::{Durability, SledConfig};
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 
 use futures::channel::oneshot;
 
-use self::blob::Blobs;
+use self::blob::{over_max, Blobs, Held, Spill, Spilled, Written};
 use self::layout::Witness;
 use self::layout::{attempt_key, encode_record, Trees};
 use self::stop::{inside_sled, Failure, Prior, Shared};
@@ -29,7 +29,7 @@ use self::sync::Syncer;
 use self::writer::{Commit, Msg, Record, Reply};
 use super::{ready, StoreFuture};
 use crate::record::{AttemptOutcome, AttemptRecord, RunId, RunRecord, RunStatus};
-use crate::{unblock, validate_key, DuraflowError, RunHistory, RunLog, Storage};
+use crate::{unblock, validate_key, DuraflowError, RunHistory, RunLog, Storage, Stored, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
@@ -163,87 +163,120 @@ impl SledStore {
         Box::pin(async move { answered(answer, &inner.path, key).await })
     }
 
-    /// Queues an output, with its attempt record if any, for the writer's next group; an
-    /// output over the blob threshold is first written to a file of its own (see `blob.rs`).
+    /// Queues an output, with its attempt record if any, for the writer's next group. An
+    /// output over the blob threshold is first written to a file of its own (see
+    /// `blob.rs`), on an I/O thread, as it is encoded.
     fn commit_output(
         &self,
         key: &str,
-        value: Vec<u8>,
-        attempt: Option<(Vec<u8>, Vec<u8>)>,
+        value: Value,
+        attempt: Option<AttemptRecord>,
         flush: bool,
     ) -> StoreFuture<'static, ()> {
-        if let Err(e) = validate_key(key).and_then(|()| self.check_size(key, &value)) {
+        if let Err(e) = validate_key(key) {
             return ready(Err(e));
         }
         let key = key.to_owned();
-        if value.len() <= self.blob_threshold {
-            let commit = |reply| {
-                Msg::Commit(Box::new(Commit {
-                    key: key.clone(),
-                    witness: Witness::of(&value, 0, None),
-                    value: Some(value),
-                    _held: None,
-                    attempt,
-                    reply,
-                }))
-            };
-            return self.send_acked(&key, commit, flush);
-        }
+        let value = match value {
+            Value::Bytes(bytes) if bytes.len() <= self.blob_threshold => {
+                let commit = self.check_size(&key, bytes.len()).and_then(|()| {
+                    let witness = Witness::of(&bytes, 0, None);
+                    commit(&key, Some(bytes), witness, None, attempt)
+                });
+                return match commit {
+                    Ok(commit) => self.send_acked(&key, commit, flush),
+                    Err(e) => ready(Err(e)),
+                };
+            }
+            value => value,
+        };
         let (inner, writer) = (Arc::clone(&self.inner), self.writer.clone());
+        let (threshold, max) = (self.blob_threshold, self.max_value_size);
         Box::pin(async move {
-            let (blobs, of, len) = (Arc::clone(&inner.blobs), key.clone(), value.len() as u64);
-            let put = unblock(move || {
-                blobs.put(&value).map_err(|e| DuraflowError::Persist {
-                    key: of,
+            let (blobs, of) = (Arc::clone(&inner.blobs), key.clone());
+            let spilled = unblock(move || {
+                let persist = |e| DuraflowError::Persist {
+                    key: of.clone(),
                     source: Box::new(e),
-                })
+                };
+                let mut spill = Spill::new(blobs, threshold, max);
+                match value {
+                    Value::Bytes(bytes) => spill.write_all(&bytes).map_err(persist)?,
+                    Value::Stream(encoder) => encoder.write_to(&mut spill)?,
+                }
+                spill.finish().map_err(persist)
             });
-            // The file is held from gc until the writer has applied the commit and made it
+            // A file is held from gc until the writer has applied the commit and made it
             // durable (or, should this future be dropped first, until then).
-            let (held, crc) = put.await?;
-            let (reply, answer) = Reply::new(flush);
-            let commit = Commit {
-                key: key.clone(),
-                value: None,
-                witness: Witness {
-                    len,
-                    crc,
-                    commit: 0,
-                    blob: Some(held.digest),
-                },
-                _held: Some(held),
-                attempt,
-                reply,
+            let commit = match spilled.await? {
+                Spilled::Memory(bytes) => {
+                    let witness = Witness::of(&bytes, 0, None);
+                    commit(&key, Some(bytes), witness, None, attempt)?
+                }
+                Spilled::File(Written { held, crc, len }) => {
+                    let blob = Some(held.digest);
+                    let witness = Witness {
+                        len,
+                        crc,
+                        commit: 0,
+                        blob,
+                    };
+                    commit(&key, None, witness, Some(held), attempt)?
+                }
             };
+            let (reply, answer) = Reply::new(flush);
             inner.usable()?;
-            send(writer.as_ref(), &inner.path, Msg::Commit(Box::new(commit)))?;
+            send(writer.as_ref(), &inner.path, commit(reply))?;
             answered(answer, &inner.path, key).await
         })
     }
 
     /// Refuses a value over the configured maximum.
-    fn check_size(&self, key: &str, value: &[u8]) -> Result<(), DuraflowError> {
-        let Some(max) = self.max_value_size.filter(|&max| value.len() > max) else {
-            return Ok(());
-        };
-        Err(DuraflowError::Persist {
-            key: key.to_owned(),
-            source: Box::new(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the value is {} bytes, over this store's maximum value size of {max} \
-                     bytes (SledConfig::max_value_size)",
-                    value.len(),
-                ),
-            )),
-        })
+    fn check_size(&self, key: &str, len: usize) -> Result<(), DuraflowError> {
+        match self.max_value_size.filter(|&max| len > max) {
+            None => Ok(()),
+            Some(max) => Err(DuraflowError::Persist {
+                key: key.to_owned(),
+                source: Box::new(over_max(len, max)),
+            }),
+        }
     }
+}
+
+/// The writer's message that commits an output of `key` (`value`, or the file `held`, as
+/// `witness` describes it), with its attempt record if any, once given the reply.
+fn commit(
+    key: &str,
+    value: Option<Vec<u8>>,
+    witness: Witness,
+    held: Option<Held>,
+    attempt: Option<AttemptRecord>,
+) -> Result<impl FnOnce(Reply) -> Msg, DuraflowError> {
+    let attempt = match attempt {
+        Some(mut attempt) => {
+            attempt.output_size = Some(witness.len);
+            let at = attempt_key(attempt.run, &attempt.key, attempt.attempt);
+            Some((at, encode_record(&attempt)?))
+        }
+        None => None,
+    };
+    let key = key.to_owned();
+    Ok(move |reply| {
+        Msg::Commit(Box::new(Commit {
+            key,
+            value,
+            witness,
+            _held: held,
+            attempt,
+            reply,
+        }))
+    })
 }
 
 /// What one read of an output found.
 enum Resolved {
-    /// The output, checked (`None`: none is stored).
-    Value(Option<Vec<u8>>),
+    /// The output, checked, or a reader that checks it (`None`: none is stored).
+    Value(Option<Stored>),
     /// A write lost to a crash before it was acknowledged: no output.
     Unacknowledged,
     /// sled's trees are damaged, for this reason: the store stops.
@@ -303,10 +336,11 @@ impl Inner {
         self.shared.usable()
     }
 
-    /// The output of `key`, checked against its witness. Once the store has stopped after
-    /// a failed write, an output that write did not store reads as its value before it
-    /// (never as the value that failed).
-    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
+    /// The output of `key`, checked against its witness (an output in a file of its own is
+    /// checked as it is read: see [`Blobs::reader`]). Once the store has stopped after a
+    /// failed write, an output that write did not store reads as its value before it (never
+    /// as the value that failed).
+    fn read_value(&self, key: &str) -> Result<Option<Stored>, DuraflowError> {
         validate_key(key)?;
         let (found, witness) = self.read_once(key);
         let found = match found {
@@ -323,6 +357,13 @@ impl Inner {
             Resolved::Damaged(reason) => Err(self.damaged(key, reason)),
             Resolved::BadFile(e) | Resolved::Failed(e) => Err(e),
         }
+    }
+
+    /// The output of `key` in memory: [`read_value`](Self::read_value), read whole.
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DuraflowError> {
+        self.read_value(key)?
+            .map(|found| found.into_bytes(key))
+            .transpose()
     }
 
     /// Reads `key` once; also returns the witness it found.
@@ -365,14 +406,18 @@ impl Inner {
                     reason,
                 })
             };
-            return match self.blobs.get(digest, witness.len) {
-                Ok(bytes) if witness.matches(&bytes) => Resolved::Value(Some(bytes)),
-                Ok(_) => corrupt("its file is not the value stored".to_owned()),
+            return match self.blobs.reader(digest, witness.len, key) {
+                Ok(reader) => Resolved::Value(Some(Stored::Reader {
+                    len: witness.len,
+                    reader: Box::new(reader),
+                })),
                 Err(reason) => corrupt(reason),
             };
         }
         match value {
-            Some(value) if witness.matches(&value) => Resolved::Value(Some(value.to_vec())),
+            Some(value) if witness.matches(&value) => {
+                Resolved::Value(Some(Stored::Bytes(value.to_vec())))
+            }
             // A write the store never acknowledged, lost to a crash: sled kept the log entry
             // of the witness but not the blob file of the value.
             _ if witness.commit > self.acknowledged => Resolved::Unacknowledged,
@@ -508,6 +553,18 @@ impl Storage for SledStore {
     /// polled, and committed after that: two such writes of one key that are not awaited
     /// one after the other may be applied in either order.
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+        self.commit_output(key, Value::Bytes(value), None, true)
+    }
+
+    /// An output in a file of its own is handed out as a reader of the file, which checks
+    /// its length and digest as it is read.
+    fn read_value<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Stored>> {
+        self.call(key, Inner::read_value)
+    }
+
+    /// As [`write`](Storage::write); a stream over the blob threshold is written to its file
+    /// as it is encoded, on an I/O thread.
+    fn write_value<'a>(&'a self, key: &'a str, value: Value) -> StoreFuture<'a, ()> {
         self.commit_output(key, value, None, true)
     }
 
@@ -565,15 +622,10 @@ impl RunLog for SledStore {
     fn commit<'a>(
         &'a self,
         key: &'a str,
-        value: Vec<u8>,
+        value: Value,
         attempt: AttemptRecord,
     ) -> StoreFuture<'a, ()> {
-        let record = match self.attempt_record(&attempt) {
-            Ok(record) => record,
-            Err(e) => return ready(Err(e)),
-        };
-        let attempt = Some((record.key, record.value));
-        self.commit_output(key, value, attempt, self.flush_commits)
+        self.commit_output(key, value, Some(attempt), self.flush_commits)
     }
 
     fn finish_run(&self, run: RunRecord) -> StoreFuture<'_, ()> {
