@@ -641,4 +641,71 @@ mod tests {
             Err(DuraflowError::Corrupt { .. })
         ));
     }
+
+    #[test]
+    fn streamed_whole_and_bounded_encodings_are_the_same_bytes() {
+        let value = V2 {
+            a: 9,
+            b: "x".repeat(1000),
+        };
+        let whole = encode("k", &value).unwrap();
+        let mut streamed = Vec::new();
+        write("k", &value, &mut streamed).unwrap();
+        assert_eq!(streamed, whole);
+        let within = encode_within("k", &value, whole.len()).unwrap();
+        assert_eq!(within.as_deref(), Some(&whole[..]));
+        assert_eq!(encode_within("k", &value, whole.len() - 1).unwrap(), None);
+    }
+
+    #[test]
+    fn the_long_length_field_is_refused_on_a_payload_under_4_gib() {
+        let mut bytes = header(b"", 0, u64::from(LONG));
+        rmp_serde::encode::write_named(&mut bytes, &7u8).unwrap();
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        match decode::<u8>("k", &bytes, TypeCheck::Exact) {
+            Err(DuraflowError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("payload length"), "{reason}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    /// Yields `bytes`, then fails as a store's reader fails on damage it finds at the end.
+    struct FailsAtEnd<'a>(&'a [u8]);
+
+    impl Read for FailsAtEnd<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.read(buf)?;
+            if n == 0 && !buf.is_empty() {
+                return Err(crate::store::value::carry(DuraflowError::Corrupt {
+                    key: "k".to_owned(),
+                    path: Some("the/file".into()),
+                    reason: "digest".to_owned(),
+                }));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_error_of_the_stores_reader_comes_before_any_other() {
+        let bytes = encode("k", &vec![1u64, 2, 3]).unwrap();
+        let mut damaged = bytes.clone();
+        damaged[12] ^= 0x40;
+        for bytes in [&bytes, &damaged] {
+            let read = read::<String>(
+                "k",
+                &mut FailsAtEnd(bytes),
+                bytes.len() as u64,
+                TypeCheck::Exact,
+            );
+            match read {
+                Err(DuraflowError::Corrupt { path, .. }) => {
+                    assert_eq!(path.as_deref(), Some(std::path::Path::new("the/file")))
+                }
+                other => panic!("expected the reader's Corrupt, got {other:?}"),
+            }
+        }
+    }
 }

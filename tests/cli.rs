@@ -572,6 +572,57 @@ fn get_prints_the_type_and_the_value_as_json() {
 }
 
 #[test]
+fn get_streams_a_large_value_and_fails_on_damage_found_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.db");
+    let values: Vec<u64> = (0..100_000u64).map(|i| i * 7919).collect();
+    Context::new(SledStore::open(&path).unwrap())
+        .save("big", &values)
+        .unwrap();
+    let store = path.to_str().unwrap();
+
+    let out = duraflow(["get", store, "big"]);
+    let mut lines = out.ok().lines();
+    assert_eq!(lines.next(), Some("type: alloc::vec::Vec<u64>"));
+    assert!(lines.next().unwrap().starts_with("size: "));
+    let json: Vec<u64> = serde_json::from_str(&lines.collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(json, values);
+    let only_json = duraflow(["get", store, "big", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Vec<u64>>(only_json.ok()).unwrap(),
+        values
+    );
+    let raw = duraflow(["get", store, "big", "--raw"]);
+    raw.ok();
+    let stored = wait(SledStore::open(&path).unwrap().read("big")).unwrap();
+    assert_eq!(Some(raw.raw), stored, "the stored bytes, unchanged");
+
+    // A byte flipped near the end of its file: found once most of the value is printed.
+    let file = std::fs::read_dir(path.join("outputs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 50;
+    bytes[at] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    for args in [
+        vec!["get", store, "big"],
+        vec!["get", store, "big", "--raw"],
+    ] {
+        let ran = duraflow(&args);
+        assert_eq!(ran.code, 1, "{args:?}: {}", ran.stderr);
+        assert!(
+            ran.stderr.contains("corrupt") && ran.stderr.contains(&file.display().to_string()),
+            "{args:?}: {}",
+            ran.stderr
+        );
+    }
+}
+
+#[test]
 fn rm_removes_outputs_so_the_next_run_recomputes_them() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();

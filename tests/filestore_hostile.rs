@@ -4,7 +4,8 @@
 //!   file, or the store's own file, should be is `Corrupt` naming it, for reads, writes,
 //!   removes and listing, and nothing outside the root is read as a value or written;
 //! - a link or a stale file at a temporary file's name is removed, never written through;
-//! - `keys()` and `copy` fail naming a key entry they cannot read, instead of skipping it;
+//! - `keys()` and `copy` fail naming a key entry they cannot read, instead of skipping it
+//!   (`keys()` reads a value file's header, `copy` the whole file);
 //!   a key directory that holds no value yet (a first write killed before its rename) is
 //!   simply not a key.
 #![cfg(unix)]
@@ -228,8 +229,16 @@ fn keys_and_copy_fail_naming_an_entry_they_cannot_read() {
         std::fs::copy(scratch.value_path("x").unwrap(), elsewhere.join("value")).unwrap();
         let entry = store.value_path("x").unwrap().parent().unwrap().to_owned();
         plant(&entry, &elsewhere);
-        // Named either as the entry or as the value file inside it.
-        assert_fails_naming(wait(store.keys()), &entry, what);
+        // Named either as the entry or as the value file inside it. A value file whose
+        // header is intact is listed (its value is checked when it is read, as by `copy`).
+        if what == "a damaged value file" {
+            // `k` holds bytes that are no envelope, which `copy` would stop at first.
+            wait(store.remove("k")).unwrap();
+            let keys = wait(store.keys()).unwrap();
+            assert!(keys.contains(&"x".to_owned()), "{what}: {keys:?}");
+        } else {
+            assert_fails_naming(wait(store.keys()), &entry, what);
+        }
         let to = MemoryStore::new();
         assert_fails_naming(wait(duraflow_rs::copy(&store, &to)), &entry, what);
     }

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::value::{carried, carry, WHOLE_LIMIT};
 use super::{create_dir_durably, unblock, unblock_on, StoreFuture};
-use crate::{validate_key, DuraflowError, Storage, Stored, Value};
+use crate::{validate_key, DuraflowError, Storage, Stored, Value, MAX_KEY_LEN};
 
 /// Name of the lock file at the root; held with an exclusive `flock` while a store is open,
 /// as the root directory itself is.
@@ -96,7 +96,12 @@ const STRIPES: usize = 64;
 ///   never a torn one. A write that fails before the rename (a full disk, say) leaves the
 ///   old value; one whose final directory sync fails may have left either.
 /// - **Integrity**: every value file carries its key and a CRC-32; a damaged file is
-///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value.
+///   [`DuraflowError::Corrupt`] naming the key and the file, never a wrong value. A value
+///   over 64 KiB is handed out as a reader ([`Storage::read_value`]) that checks it as it is
+///   read and fails at its end when it is damaged; [`keys`](Storage::keys) reads each file's
+///   header only.
+/// - **Streaming**: a stream ([`Storage::write_value`]) is written to the temporary file as
+///   it is encoded; nothing but a buffer is held in memory.
 /// - **One writer**: a second `FileStore` on the same root, in this process or another,
 ///   gets [`DuraflowError::StoreLocked`]. The lock is an `flock` on the root directory itself
 ///   (and on `ROOT/.lock`), so deleting `.lock` does not release it; it is released when the
@@ -385,18 +390,19 @@ impl Dir {
             let Some(path) = value_in(&entry.path(), name)? else {
                 continue;
             };
-            let bytes = match fs::read(&path) {
-                Ok(bytes) => bytes,
-                // Removed since it was listed.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(DuraflowError::io(&path, e)),
-            };
             let corrupt = |reason: String| DuraflowError::Corrupt {
                 key: name.to_owned(),
                 path: Some(path.clone()),
                 reason,
             };
-            let (key, _) = parse_record(&bytes).map_err(corrupt)?;
+            // The key the file records; its value is checked when it is read.
+            let key = match read_key(&path) {
+                Ok(key) => key.map_err(corrupt)?,
+                // Removed since it was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DuraflowError::io(&path, e)),
+            };
+            let key = key.as_str();
             // Only the canonical spelling of a key is the key's directory.
             if dir_name(key) != name {
                 return Err(corrupt(format!("the file belongs to key {key:?}")));
@@ -584,6 +590,31 @@ fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {
     let (key, value) = rest.split_at(key_len);
     let key = std::str::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned())?;
     Ok((key, value))
+}
+
+/// The key the value file at `path` records, or what is wrong with its header: read
+/// without reading the value.
+fn read_key(path: &Path) -> io::Result<Result<String, String>> {
+    let mut file = File::open(path)?;
+    let mut header = [0; RECORD_HEADER];
+    let mut key = Vec::new();
+    let read = file.read_exact(&mut header).and_then(|()| {
+        let key_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        (&mut file)
+            .take(u64::from(key_len).min(MAX_KEY_LEN as u64 + 1))
+            .read_to_end(&mut key)
+    });
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Ok(Err("truncated: too short for its header".to_owned()))
+        }
+        Err(e) => return Err(e),
+    }
+    if &header[..4] != RECORD_MAGIC {
+        return Ok(Err("not a duraflow value file (bad magic)".to_owned()));
+    }
+    Ok(String::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned()))
 }
 
 /// Creates the temporary file `tmp` afresh, never through a link: whatever an interrupted
