@@ -34,6 +34,8 @@ impl Produce {
 struct Consume;
 #[task]
 impl Consume {
+    // `#[task]` takes the input type from the parameter, so it must be `&Vec<u64>`.
+    #[allow(clippy::ptr_arg)]
     async fn run(&self, values: &Vec<u64>) -> (u64, u64) {
         let sum = values.iter().fold(0u64, |s, v| s.wrapping_add(*v));
         (values.len() as u64, sum)
