@@ -54,9 +54,10 @@ fn type_name_of<T: ?Sized>() -> (&'static str, &'static [u8]) {
     (name, &name.as_bytes()[..name.len().min(u16::MAX as usize)])
 }
 
-/// The envelope's header, up to and including its payload length field.
-fn header(name: &[u8], flags: u8, payload_len: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + name.len() + 4);
+/// The envelope's header, up to and including its payload length field, in a buffer with
+/// room for `spare` bytes more.
+fn header(name: &[u8], flags: u8, payload_len: u64, spare: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + spare);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(flags);
@@ -91,7 +92,8 @@ pub(crate) fn encode_within<T: Serialize + ?Sized>(
     limit: usize,
 ) -> Result<Option<Vec<u8>>, DuraflowError> {
     let (type_name, name) = type_name_of::<T>();
-    let out = header(name, 0, 0);
+    // Room for a small payload and the trailer.
+    let out = header(name, 0, 0, 16 + TRAILER);
     let len_at = out.len() - 4;
     // The payload is encoded in place, then its length patched in: one pass, one buffer.
     let mut bounded = Bounded {
@@ -165,25 +167,48 @@ pub(crate) fn write<T: Serialize + ?Sized>(
         inner: out,
         crc: crc32fast::Hasher::new(),
         error: None,
+        len: 0,
     };
+    let header = header(name, 0, counter.0, 0);
     let written = {
         let mut buffered = io::BufWriter::with_capacity(BUFFER, &mut checked);
         buffered
-            .write_all(&header(name, 0, counter.0))
+            .write_all(&header)
             .map_err(|_| None)
             .and_then(|()| rmp_serde::encode::write_named(&mut buffered, value).map_err(Some))
             .and_then(|()| buffered.flush().map_err(|_| None))
     };
-    let Checked { inner, crc, error } = checked;
-    let crc = crc.finalize().to_le_bytes();
-    let written = written.and_then(|()| inner.write_all(&crc).map_err(|_| None));
+    let Checked {
+        inner,
+        crc,
+        error,
+        len,
+    } = checked;
     match (written, error) {
-        (Ok(()), _) => Ok(()),
+        (Ok(()), _) => {}
         // The writer's error, whatever serde made of it.
-        (Err(_), Some(e)) => Err(write_error(key, e)),
-        (Err(Some(e)), None) => Err(encode_error(e)),
-        (Err(None), None) => Err(write_error(key, io::Error::other("the write failed"))),
+        (Err(_), Some(e)) => return Err(write_error(key, e)),
+        (Err(Some(e)), None) => return Err(encode_error(e)),
+        (Err(None), None) => return Err(write_error(key, io::Error::other("the write failed"))),
     }
+    // A value whose serde form changed between the passes would be stored with a wrong
+    // length: refused, so the store keeps its previous value.
+    let expected = header.len() as u64 + counter.0;
+    if len != expected {
+        return Err(DuraflowError::Persist {
+            key: key.to_owned(),
+            source: format!(
+                "the value serialised to {} bytes, then to {}: its `Serialize` gives a \
+                 different result each time",
+                counter.0,
+                len.saturating_sub(header.len() as u64)
+            )
+            .into(),
+        });
+    }
+    inner
+        .write_all(&crc.finalize().to_le_bytes())
+        .map_err(|e| write_error(key, e))
 }
 
 /// An error of the writer a value is encoded into.
@@ -207,12 +232,13 @@ impl Write for Counter {
     }
 }
 
-/// Passes bytes on to `inner`, computing their CRC-32 and keeping the first error of
-/// `inner`.
+/// Passes bytes on to `inner`, computing their CRC-32 and count, and keeping the first
+/// error of `inner` (but `Interrupted`, which is retried).
 struct Checked<T> {
     inner: T,
     crc: crc32fast::Hasher,
     error: Option<io::Error>,
+    len: u64,
 }
 
 impl<W: Write> Write for Checked<W> {
@@ -220,6 +246,7 @@ impl<W: Write> Write for Checked<W> {
         match self.inner.write(buf) {
             Ok(n) => {
                 self.crc.update(&buf[..n]);
+                self.len += n as u64;
                 Ok(n)
             }
             Err(e) => Err(self.keep(e)),
@@ -235,6 +262,7 @@ impl<R: Read> Read for Checked<R> {
         match self.inner.read(buf) {
             Ok(n) => {
                 self.crc.update(&buf[..n]);
+                self.len += n as u64;
                 Ok(n)
             }
             Err(e) => Err(self.keep(e)),
@@ -245,6 +273,9 @@ impl<R: Read> Read for Checked<R> {
 impl<T> Checked<T> {
     /// Keeps `e` (the first error only) and returns a stand-in for the layers above.
     fn keep(&mut self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::Interrupted {
+            return e;
+        }
         let stand_in = io::Error::new(e.kind(), "the store's reader or writer failed");
         self.error.get_or_insert(e);
         stand_in
@@ -254,7 +285,7 @@ impl<T> Checked<T> {
 /// Wraps `json` (a value as duraflow-rs 1.x stored it) in an untyped envelope whose payload
 /// is read with `serde_json`.
 pub(crate) fn encode_json(json: &[u8]) -> Vec<u8> {
-    let mut out = header(b"", FLAG_JSON, json.len() as u64);
+    let mut out = header(b"", FLAG_JSON, json.len() as u64, json.len() + TRAILER);
     out.extend_from_slice(json);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -301,6 +332,7 @@ pub(crate) fn read_with<R>(
         inner: reader.take(len.saturating_sub(TRAILER as u64)),
         crc: crc32fast::Hasher::new(),
         error: None,
+        len: 0,
     };
     let result = {
         let capacity = usize::try_from(len).unwrap_or(BUFFER).clamp(64, BUFFER);
@@ -314,7 +346,9 @@ pub(crate) fn read_with<R>(
         let _ = io::copy(&mut buffered, &mut io::sink());
         result
     };
-    let Checked { inner, crc, error } = checked;
+    let Checked {
+        inner, crc, error, ..
+    } = checked;
     let store_error =
         |e: io::Error| carried(e).unwrap_or_else(|e| corrupt(&format!("reading it failed: {e}")));
     if let Some(e) = error {
@@ -402,33 +436,11 @@ pub(crate) fn read<T: DeserializeOwned>(
     check: TypeCheck,
 ) -> Result<T, DuraflowError> {
     read_with(key, reader, len, |header, payload| {
-        let requested = std::any::type_name::<T>();
-        let mismatch = |reason: String| DuraflowError::TypeMismatch {
-            key: key.to_owned(),
-            stored: header.type_name.clone(),
-            requested,
-            reason,
-        };
-        let untyped = header.type_name.is_empty();
-        if check == TypeCheck::Exact && !untyped && header.type_name != requested {
-            return Err(mismatch("written by another type".to_owned()));
-        }
-        let value = if header.json {
-            serde_json::from_reader(&mut *payload).map_err(|e| mismatch(e.to_string()))?
-        } else {
-            let mut de = rmp_serde::Deserializer::new(&mut *payload);
-            T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
-        };
-        if payload.limit() != 0 {
-            return Err(mismatch(
-                "the value does not use all stored bytes".to_owned(),
-            ));
-        }
-        Ok(value)
+        decode_payload(key, header, payload, check)
     })
 }
 
-/// Decodes the envelope `bytes` as a `T`: [`read`] over bytes in memory.
+/// Decodes the envelope `bytes` as a `T`, as [`read`] does.
 ///
 /// # Errors
 /// As [`read`].
@@ -437,7 +449,73 @@ pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     check: TypeCheck,
 ) -> Result<T, DuraflowError> {
-    read(key, &mut &bytes[..], bytes.len() as u64, check)
+    read_bytes(key, bytes, |header, payload| {
+        decode_payload(key, header, payload, check)
+    })
+}
+
+/// Decodes `payload`, whose envelope's header is `header`, as a `T`.
+fn decode_payload<T: DeserializeOwned>(
+    key: &str,
+    header: &Header,
+    payload: &mut Payload<'_>,
+    check: TypeCheck,
+) -> Result<T, DuraflowError> {
+    let requested = std::any::type_name::<T>();
+    let mismatch = |reason: String| DuraflowError::TypeMismatch {
+        key: key.to_owned(),
+        stored: header.type_name.clone(),
+        requested,
+        reason,
+    };
+    let untyped = header.type_name.is_empty();
+    if check == TypeCheck::Exact && !untyped && header.type_name != requested {
+        return Err(mismatch("written by another type".to_owned()));
+    }
+    let value = if header.json {
+        serde_json::from_reader(&mut *payload).map_err(|e| mismatch(e.to_string()))?
+    } else {
+        let mut de = rmp_serde::Deserializer::new(&mut *payload);
+        T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
+    };
+    if payload.limit() != 0 {
+        return Err(mismatch(
+            "the value does not use all stored bytes".to_owned(),
+        ));
+    }
+    Ok(value)
+}
+
+/// [`read_with`] over an envelope in memory: framing and checksum are checked first, in one
+/// pass over the bytes, then `body` reads the payload in place.
+///
+/// # Errors
+/// [`DuraflowError::Corrupt`] naming `key` for damage; the error of `body`.
+fn read_bytes<R>(
+    key: &str,
+    bytes: &[u8],
+    body: impl FnOnce(&Header, &mut Payload<'_>) -> Result<R, DuraflowError>,
+) -> Result<R, DuraflowError> {
+    let corrupt = |reason: String| DuraflowError::Corrupt {
+        key: key.to_owned(),
+        path: None,
+        reason,
+    };
+    if bytes.len() < HEADER + 4 + TRAILER {
+        return Err(corrupt(
+            "truncated: shorter than its stored length".to_owned(),
+        ));
+    }
+    let (content, trailer) = bytes.split_at(bytes.len() - TRAILER);
+    if crc32fast::hash(content)
+        != u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]])
+    {
+        return Err(corrupt("checksum mismatch".to_owned()));
+    }
+    let mut rest = content;
+    let (header, payload_len) = read_header(&mut rest, bytes.len() as u64).map_err(corrupt)?;
+    let mut payload = (&mut rest as &mut dyn BufRead).take(payload_len);
+    body(&header, &mut payload)
 }
 
 /// Checks the envelope `bytes` (framing and checksum) without decoding its payload.
@@ -445,7 +523,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 /// # Errors
 /// [`DuraflowError::Corrupt`] naming `key` for damage.
 pub(crate) fn check(key: &str, bytes: &[u8]) -> Result<(), DuraflowError> {
-    read_with(key, &mut &bytes[..], bytes.len() as u64, drain)
+    read_bytes(key, bytes, drain)
 }
 
 /// Reads what is left of `payload`.
@@ -515,24 +593,19 @@ pub(crate) fn inspect(
     key: &str,
     bytes: &[u8],
 ) -> Result<(String, serde_json::Value), DuraflowError> {
-    read_with(
-        key,
-        &mut &bytes[..],
-        bytes.len() as u64,
-        |header, payload| {
-            let corrupt = |reason: String| DuraflowError::Corrupt {
-                key: key.to_owned(),
-                path: None,
-                reason,
-            };
-            let value = if header.json {
-                serde_json::from_reader(&mut *payload).map_err(|e| corrupt(e.to_string()))?
-            } else {
-                rmp_serde::from_read(&mut *payload).map_err(|e| corrupt(e.to_string()))?
-            };
-            Ok((header.type_name.clone(), value))
-        },
-    )
+    read_bytes(key, bytes, |header, payload| {
+        let corrupt = |reason: String| DuraflowError::Corrupt {
+            key: key.to_owned(),
+            path: None,
+            reason,
+        };
+        let value = if header.json {
+            serde_json::from_reader(&mut *payload).map_err(|e| corrupt(e.to_string()))?
+        } else {
+            rmp_serde::from_read(&mut *payload).map_err(|e| corrupt(e.to_string()))?
+        };
+        Ok((header.type_name.clone(), value))
+    })
 }
 
 #[cfg(test)]
@@ -635,6 +708,11 @@ mod tests {
                 ),
                 "flip at {i} not detected"
             );
+            let streamed = read::<Vec<u64>>("k", &mut &b[..], b.len() as u64, TypeCheck::Exact);
+            assert!(
+                matches!(streamed, Err(DuraflowError::Corrupt { .. })),
+                "flip at {i} not detected when streamed"
+            );
         }
         assert!(matches!(
             decode::<Vec<u64>>("k", &bytes[..bytes.len() - 1], TypeCheck::Exact),
@@ -659,7 +737,7 @@ mod tests {
 
     #[test]
     fn the_long_length_field_is_refused_on_a_payload_under_4_gib() {
-        let mut bytes = header(b"", 0, u64::from(LONG));
+        let mut bytes = header(b"", 0, u64::from(LONG), 0);
         rmp_serde::encode::write_named(&mut bytes, &7u8).unwrap();
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
@@ -706,6 +784,28 @@ mod tests {
                 }
                 other => panic!("expected the reader's Corrupt, got {other:?}"),
             }
+        }
+    }
+
+    /// Serialises to one more element each time.
+    struct Growing(std::sync::atomic::AtomicUsize);
+
+    impl Serialize for Growing {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s.collect_seq(0..n)
+        }
+    }
+
+    #[test]
+    fn a_value_serialised_differently_by_each_pass_is_refused() {
+        let mut out = Vec::new();
+        match write("k", &Growing(1.into()), &mut out) {
+            Err(DuraflowError::Persist { key, source }) => {
+                assert_eq!(key, "k");
+                assert!(source.to_string().contains("different result"), "{source}");
+            }
+            other => panic!("expected Persist, got {other:?}"),
         }
     }
 }

@@ -84,7 +84,7 @@ impl Context {
         }
     }
 
-    /// The value stored under `key` whatever its type, for inspection (the CLI's `get`):
+    /// The value stored under `key` whatever its type, for inspection, read into memory:
     /// the name of the type that wrote it (empty for values upgraded from duraflow-rs 1.x),
     /// the value as JSON, and its size in bytes. `Ok(None)` if the key holds nothing.
     ///

@@ -128,16 +128,22 @@ impl RunState {
     /// The stored output of task `id` and its size in bytes, if it can be handed to the
     /// task's dependents: present, intact and written by the same type. Anything else is
     /// logged and treated as absent, so the task runs again and overwrites it — unless the
-    /// store has stopped ([`Storage::health`]): then the read's error. A value the store
-    /// hands out as a reader is decoded as it is read, on duraflow's I/O threads.
+    /// store has stopped ([`Storage::health`]): then the read's error. A value over
+    /// [`WHOLE_LIMIT`] is decoded on duraflow's I/O threads (as it is read, when the store
+    /// hands out a reader).
     pub(crate) async fn stored<T: DeserializeOwned + Send + 'static>(
         &self,
         id: &str,
     ) -> Result<Option<(T, usize)>, DuraflowError> {
         let found = match self.ctx.db.read_value(id).await {
             Ok(None) => Ok(None),
-            Ok(Some(Stored::Bytes(bytes))) => {
+            Ok(Some(Stored::Bytes(bytes))) if bytes.len() <= WHOLE_LIMIT => {
                 codec::decode(id, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
+            }
+            Ok(Some(Stored::Bytes(bytes))) => {
+                let (key, len) = (id.to_owned(), bytes.len());
+                let decoded = unblock(move || codec::decode(&key, &bytes, TypeCheck::Exact));
+                decoded.await.map(|v| Some((v, len)))
             }
             Ok(Some(Stored::Reader { len, mut reader })) => {
                 let key = id.to_owned();

@@ -31,8 +31,9 @@ pub trait RunLog: Send + Sync {
     /// The store records the stored value's length in the attempt's `output_size`.
     ///
     /// # Errors
-    /// Any backend error, or the encoder's (see [`Encoder::write_to`](crate::Encoder::write_to)); the previous value
-    /// is then unchanged.
+    /// Any backend error, or the encoder's (see
+    /// [`Encoder::write_to`](crate::Encoder::write_to)); the previous value is then
+    /// unchanged.
     fn commit<'a>(
         &'a self,
         key: &'a str,

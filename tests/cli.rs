@@ -597,6 +597,25 @@ fn get_streams_a_large_value_and_fails_on_damage_found_in_it() {
     let stored = wait(SledStore::open(&path).unwrap().read("big")).unwrap();
     assert_eq!(Some(raw.raw), stored, "the stored bytes, unchanged");
 
+    // `duraflow get … | head`: a reader that has seen enough is no failure.
+    for args in [
+        vec!["get", store, "big"],
+        vec!["get", store, "big", "--raw"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_duraflow"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0; 10];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        drop(child.stdout.take());
+        let ended = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&ended.stderr);
+        assert_eq!(ended.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+
     // A byte flipped near the end of its file: found once most of the value is printed.
     let file = std::fs::read_dir(path.join("outputs"))
         .unwrap()

@@ -303,6 +303,7 @@ impl Dir {
             crc,
             key: key.to_owned(),
             path,
+            checked: false,
         };
         Ok(Some(Stored::Reader {
             len,
@@ -548,6 +549,8 @@ struct RecordReader {
     crc: crc32fast::Hasher,
     key: String,
     path: PathBuf,
+    /// Whether the trailer was read and matched.
+    checked: bool,
 }
 
 impl Read for RecordReader {
@@ -555,13 +558,16 @@ impl Read for RecordReader {
         let io_error = |e| carry(DuraflowError::io(&self.path, e));
         let n = self.file.read(buf).map_err(io_error)?;
         self.crc.update(&buf[..n]);
-        if n > 0 || buf.is_empty() {
+        if n > 0 || buf.is_empty() || self.checked {
             return Ok(n);
         }
         let mut trailer = [0; 4];
         let ended = self.file.get_mut().read_exact(&mut trailer);
         let reason = match ended {
-            Ok(()) if self.crc.clone().finalize() == u32::from_le_bytes(trailer) => return Ok(0),
+            Ok(()) if self.crc.clone().finalize() == u32::from_le_bytes(trailer) => {
+                self.checked = true;
+                return Ok(0);
+            }
             Ok(()) => "checksum mismatch",
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "truncated",
             Err(e) => return Err(io_error(e)),
@@ -597,15 +603,8 @@ fn parse_record(rec: &[u8]) -> Result<(&str, &[u8]), String> {
 fn read_key(path: &Path) -> io::Result<Result<String, String>> {
     let mut file = File::open(path)?;
     let mut header = [0; RECORD_HEADER];
-    let mut key = Vec::new();
-    let read = file.read_exact(&mut header).and_then(|()| {
-        let key_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        (&mut file)
-            .take(u64::from(key_len).min(MAX_KEY_LEN as u64 + 1))
-            .read_to_end(&mut key)
-    });
-    match read {
-        Ok(_) => {}
+    match file.read_exact(&mut header) {
+        Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Ok(Err("truncated: too short for its header".to_owned()))
         }
@@ -613,6 +612,18 @@ fn read_key(path: &Path) -> io::Result<Result<String, String>> {
     }
     if &header[..4] != RECORD_MAGIC {
         return Ok(Err("not a duraflow value file (bad magic)".to_owned()));
+    }
+    let key_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if key_len == 0 || key_len > MAX_KEY_LEN {
+        return Ok(Err(format!("its key length {key_len} is out of range")));
+    }
+    let mut key = vec![0; key_len];
+    match file.read_exact(&mut key) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Ok(Err("truncated: too short for its key".to_owned()))
+        }
+        Err(e) => return Err(e),
     }
     Ok(String::from_utf8(key).map_err(|_| "stored key is not UTF-8".to_owned()))
 }

@@ -74,6 +74,10 @@ pub trait Storage: Send + Sync {
     /// By default, a stream is encoded into memory inside [`unblock`], then written with
     /// `write`.
     ///
+    /// A store calls a stream's [`Encoder::write_to`] at most once, off the executor, and
+    /// drops the encoder before the future resolves: a DAG takes the output back then (an
+    /// encoder kept longer makes it wait).
+    ///
     /// # Errors
     /// As [`write`](Storage::write); the encoder's error (see [`Encoder::write_to`]).
     fn write_value<'a>(&'a self, key: &'a str, value: Value) -> StoreFuture<'a, ()> {

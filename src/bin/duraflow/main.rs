@@ -342,32 +342,69 @@ fn show(
 fn get(path: &Path, key: &str, json: bool, raw: bool, out: &mut dyn Write) -> Result<(), Failure> {
     let store = Store::open(path)?;
     let missing = || Failure::new(format!("no value stored under key {key:?}"));
-    if raw {
+    // An error of `out` is told apart from one of the store (`… | head` is no failure).
+    let mut out = Watched { out, failed: None };
+    let written = if raw {
         let found = wait(store.storage().read_value(key))?.ok_or_else(missing)?;
         match found {
-            Stored::Bytes(bytes) => out.write_all(&bytes)?,
-            Stored::Reader { mut reader, .. } => {
-                io::copy(&mut reader, out).map_err(|e| Failure::new(format!("{key:?}: {e}")))?;
+            Stored::Bytes(bytes) => out.write_all(&bytes).map_err(Failure::Output),
+            Stored::Reader { mut reader, .. } => match io::copy(&mut reader, &mut out) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(
+                    match e.into_inner().map(|e| e.downcast::<DuraflowError>()) {
+                        Some(Ok(error)) => Failure::from(*error),
+                        Some(Err(e)) => Failure::new(format!("reading {key:?}: {e}")),
+                        None => Failure::new(format!("reading {key:?} failed")),
+                    },
+                ),
+            },
+        }
+    } else {
+        let head = |type_name: &str, size: u64, out: &mut dyn Write| {
+            if json {
+                return Ok(());
             }
-        }
-        return Ok(());
-    }
-    let head = |type_name: &str, size: u64, out: &mut dyn Write| {
-        if json {
-            return Ok(());
-        }
-        let type_name = if type_name.is_empty() {
-            "(unknown: a value from duraflow-rs 1.x)"
-        } else {
-            type_name
+            let type_name = if type_name.is_empty() {
+                "(unknown: a value from duraflow-rs 1.x)"
+            } else {
+                type_name
+            };
+            writeln!(out, "type: {type_name}")?;
+            writeln!(out, "size: {}", text::bytes(size))
         };
-        writeln!(out, "type: {type_name}")?;
-        writeln!(out, "size: {}", text::bytes(size))
+        match store.context().write_json(key, &mut out, head) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(missing()),
+            Err(e) => Err(Failure::from(e)),
+        }
     };
-    if !store.context().write_json(key, out, head)? {
-        return Err(missing());
+    match out.failed {
+        Some(e) => Err(Failure::Output(e)),
+        None => written,
     }
-    Ok(())
+}
+
+/// A writer that keeps the first error of `out`.
+struct Watched<'a> {
+    out: &'a mut dyn Write,
+    failed: Option<io::Error>,
+}
+
+impl Write for Watched<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf).map_err(|e| self.keep(e))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush().map_err(|e| self.keep(e))
+    }
+}
+
+impl Watched<'_> {
+    fn keep(&mut self, e: io::Error) -> io::Error {
+        let stand_in = io::Error::new(e.kind(), "writing the output failed");
+        self.failed.get_or_insert(e);
+        stand_in
+    }
 }
 
 /// `duraflow rm`.

@@ -25,8 +25,8 @@ const TEMP: &str = ".tmp-";
 /// A BLAKE3 hash (32 bytes).
 pub(super) type Digest = [u8; 32];
 
-/// A digest whose file gc leaves alone while this lives: from before the file is written
-/// until its commit is applied and durable (or abandoned).
+/// A digest whose file gc leaves alone while this lives: from just before the file is
+/// renamed to its digest until its commit is applied and durable (or abandoned).
 pub(super) struct Held {
     blobs: Arc<Blobs>,
     pub(super) digest: Digest,
@@ -47,11 +47,14 @@ impl Drop for Held {
 /// The output files of one store.
 pub(super) struct Blobs {
     dir: PathBuf,
-    /// Files being written or waiting for their commit, by digest (with how many writers),
-    /// and temporary files being written: gc leaves them alone.
+    /// Files waiting for their commit, by digest (with how many writers), and temporary
+    /// files being written: gc leaves them alone.
     in_flight: Mutex<InFlight>,
-    next_temp: AtomicU64,
 }
+
+/// Numbers the temporary files of every store of this process: a store dropped and opened
+/// again while a write of the old handle is still running never reuses its name.
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct InFlight {
@@ -81,7 +84,6 @@ impl Blobs {
         let blobs = Blobs {
             dir,
             in_flight: Mutex::default(),
-            next_temp: AtomicU64::new(0),
         };
         blobs.remove_temps()?;
         Ok(blobs)
@@ -111,26 +113,27 @@ impl Blobs {
         let name = format!(
             "{TEMP}{}-{}",
             std::process::id(),
-            self.next_temp.fetch_add(1, Ordering::Relaxed)
+            NEXT_TEMP.fetch_add(1, Ordering::Relaxed)
         );
         let temp = self.dir.join(&name);
         self.lock().temps.insert(name.clone());
-        let mut writer = BlobWriter {
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp);
+        let file = match file {
+            Ok(file) => file,
+            Err(e) => {
+                self.lock().temps.remove(&name);
+                return Err(with_path(&temp, e));
+            }
+        };
+        Ok(BlobWriter {
             blobs: Arc::clone(self),
-            file: None,
+            file: Some(file),
             temp,
             name,
             hasher: blake3::Hasher::new(),
             crc: crc32fast::Hasher::new(),
             len: 0,
-        };
-        // The name is registered first: should this fail, the writer's drop forgets it.
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&writer.temp);
-        writer.file = Some(file.map_err(|e| with_path(&writer.temp, e))?);
-        Ok(writer)
+        })
     }
 
     /// A reader of the file of `digest`, which holds `len` bytes: it checks the digest when
@@ -190,7 +193,8 @@ impl Blobs {
     /// Removes every file no output refers to (`referenced`, read once every commit sent
     /// before is applied and durable) and no write holds, and every temporary file no write
     /// of this process is writing. Each file is checked and removed under the lock that
-    /// [`put`](Self::put) takes, so a write of the same digest waits for its removal.
+    /// [`BlobWriter::finish`] takes to hold its digest before its rename, so a write of the
+    /// same digest waits for its removal.
     ///
     /// # Errors
     /// The I/O error, its path in the text.
@@ -228,11 +232,11 @@ impl Blobs {
     }
 }
 
-/// A file of [`Blobs`] being written: a temporary file until [`finish`](Self::finish)
-/// names it by its digest; dropped unfinished, it is removed.
+/// A file of [`Blobs`] being written: a temporary file (created by this writer) until
+/// [`finish`](Self::finish) names it by its digest; dropped unfinished, it is removed.
 pub(super) struct BlobWriter {
     blobs: Arc<Blobs>,
-    /// `None` until opened, and once finished.
+    /// `None` once finished.
     file: Option<File>,
     temp: PathBuf,
     name: String,
@@ -275,7 +279,8 @@ impl BlobWriter {
     /// directory fsynced.
     ///
     /// # Errors
-    /// The I/O error, its path in the text; the file is then removed and not held.
+    /// The I/O error, its path in the text; the digest is then not held, and the file is
+    /// removed (or, when only the directory's sync failed, left for gc).
     pub(super) fn finish(mut self) -> io::Result<Written> {
         let synced = self.file.take().map_or(Ok(()), |f| f.sync_all());
         synced.map_err(|e| with_path(&self.temp, e))?;

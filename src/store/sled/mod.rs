@@ -193,6 +193,7 @@ impl SledStore {
         let (inner, writer) = (Arc::clone(&self.inner), self.writer.clone());
         let (threshold, max) = (self.blob_threshold, self.max_value_size);
         Box::pin(async move {
+            inner.usable()?;
             let (blobs, of) = (Arc::clone(&inner.blobs), key.clone());
             let spilled = unblock(move || {
                 let persist = |e| DuraflowError::Persist {

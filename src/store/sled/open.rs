@@ -95,7 +95,8 @@ impl SledConfig {
     /// Sets the largest value the store accepts, in bytes: the encoded output plus
     /// duraflow's envelope of a few dozen bytes (the type name and a checksum). A larger
     /// output is refused with [`DuraflowError::Persist`] naming its key (its source gives
-    /// both sizes), and the value stored before, if any, stays. No limit by default.
+    /// the limit, and the size the value reached), and the value stored before, if any,
+    /// stays. No limit by default.
     pub fn max_value_size(mut self, bytes: usize) -> SledConfig {
         self.max_value_size = Some(bytes);
         self
