@@ -4,15 +4,16 @@
 //! to a missing file; and gc then leaves exactly the files the outputs refer to.
 //!
 //! A child process (this test binary, re-run with `--ignored --exact large_writer`)
-//! overwrites a few large outputs in turn, reporting each acknowledged write, until it is
-//! killed at a random moment.
+//! overwrites a few large outputs in turn, whole or streamed in pieces, reporting each
+//! acknowledged write, until it is killed at a random moment.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{wait, MARKER};
-use duraflow_rs::{RunHistory, SledStore, Storage};
+
+use duraflow_rs::{DuraflowError, Encoder, RunHistory, SledStore, Storage, Value};
 
 const DIR_ENV: &str = "DURAFLOW_LARGE_CRASH_DIR";
 const CHILD_TEST: &str = "large_writer";
@@ -50,7 +51,23 @@ fn large_writer() {
         for key in 0..KEYS {
             let bytes = value(key, version);
             println!("{MARKER}writing {key} {version}");
-            wait(store.write(&format!("k{key}"), bytes)).expect("child: write");
+            let name = format!("k{key}");
+            // Every other version is a stream written in pieces, as a task's output is.
+            if version % 2 == 0 {
+                wait(store.write(&name, bytes)).expect("child: write");
+            } else {
+                let of = name.clone();
+                let stream = Encoder::new(move |out| {
+                    for piece in bytes.chunks(4096) {
+                        out.write_all(piece).map_err(|e| DuraflowError::Persist {
+                            key: of.clone(),
+                            source: Box::new(e),
+                        })?;
+                    }
+                    Ok(())
+                });
+                wait(store.write_value(&name, Value::Stream(stream))).expect("child: write");
+            }
             println!("{MARKER}wrote {key} {version}");
         }
     }
