@@ -95,6 +95,11 @@ pub struct AttemptRecord {
     /// The size of the stored output in bytes, when one was stored or reused.
     #[serde(default)]
     pub output_size: Option<u64>,
+    /// Why the task ran or was cached, in plain words, as
+    /// [`DurableDag::explain`](crate::DurableDag::explain) gives it: recorded for tasks added
+    /// with [`add_keyed`](crate::DurableDag::add_keyed); `None` for the others (cached by id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A run with all its attempts, from [`RunHistory::run`].

@@ -169,6 +169,7 @@ impl RunState {
             number,
             started_ms: now_ms(),
             started: Instant::now(),
+            reason: None,
         }
     }
 
@@ -359,6 +360,8 @@ pub(crate) struct Attempt {
     number: u32,
     started_ms: u64,
     started: Instant,
+    /// Why the task runs or was cached (keyed tasks), for every record of the attempt.
+    pub(crate) reason: Option<String>,
 }
 
 impl Attempt {
@@ -383,6 +386,7 @@ impl Attempt {
             outcome,
             duration_us: elapsed.map(|e| e.as_micros() as u64),
             output_size: size.map(|s| s as u64),
+            reason: self.reason.clone(),
         }
     }
 }

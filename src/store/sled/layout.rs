@@ -167,6 +167,9 @@ pub(super) struct CachedBatch<K> {
     duration_us: Vec<Option<u64>>,
     /// [`AttemptRecord::output_size`].
     output_size: Vec<Option<u64>>,
+    /// [`AttemptRecord::reason`]; empty when no attempt has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reason: Vec<Option<K>>,
 }
 
 impl<'a> CachedBatch<&'a str> {
@@ -180,6 +183,10 @@ impl<'a> CachedBatch<&'a str> {
             finished_ms: records.iter().map(|r| r.finished_ms).collect(),
             duration_us: records.iter().map(|r| r.duration_us).collect(),
             output_size: records.iter().map(|r| r.output_size).collect(),
+            reason: match records.iter().any(|r| r.reason.is_some()) {
+                true => records.iter().map(|r| r.reason.as_deref()).collect(),
+                false => Vec::new(),
+            },
         }
     }
 }
@@ -195,7 +202,7 @@ impl CachedBatch<&str> {
             self.duration_us.len(),
             self.output_size.len(),
         ];
-        if lens.iter().any(|&l| l != n) {
+        if lens.iter().any(|&l| l != n) || !(self.reason.is_empty() || self.reason.len() == n) {
             return None;
         }
         let record = |i: usize| AttemptRecord {
@@ -207,6 +214,7 @@ impl CachedBatch<&str> {
             outcome: AttemptOutcome::Cached,
             duration_us: self.duration_us[i],
             output_size: self.output_size[i],
+            reason: self.reason.get(i).copied().flatten().map(str::to_owned),
         };
         Some((0..n).filter(|&i| keep(self.keys[i])).map(record).collect())
     }
@@ -330,6 +338,7 @@ mod tests {
             outcome: AttemptOutcome::Cached,
             duration_us: Some(3),
             output_size: Some(9),
+            reason: None,
         }
     }
 
@@ -377,6 +386,7 @@ mod tests {
             outcome,
             duration_us: ended.then_some(333_000),
             output_size: ended.then_some(42),
+            reason: None,
         };
         let failed = attempt(
             AttemptOutcome::Failed {
