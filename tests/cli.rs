@@ -1,7 +1,8 @@
 //! The `duraflow` binary (feature `cli`), run against stores made here with the library:
 //! a sled store with a clean run, a failed run (a panicking task, and a fallible task that
 //! fails once and succeeds on its retry) and a run killed by SIGKILL in a child process; and
-//! a FileStore directory. Checks stdout, the one-line stderr and the exit codes (0 ok,
+//! a FileStore directory (and, for `show`'s WHY column, reasons given to some attempts of
+//! the failed run). Checks stdout, the one-line stderr and the exit codes (0 ok,
 //! 1 error, 2 usage), a locked store and a missing path, `rm` and `gc` by their effect on
 //! the store (and `rm --prefix` failing, naming it, on a key entry it cannot read), and the HTML report as headless Chromium renders it: one bar per attempt.
 //!
@@ -488,7 +489,7 @@ fn show_lists_a_runs_attempts_latest_by_default() {
     );
     assert_eq!(
         row(latest, "slow")[1..],
-        ["interrupted", "1", "-"],
+        ["interrupted", "1", "-", "-"],
         "{latest}"
     );
     assert_eq!(row(latest, "index")[1..3], ["executed", "1"], "{latest}");
@@ -507,7 +508,7 @@ fn show_lists_a_runs_attempts_latest_by_default() {
     let notify = row(failed, "notify");
     assert_eq!(notify[1..3], ["failed", "1"], "{failed}");
     assert!(
-        notify[4].contains(NOTIFY_PANIC),
+        notify[5].contains(NOTIFY_PANIC),
         "the panic message: {failed}"
     );
     // The retried task: a failed attempt, then an executed one.
@@ -535,6 +536,113 @@ fn show_lists_a_runs_attempts_latest_by_default() {
     assert_eq!(keys, ["export", "notify"], "{only_failed}");
 
     duraflow(["show", store.to_str().unwrap(), "42"]).fails_with("no run 42 in ");
+}
+
+/// A reason with markup in it, for the report to escape.
+const MARKUP_REASON: &str = "code version \"<1>\" → \"2\" & parameters changed";
+
+#[test]
+fn show_and_report_say_why_each_attempt_ran_or_was_cached() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = sled_copy(dir.path());
+    {
+        // The fixture's tasks are added with `add`: they record no reason. Two of run 2's
+        // attempts are given one, as `add_keyed` records it; the same run, key and attempt
+        // replace the record.
+        let store = SledStore::open(&path).unwrap();
+        let attempts = wait(store.run(2)).unwrap().unwrap().attempts;
+        assert!(attempts.iter().all(|a| a.reason.is_none()), "{attempts:?}");
+        for (key, attempt, reason) in [
+            ("export", 2, "parameters changed"),
+            ("notify", 1, MARKUP_REASON),
+        ] {
+            let mut record = attempts
+                .iter()
+                .find(|a| a.key == key && a.attempt == attempt)
+                .unwrap_or_else(|| panic!("no attempt {attempt} of {key}: {attempts:?}"))
+                .clone();
+            record.reason = Some(reason.into());
+            RunLog::record(&store, record).unwrap();
+        }
+    }
+
+    let out = duraflow(["show".as_ref(), path.as_os_str(), "2".as_ref()]);
+    let out = out.ok();
+    assert_eq!(
+        row(out, "KEY"),
+        ["KEY", "OUTCOME", "ATTEMPT", "DURATION", "WHY", "ERROR"],
+        "{out}"
+    );
+    let export: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("export "))
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(export.len(), 2, "replaced, not added: {out}");
+    assert_eq!(export[0][1..3], ["failed", "1"], "{out}");
+    assert_eq!(export[0][4..], ["-", EXPORT_ERROR], "no reason: {out}");
+    assert_eq!(export[1][1..3], ["executed", "2"], "{out}");
+    assert_eq!(export[1][4..], ["parameters changed"], "{out}");
+    let notify = row(out, "notify");
+    assert_eq!(notify[4], MARKUP_REASON, "{out}");
+    assert!(notify[5].contains(NOTIFY_PANIC), "{out}");
+    for key in TASKS {
+        let cached = row(out, key);
+        assert_eq!(
+            (cached[1], &cached[4..]),
+            ("cached", &["cached by id"][..]),
+            "{out}"
+        );
+    }
+
+    let page = dir.path().join("run-2.html");
+    duraflow([
+        "report".as_ref(),
+        path.as_os_str(),
+        "2".as_ref(),
+        "-o".as_ref(),
+        page.as_os_str(),
+    ])
+    .ok();
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<th>why</th><th>error</th>"), "{html}");
+    let escaped = "code version &quot;&lt;1&gt;&quot; → &quot;2&quot; &amp; parameters changed";
+    assert!(!html.contains("\"<1>\""), "the reason's markup is escaped");
+    // In the table, and in the bar's tooltip.
+    assert!(
+        html.contains(&format!("<td class=\"why\">{escaped}</td>")),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!("\nwhy: {escaped}\nerror: ")),
+        "{html}"
+    );
+    assert!(
+        html.contains("<td class=\"why\">parameters changed</td>"),
+        "{html}"
+    );
+    assert_eq!(
+        html.matches("<td class=\"why\">cached by id</td>").count(),
+        TASKS.len(),
+        "{html}"
+    );
+    assert_eq!(
+        html.matches("\nwhy: cached by id").count(),
+        TASKS.len(),
+        "{html}"
+    );
+    // The first attempt of `export`, which has no reason.
+    assert_eq!(
+        html.matches("<td class=\"why\">–</td>").count(),
+        1,
+        "{html}"
+    );
 }
 
 #[test]

@@ -42,7 +42,11 @@ enum Command {
         /// The store's directory.
         store: PathBuf,
     },
-    /// A run's task attempts: key, outcome, attempt, duration, error.
+    /// A run's task attempts: key, outcome, attempt, duration, why, error.
+    ///
+    /// WHY says why a task ran or was cached, as recorded for tasks added with `add_keyed`
+    /// (`parameters changed`, `cached`, …); `cached by id` for a cached task added with
+    /// `add`, which records no reason; `-` when there is none.
     Show {
         /// The store's directory.
         store: PathBuf,
@@ -321,6 +325,7 @@ fn show(
                 text::outcome(&a.outcome).to_owned(),
                 a.attempt.to_string(),
                 text::attempt_duration_us(a).map_or_else(|| "-".to_owned(), text::duration_us),
+                text::why(a).map_or_else(|| "-".to_owned(), text::printable),
                 text::error(&a.outcome)
                     .map(text::printable)
                     .unwrap_or_default(),
@@ -331,8 +336,8 @@ fn show(
     use Align::{Left, Right};
     text::table(
         out,
-        &["KEY", "OUTCOME", "ATTEMPT", "DURATION", "ERROR"],
-        &[Left, Left, Right, Right, Left],
+        &["KEY", "OUTCOME", "ATTEMPT", "DURATION", "WHY", "ERROR"],
+        &[Left, Left, Right, Right, Left, Left],
         &rows,
     )?;
     Ok(())

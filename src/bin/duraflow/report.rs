@@ -1,5 +1,6 @@
 //! `duraflow report`: one self-contained HTML page (inline CSS, SVG and a few lines of
-//! script; nothing fetched) with a timeline of a run's task attempts and a table of them.
+//! script; nothing fetched) with a timeline of a run's task attempts and a table of them
+//! (with why each ran or was cached, see [`text::why`]).
 //!
 //! Every bar is an SVG `rect` of class `bar` with `data-key` and `data-outcome`; a script
 //! at the end of the page counts the bars the browser laid out with a non-zero size into
@@ -141,7 +142,7 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
 </header>
 <section>
 <h2>Timeline <small>{tasks} · {attempts} · {span}</small></h2>
-<p class="legend"><i class="o-executed"></i>executed <i class="o-cached"></i>cached <i class="o-failed"></i>failed <i class="o-interrupted"></i>interrupted <i class="o-running"></i>running <span class="hint">— hover a bar for its key, duration and error</span></p>
+<p class="legend"><i class="o-executed"></i>executed <i class="o-cached"></i>cached <i class="o-failed"></i>failed <i class="o-interrupted"></i>interrupted <i class="o-running"></i>running <span class="hint">— hover a bar for its key, duration, why and error</span></p>
 "##,
         tasks = text::count(rows.len() as u64, "task"),
         attempts = text::count(d.attempts.len() as u64, "attempt"),
@@ -204,6 +205,9 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
                 if let Some(size) = a.output_size {
                     let _ = write!(tip, "\noutput {}", text::bytes(size));
                 }
+                if let Some(why) = text::why(a) {
+                    let _ = write!(tip, "\nwhy: {why}");
+                }
                 if let Some(error) = text::error(&a.outcome) {
                     let _ = write!(tip, "\nerror: {error}");
                 }
@@ -227,7 +231,7 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
         r##"<section>
 <h2>Attempts</h2>
 <table>
-<thead><tr><th>key</th><th>outcome</th><th class="num">attempt</th><th class="num">started</th><th class="num">duration</th><th class="num">output</th><th>error</th></tr></thead>
+<thead><tr><th>key</th><th>outcome</th><th class="num">attempt</th><th class="num">started</th><th class="num">duration</th><th class="num">output</th><th>why</th><th>error</th></tr></thead>
 <tbody>
 "##
     );
@@ -236,7 +240,7 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
             let outcome = text::outcome(&a.outcome);
             let _ = writeln!(
                 h,
-                r##"<tr><td class="key">{k}</td><td><span class="badge o-{outcome}">{outcome}</span></td><td class="num">{n}</td><td class="num">+{start}</td><td class="num">{took}</td><td class="num">{size}</td><td class="error">{error}</td></tr>"##,
+                r##"<tr><td class="key">{k}</td><td><span class="badge o-{outcome}">{outcome}</span></td><td class="num">{n}</td><td class="num">+{start}</td><td class="num">{took}</td><td class="num">{size}</td><td class="why">{why}</td><td class="error">{error}</td></tr>"##,
                 k = esc(key),
                 n = a.attempt,
                 start = esc(&text::duration_ms(a.started_ms.saturating_sub(t0))),
@@ -246,6 +250,7 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
                     .output_size
                     .map(|s| esc(&text::bytes(s)))
                     .unwrap_or_default(),
+                why = text::why(a).map_or_else(|| "–".to_owned(), esc),
                 error = text::error(&a.outcome).map(esc).unwrap_or_default(),
             );
         }
@@ -315,7 +320,8 @@ table { border-collapse:collapse; width:100%; }
 th, td { text-align:left; padding:3px 10px; border-bottom:1px solid #eaeef2; vertical-align:top; }
 th { font-weight:600; color:#656d76; font-size:12px; }
 .num { text-align:right; white-space:nowrap; }
-td.error { width:50%; white-space:pre-wrap; color:#b42318; font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:12px; }
+td.why { width:25%; white-space:pre-wrap; }
+td.error { width:40%; white-space:pre-wrap; color:#b42318; font-family:ui-monospace,"DejaVu Sans Mono",monospace; font-size:12px; }
 .empty { color:#656d76; }
 footer { margin-top:24px; color:#8c959f; font-size:12px; }
 "##;

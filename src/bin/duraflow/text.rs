@@ -110,6 +110,17 @@ pub fn error(o: &AttemptOutcome) -> Option<&str> {
     }
 }
 
+/// Why an attempt ran or was cached: the reason recorded with it (tasks added with
+/// `add_keyed`), `cached by id` for a cached attempt without one (tasks added with `add`),
+/// `None` otherwise.
+pub fn why(a: &AttemptRecord) -> Option<&str> {
+    match (a.reason.as_deref(), &a.outcome) {
+        (Some(reason), _) if !reason.is_empty() => Some(reason),
+        (_, AttemptOutcome::Cached) => Some("cached by id"),
+        _ => None,
+    }
+}
+
 /// Whether an attempt ended on its own (its end time is when it ended, not when the store
 /// found it cut off).
 pub fn ended(a: &AttemptRecord) -> bool {
