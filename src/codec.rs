@@ -5,12 +5,16 @@
 //! 0       2     magic "DF"
 //! 2       1     envelope version (1)
 //! 3       1     flags: bit 0 = the payload is JSON text (a value migrated from a
-//!               duraflow-rs 1.x store), not MessagePack; other bits reserved (0)
+//!               duraflow-rs 1.x store), not MessagePack; bit 1 = a "made" block follows
+//!               the type name; other bits reserved (0)
 //! 4       2     type-name length N (u16, little endian)
 //! 6       N     type name (UTF-8, `std::any::type_name` of the value; empty = untyped)
-//! 6+N     4     payload length P (u32, little endian)
-//! 10+N    P     payload: the value in MessagePack, named (map) form, via rmp-serde
-//! 10+N+P  4     CRC-32 of every byte before it (u32, little endian)
+//!               with bit 1: M (u32, little endian), then M bytes: what a keyed output was
+//!               made from (`fingerprint::Made`, MessagePack, named form)
+//! …       4     payload length P (u32, little endian; u32::MAX: 4 GiB or more, the
+//!               payload then fills the envelope up to its trailer)
+//! …       P     payload: the value in MessagePack, named (map) form, via rmp-serde
+//! …       4     CRC-32 of every byte before it (u32, little endian)
 //! ```
 //!
 //! The named form keeps old values readable when a struct gains a `#[serde(default)]` field
@@ -31,6 +35,10 @@ const TRAILER: usize = 4;
 /// Flag: the payload is the JSON text duraflow-rs 1.x stored, kept as it was so that every
 /// type reads back exactly what 1.x's `serde_json::from_str` returned.
 const FLAG_JSON: u8 = 1;
+/// Flag: a "made" block (what a keyed output was made from) follows the type name.
+const FLAG_MADE: u8 = 2;
+/// The largest "made" block a reader accepts.
+const MAX_MADE: u32 = 1 << 20;
 /// The payload length field of a payload of 4 GiB or more: the payload then fills the
 /// envelope up to its trailer.
 const LONG: u32 = u32::MAX;
@@ -55,15 +63,21 @@ fn type_name_of<T: ?Sized>() -> (&'static str, &'static [u8]) {
 }
 
 /// The envelope's header, up to and including its payload length field, in a buffer with
-/// room for `spare` bytes more.
-fn header(name: &[u8], flags: u8, payload_len: u64, spare: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + name.len() + 4 + spare);
+/// room for `spare` bytes more; with `made`, its block.
+fn header(name: &[u8], made: Option<&[u8]>, flags: u8, payload_len: u64, spare: usize) -> Vec<u8> {
+    let made_len = made.map_or(0, |m| 4 + m.len());
+    let mut out = Vec::with_capacity(HEADER + name.len() + made_len + 4 + spare);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
-    out.push(flags);
+    out.push(flags | if made.is_some() { FLAG_MADE } else { 0 });
     // At most u16::MAX bytes (see `type_name_of`).
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
+    if let Some(made) = made {
+        // A block the crate made: far below 4 GiB.
+        out.extend_from_slice(&(made.len() as u32).to_le_bytes());
+        out.extend_from_slice(made);
+    }
     let field = u32::try_from(payload_len).ok().filter(|&n| n != LONG);
     out.extend_from_slice(&field.unwrap_or(LONG).to_le_bytes());
     out
@@ -78,7 +92,7 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<Vec<u8>, DuraflowError> {
     // Nothing is over a limit of `usize::MAX` bytes.
-    Ok(encode_within(key, value, usize::MAX)?.unwrap_or_default())
+    Ok(encode_within(key, value, None, usize::MAX)?.unwrap_or_default())
 }
 
 /// Encodes `value` into an envelope in memory if it takes at most `limit` bytes; `None`
@@ -89,11 +103,12 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
 pub(crate) fn encode_within<T: Serialize + ?Sized>(
     key: &str,
     value: &T,
+    made: Option<&[u8]>,
     limit: usize,
 ) -> Result<Option<Vec<u8>>, DuraflowError> {
     let (type_name, name) = type_name_of::<T>();
     // Room for a small payload and the trailer.
-    let out = header(name, 0, 0, 16 + TRAILER);
+    let out = header(name, made, 0, 0, 16 + TRAILER);
     let len_at = out.len() - 4;
     // The payload is encoded in place, then its length patched in: one pass, one buffer.
     let mut bounded = Bounded {
@@ -153,6 +168,7 @@ impl Write for Bounded {
 pub(crate) fn write<T: Serialize + ?Sized>(
     key: &str,
     value: &T,
+    made: Option<&[u8]>,
     out: &mut dyn Write,
 ) -> Result<(), DuraflowError> {
     let (type_name, name) = type_name_of::<T>();
@@ -169,7 +185,7 @@ pub(crate) fn write<T: Serialize + ?Sized>(
         error: None,
         len: 0,
     };
-    let header = header(name, 0, counter.0, 0);
+    let header = header(name, made, 0, counter.0, 0);
     let written = {
         let mut buffered = io::BufWriter::with_capacity(BUFFER, &mut checked);
         buffered
@@ -285,7 +301,13 @@ impl<T> Checked<T> {
 /// Wraps `json` (a value as duraflow-rs 1.x stored it) in an untyped envelope whose payload
 /// is read with `serde_json`.
 pub(crate) fn encode_json(json: &[u8]) -> Vec<u8> {
-    let mut out = header(b"", FLAG_JSON, json.len() as u64, json.len() + TRAILER);
+    let mut out = header(
+        b"",
+        None,
+        FLAG_JSON,
+        json.len() as u64,
+        json.len() + TRAILER,
+    );
     out.extend_from_slice(json);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -299,6 +321,8 @@ pub(crate) struct Header {
     pub type_name: String,
     /// Whether the payload is JSON (see [`encode_json`]) rather than MessagePack.
     pub json: bool,
+    /// The "made" block, if the envelope has one.
+    pub made: Option<Vec<u8>>,
 }
 
 /// The payload of an envelope being read: exactly its bytes.
@@ -394,23 +418,31 @@ fn read_header(reader: &mut dyn Read, len: u64) -> Result<(Header, u64), String>
     if fixed[2] != VERSION {
         return Err(format!("unknown envelope version {}", fixed[2]));
     }
-    if fixed[3] & !FLAG_JSON != 0 {
+    if fixed[3] & !(FLAG_JSON | FLAG_MADE) != 0 {
         return Err(format!("unknown envelope flags {:#04x}", fixed[3]));
     }
     let name_len = u16::from_le_bytes([fixed[4], fixed[5]]) as usize;
-    let mut name = vec![0; name_len + 4];
+    let mut name = vec![0; name_len];
     reader
         .read_exact(&mut name)
         .map_err(|_| "truncated type name".to_owned())?;
-    let field = u32::from_le_bytes([
-        name[name_len],
-        name[name_len + 1],
-        name[name_len + 2],
-        name[name_len + 3],
-    ]);
-    name.truncate(name_len);
     let type_name = String::from_utf8(name).map_err(|_| "type name is not UTF-8".to_owned())?;
-    let framing = (HEADER + name_len + 4 + TRAILER) as u64;
+    let mut made = None;
+    let mut made_len = 0;
+    if fixed[3] & FLAG_MADE != 0 {
+        let block = read_u32(reader).ok_or("truncated made block")?;
+        if block > MAX_MADE {
+            return Err(format!("a made block of {block} bytes"));
+        }
+        let mut bytes = vec![0; block as usize];
+        reader
+            .read_exact(&mut bytes)
+            .map_err(|_| "truncated made block".to_owned())?;
+        made_len = 4 + block as usize;
+        made = Some(bytes);
+    }
+    let field = read_u32(reader).ok_or("truncated payload length")?;
+    let framing = (HEADER + name_len + made_len + 4 + TRAILER) as u64;
     let payload_len = len.saturating_sub(framing);
     let fits = match field {
         LONG => payload_len >= u64::from(LONG),
@@ -420,7 +452,21 @@ fn read_header(reader: &mut dyn Read, len: u64) -> Result<(Header, u64), String>
         return Err("payload length does not match".to_owned());
     }
     let json = fixed[3] & FLAG_JSON != 0;
-    Ok((Header { type_name, json }, payload_len))
+    Ok((
+        Header {
+            type_name,
+            json,
+            made,
+        },
+        payload_len,
+    ))
+}
+
+/// Reads a u32 (little endian), `None` at the end.
+fn read_u32(reader: &mut dyn Read) -> Option<u32> {
+    let mut bytes = [0; 4];
+    reader.read_exact(&mut bytes).ok()?;
+    Some(u32::from_le_bytes(bytes))
 }
 
 /// Decodes the value stored under `key` as a `T`, from the `len` bytes `reader` yields.
@@ -451,6 +497,37 @@ pub(crate) fn decode<T: DeserializeOwned>(
 ) -> Result<T, DuraflowError> {
     read_bytes(key, bytes, |header, payload| {
         decode_payload(key, header, payload, check)
+    })
+}
+
+/// [`decode`], with the envelope's "made" block.
+///
+/// # Errors
+/// As [`read`].
+pub(crate) fn decode_made<T: DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+    check: TypeCheck,
+) -> Result<(T, Option<Vec<u8>>), DuraflowError> {
+    read_bytes(key, bytes, |header, payload| {
+        let value = decode_payload(key, header, payload, check)?;
+        Ok((value, header.made.clone()))
+    })
+}
+
+/// [`read`], with the envelope's "made" block.
+///
+/// # Errors
+/// As [`read`].
+pub(crate) fn read_made<T: DeserializeOwned>(
+    key: &str,
+    reader: &mut dyn Read,
+    len: u64,
+    check: TypeCheck,
+) -> Result<(T, Option<Vec<u8>>), DuraflowError> {
+    read_with(key, reader, len, |header, payload| {
+        let value = decode_payload(key, header, payload, check)?;
+        Ok((value, header.made.clone()))
     })
 }
 
@@ -728,16 +805,28 @@ mod tests {
         };
         let whole = encode("k", &value).unwrap();
         let mut streamed = Vec::new();
-        write("k", &value, &mut streamed).unwrap();
+        write("k", &value, None, &mut streamed).unwrap();
         assert_eq!(streamed, whole);
-        let within = encode_within("k", &value, whole.len()).unwrap();
+        let within = encode_within("k", &value, None, whole.len()).unwrap();
         assert_eq!(within.as_deref(), Some(&whole[..]));
-        assert_eq!(encode_within("k", &value, whole.len() - 1).unwrap(), None);
+        assert_eq!(
+            encode_within("k", &value, None, whole.len() - 1).unwrap(),
+            None
+        );
+        // With a made block, streamed and whole agree too, and it reads back.
+        let made = encode_within("k", &value, Some(b"made"), usize::MAX)
+            .unwrap()
+            .unwrap();
+        let mut streamed = Vec::new();
+        write("k", &value, Some(b"made"), &mut streamed).unwrap();
+        assert_eq!(streamed, made);
+        let (back, block) = decode_made::<V2>("k", &made, TypeCheck::Exact).unwrap();
+        assert_eq!((back, block.as_deref()), (value, Some(&b"made"[..])));
     }
 
     #[test]
     fn the_long_length_field_is_refused_on_a_payload_under_4_gib() {
-        let mut bytes = header(b"", 0, u64::from(LONG), 0);
+        let mut bytes = header(b"", None, 0, u64::from(LONG), 0);
         rmp_serde::encode::write_named(&mut bytes, &7u8).unwrap();
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
@@ -800,7 +889,7 @@ mod tests {
     #[test]
     fn a_value_serialised_differently_by_each_pass_is_refused() {
         let mut out = Vec::new();
-        match write("k", &Growing(1.into()), &mut out) {
+        match write("k", &Growing(1.into()), None, &mut out) {
             Err(DuraflowError::Persist { key, source }) => {
                 assert_eq!(key, "k");
                 assert!(source.to_string().contains("different result"), "{source}");

@@ -2,14 +2,22 @@
 
 use std::sync::Arc;
 
-use dagx::{DagRunner, Pending, Task, TaskBuilder};
+use std::collections::HashMap;
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use dagx::{DagRunner, Task};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::run::{RunState, RunStats};
+use crate::fingerprint::{self, Digest, Made, Why};
+use crate::run::{probe, KeyedSpec, Probed, RunState, RunStats};
+use crate::task::DurableTask;
 use std::fmt::Display;
 
 use crate::retry::Retry;
-use crate::{validate_key, Context, Durable, DuraflowError, Fallible, OutputKind, RetryPolicy};
+use crate::{
+    validate_key, Context, Durable, DuraflowError, Fallible, OutputKind, Plain, RetryPolicy,
+};
 
 /// Adds tasks to a dagx [`DagRunner`] so that each one's output is persisted in a
 /// [`Context`] under the id it is given, and reused instead of recomputed on a later run.
@@ -55,14 +63,16 @@ impl<'a> DurableDag<'a> {
         self
     }
 
-    /// Adds `task` under `id` and returns dagx's builder, so `.depends_on(..)` and
-    /// `dag.get(..)` work as for a plain task.
+    /// Adds `task` under `id`: its output is reused by any later run while one is stored
+    /// under `id`, whatever the task's parameters or inputs (see
+    /// [`add_keyed`](DurableDag::add_keyed) for outputs that follow them). `.depends_on(..)`
+    /// and `dag.get(..)` work on what it returns as on dagx's builder.
     ///
     /// # Panics
     /// When `id` is already used in this `DurableDag` or is not a valid key (empty or over
     /// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes); the message names the id. Use
     /// [`try_add`](DurableDag::try_add) to get the error instead.
-    pub fn add<Tk>(&self, id: &str, task: Tk) -> TaskBuilder<'a, Durable<Tk>, Pending>
+    pub fn add<Tk>(&self, id: &str, task: Tk) -> DurableTask<'a, Tk, Plain>
     where
         Tk: Task + 'static,
         Tk::Input: Clone + 'static,
@@ -80,7 +90,7 @@ impl<'a> DurableDag<'a> {
         &self,
         id: &str,
         task: Tk,
-    ) -> Result<TaskBuilder<'a, Durable<Tk>, Pending>, DuraflowError>
+    ) -> Result<DurableTask<'a, Tk, Plain>, DuraflowError>
     where
         Tk: Task + 'static,
         Tk::Input: Clone + 'static,
@@ -102,11 +112,7 @@ impl<'a> DurableDag<'a> {
     ///
     /// # Panics
     /// As [`add`](DurableDag::add), when `id` is used already or is not a valid key.
-    pub fn add_fallible<Tk, T, E>(
-        &self,
-        id: &str,
-        task: Tk,
-    ) -> TaskBuilder<'a, Durable<Tk, Fallible>, Pending>
+    pub fn add_fallible<Tk, T, E>(&self, id: &str, task: Tk) -> DurableTask<'a, Tk, Fallible>
     where
         Tk: Task<Output = Result<T, E>> + 'static,
         Tk::Input: Clone + 'static,
@@ -132,7 +138,7 @@ impl<'a> DurableDag<'a> {
         id: &str,
         task: Tk,
         policy: RetryPolicy,
-    ) -> TaskBuilder<'a, Durable<Tk, Fallible>, Pending>
+    ) -> DurableTask<'a, Tk, Fallible>
     where
         Tk: Task<Output = Result<T, E>> + Clone + 'static,
         Tk::Input: Clone + Sync + 'static,
@@ -158,7 +164,7 @@ impl<'a> DurableDag<'a> {
         id: &str,
         task: Tk,
         policy: RetryPolicy,
-    ) -> TaskBuilder<'a, Durable<Tk>, Pending>
+    ) -> DurableTask<'a, Tk, Plain>
     where
         Tk: Task + Clone + 'static,
         Tk::Input: Clone + Sync + 'static,
@@ -171,13 +177,203 @@ impl<'a> DurableDag<'a> {
         )
     }
 
+    /// Adds `task` under `id`, keyed: its stored output is reused only while it was made from
+    /// the same things (its fingerprint): the task's parameters (its serialised value), its
+    /// type, the code version ([`with_code_version`](DurableDag::with_code_version)) and the
+    /// outputs it consumes, and while it is younger than the maximum age
+    /// ([`with_max_age`](DurableDag::with_max_age)), if one is set. Otherwise it runs, and
+    /// the attempt records why. A task that runs because a consumed output changed, and
+    /// produces the same value as before, leaves its own dependents cached (early cutoff).
+    /// An output stored by [`add`](DurableDag::add) has no fingerprint: the task runs once.
+    ///
+    /// Parameters that cannot be serialised fail the task when it runs, and
+    /// [`explain`](DurableDag::explain) with the error; [`try_add_keyed`](DurableDag::try_add_keyed)
+    /// returns it at once.
+    ///
+    /// # Panics
+    /// As [`add`](DurableDag::add), when `id` is used already or is not a valid key.
+    pub fn add_keyed<Tk>(&self, id: &str, task: Tk) -> DurableTask<'a, Tk, Plain>
+    where
+        Tk: Task + Serialize + 'static,
+        Tk::Input: Clone + 'static,
+        Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let params = fingerprint::digest(id, &task).map_err(|e| e.to_string());
+        or_panic(
+            "DurableDag::add_keyed",
+            self.add_keyed_with(id, task, params),
+        )
+    }
+
+    /// Like [`add_keyed`](DurableDag::add_keyed), returning an error instead of panicking.
+    ///
+    /// # Errors
+    /// [`DuraflowError::Encode`] when the task's parameters cannot be serialised;
+    /// [`DuraflowError::DuplicateTaskId`]; [`DuraflowError::InvalidKey`].
+    pub fn try_add_keyed<Tk>(
+        &self,
+        id: &str,
+        task: Tk,
+    ) -> Result<DurableTask<'a, Tk, Plain>, DuraflowError>
+    where
+        Tk: Task + Serialize + 'static,
+        Tk::Input: Clone + 'static,
+        Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let params = fingerprint::digest(id, &task)?;
+        self.add_keyed_with(id, task, Ok(params))
+    }
+
+    fn add_keyed_with<Tk>(
+        &self,
+        id: &str,
+        task: Tk,
+        params: Result<Digest, String>,
+    ) -> Result<DurableTask<'a, Tk, Plain>, DuraflowError>
+    where
+        Tk: Task + 'static,
+        Tk::Input: Clone + 'static,
+        Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let spec = KeyedSpec {
+            task_type: std::any::type_name::<Tk>(),
+            params,
+        };
+        self.add_task(id, task, None, Some(spec))
+    }
+
+    /// Sets the code version of this DAG's keyed tasks (empty by default): bump it when
+    /// their code changes, and their outputs are made again. To follow every release,
+    /// pass `env!("CARGO_PKG_VERSION")`; to follow every build, a hash of the sources or
+    /// the commit set by a build script (`option_env!("GIT_HASH")`).
+    pub fn with_code_version(self, version: impl Into<String>) -> Self {
+        *self
+            .run
+            .code_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = version.into();
+        self
+    }
+
+    /// Keyed outputs older than `max_age` are made again (by tokio's clock, so a test can
+    /// pause and advance it).
+    pub fn with_max_age(self, max_age: Duration) -> Self {
+        *self
+            .run
+            .max_age
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(max_age);
+        self
+    }
+
+    /// What the run would do, before it runs: for every task, in the order added, whether
+    /// it will run and why ([`Explanation`]). Reads each stored output once; runs nothing.
+    /// A task whose consumed output will be made again is reported as running, although it
+    /// may stay cached by early cutoff (if the output comes out the same).
+    ///
+    /// # Errors
+    /// [`DuraflowError::Encode`] for a keyed task whose parameters cannot be serialised; an
+    /// error of the store once it has stopped ([`Storage::health`](crate::Storage::health)).
+    pub async fn explain(&self) -> Result<Vec<Explanation>, DuraflowError> {
+        let plan = self.run.plan();
+        let code_version = self
+            .run
+            .code_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let max_age = *self
+            .run
+            .max_age
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now_ms = fingerprint::now_ms();
+        let mut runs: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut digests: HashMap<Arc<str>, Digest> = HashMap::new();
+        let mut explained = Vec::with_capacity(plan.len());
+        for task in plan {
+            let ctx = Arc::clone(&self.run.ctx);
+            let probed = (task.probe)(ctx, Arc::clone(&task.id), task.needed).await?;
+            let why = match (&task.keyed, &probed) {
+                (_, Probed::Absent) => Why::NeverStored,
+                (_, Probed::Unreadable(reason)) => Why::Unreadable(reason.clone()),
+                (None, Probed::Stored { .. }) => Why::ById,
+                (Some(spec), Probed::Stored { made, .. }) => {
+                    let params = spec
+                        .params
+                        .as_ref()
+                        .map_err(|message| DuraflowError::Encode {
+                            key: task.id.to_string(),
+                            type_name: spec.task_type,
+                            source: rmp_serde::encode::Error::Syntax(message.clone()),
+                        })?;
+                    let mut inputs = Vec::new();
+                    let mut why = None;
+                    for up in &task.deps {
+                        match up {
+                            None => why = why.or(Some(Why::UpstreamUnknown)),
+                            Some(up) if runs.get(up).copied().unwrap_or(true) => {
+                                why = why.or(Some(Why::UpstreamRuns(up.to_string())));
+                            }
+                            Some(up) => match digests.get(up) {
+                                Some(digest) => inputs.push((up.to_string(), *digest)),
+                                None => why = why.or(Some(Why::UpstreamUnknown)),
+                            },
+                        }
+                    }
+                    why.unwrap_or_else(|| {
+                        let now = Made {
+                            task_type: spec.task_type.to_owned(),
+                            params: *params,
+                            code_version: code_version.clone(),
+                            inputs,
+                            stored_ms: now_ms,
+                        };
+                        fingerprint::decide(&now, made.as_ref(), now_ms, max_age)
+                    })
+                }
+            };
+            if let Probed::Stored {
+                digest: Some(digest),
+                ..
+            } = probed
+            {
+                digests.insert(Arc::clone(&task.id), digest);
+            }
+            runs.insert(Arc::clone(&task.id), why.runs());
+            explained.push(Explanation {
+                id: task.id.to_string(),
+                why,
+            });
+        }
+        Ok(explained)
+    }
+
     /// Claims `id` and hands the wrapped task to dagx: the one place tasks are added.
     fn add_kind<Tk, K>(
         &self,
         id: &str,
         task: Tk,
         retry: Option<Box<Retry<Tk::Input, Tk::Output>>>,
-    ) -> Result<TaskBuilder<'a, Durable<Tk, K>, Pending>, DuraflowError>
+    ) -> Result<DurableTask<'a, Tk, K>, DuraflowError>
+    where
+        Tk: Task + 'static,
+        Tk::Input: Clone + 'static,
+        Tk::Output: Clone + Send + Sync + 'static,
+        K: OutputKind<Tk::Output>,
+    {
+        self.add_task(id, task, retry, None)
+    }
+
+    /// Claims `id`, registers the task (keyed if `keyed` says how) and hands the wrapped
+    /// task to dagx.
+    fn add_task<Tk, K>(
+        &self,
+        id: &str,
+        task: Tk,
+        retry: Option<Box<Retry<Tk::Input, Tk::Output>>>,
+        keyed: Option<KeyedSpec>,
+    ) -> Result<DurableTask<'a, Tk, K>, DuraflowError>
     where
         Tk: Task + 'static,
         Tk::Input: Clone + 'static,
@@ -186,8 +382,10 @@ impl<'a> DurableDag<'a> {
     {
         validate_key(id)?;
         let id = self.run.claim(id)?;
-        let durable = Durable::in_run(id, task, self.run.clone(), retry);
-        Ok(self.dag.add_task(durable))
+        self.run.register(&id, probe::<K::Stored>, keyed);
+        let durable = Durable::in_run(Arc::clone(&id), task, self.run.clone(), retry);
+        let builder = self.dag.add_task(durable);
+        Ok(DurableTask::new(builder, self.dag, id, self.run.clone()))
     }
 
     /// How this run's tasks have ended so far.
@@ -198,6 +396,35 @@ impl<'a> DurableDag<'a> {
     /// The context outputs are persisted in.
     pub fn context(&self) -> &Arc<Context> {
         &self.run.ctx
+    }
+}
+
+/// What [`DurableDag::explain`] says of one task: whether it will run, and why
+/// (`Display`: cached; never stored; parameters changed; code version "1" → "2"; upstream
+/// `load` will run; expired; stored value unreadable; no fingerprint (added with `add`:
+/// cached by id); …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    id: String,
+    why: Why,
+}
+
+impl Explanation {
+    /// The task's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the task will run (a task whose consumed output will be made again may
+    /// still stay cached, by early cutoff).
+    pub fn will_run(&self) -> bool {
+        self.why.runs()
+    }
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.why.fmt(f)
     }
 }
 

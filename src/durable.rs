@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use dagx::Task;
 use futures::future::Either;
@@ -11,6 +11,7 @@ use futures::FutureExt;
 use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
+use crate::fingerprint::{self, Made, Why};
 use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
 use crate::run::{Ending, ProgressFn, RunState};
@@ -137,19 +138,50 @@ where
         return Outcome::Failed(Box::new(error));
     }
     let mut number = 1;
+    // What a keyed task is made from, and why it runs: found on the first attempt.
+    let mut made: Option<Made> = None;
+    let mut reason: Option<String> = None;
     loop {
         let span = run.spans.task(&id, number);
-        let attempt = run.start_attempt(number);
+        let mut attempt = run.start_attempt(number);
         let step = async {
-            // 1. The cache check, on the first attempt: a usable stored output is the output.
+            // 1. The cache check, on the first attempt: a usable stored output is the output
+            // (for a keyed task, one made from the same things).
             if number == 1 {
+                let keyed = run.made(&id);
+                if let Some(Err(Why::BadParams(message))) = &keyed {
+                    let error = DuraflowError::Encode {
+                        key: id.to_string(),
+                        type_name: std::any::type_name::<Tk>(),
+                        source: rmp_serde::encode::Error::Syntax(message.clone()),
+                    };
+                    run.record(&id, &attempt, failed(error.to_string()), None);
+                    return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
+                }
                 match run.stored::<K::Stored>(&id).await {
-                    Ok(Some((stored, size))) => {
-                        run.record(&id, &attempt, AttemptOutcome::Cached, Some(size));
-                        let outcome = Outcome::Done(K::from_stored(stored));
-                        return Step::Final(outcome, Ending::Cached);
+                    Ok(found) => {
+                        let why = match (&keyed, &found) {
+                            (None, Some(_)) => Why::ById,
+                            (None, None) => Why::NeverStored,
+                            (Some(Err(why)), _) => why.clone(),
+                            (Some(Ok(_)), None) => Why::NeverStored,
+                            (Some(Ok(now)), Some(loaded)) => {
+                                let max_age = *run.max_age.lock().unwrap_or_else(PoisonError::into_inner);
+                                fingerprint::decide(now, loaded.made.as_ref(), now.stored_ms, max_age)
+                            }
+                        };
+                        if keyed.is_some() {
+                            reason = Some(why.to_string());
+                            attempt.reason = reason.clone();
+                        }
+                        if let (false, Some(loaded)) = (why.runs(), found) {
+                            run.note_output(&id, &loaded.value);
+                            run.record(&id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
+                            let outcome = Outcome::Done(K::from_stored(loaded.value));
+                            return Step::Final(outcome, Ending::Cached);
+                        }
+                        made = keyed.and_then(Result::ok);
                     }
-                    Ok(None) => {}
                     // The output is unreadable and the store has stopped: nothing can be
                     // stored, so the task does not run.
                     Err(error) => {
@@ -158,6 +190,8 @@ where
                         return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
                     }
                 }
+            } else {
+                attempt.reason = reason.clone();
             }
             // 2. The run.
             run.record(&id, &attempt, AttemptOutcome::Running, None);
@@ -167,9 +201,15 @@ where
                     Some(message) => (message, Step::Final(Outcome::Done(output), Ending::Failed)),
                     // 3. The persist; with the attempt's success, where attempts are recorded.
                     None => {
-                        let (output, persisted) = run.persist::<_, K>(&id, output, &attempt).await;
+                        let persisting = run.persist::<_, K>(&id, output, made.as_ref(), &attempt);
+                        let (output, persisted) = persisting.await;
                         return match persisted.map_err(|e| e.into_persist(&id)) {
-                            Ok(()) => Step::Final(Outcome::Done(output), Ending::Executed),
+                            Ok(()) => {
+                                if let Ok(value) = K::stored(&output) {
+                                    run.note_output(&id, value);
+                                }
+                                Step::Final(Outcome::Done(output), Ending::Executed)
+                            }
                             Err(error) => {
                                 tracing::error!(key = &*id, %error, "task output not persisted");
                                 run.record(&id, &attempt, failed(error.to_string()), None);

@@ -10,6 +10,7 @@ mod copy;
 mod dag;
 mod durable;
 mod error;
+mod fingerprint;
 mod key;
 mod output;
 mod progress_layer;
@@ -19,10 +20,11 @@ mod run;
 mod runlog;
 mod spans;
 mod store;
+mod task;
 
 pub use context::{Context, StoredValue};
 pub use copy::copy;
-pub use dag::DurableDag;
+pub use dag::{DurableDag, Explanation};
 pub use durable::Durable;
 pub use error::{BoxError, DuraflowError};
 pub use key::{validate_key, MAX_KEY_LEN};
@@ -38,3 +40,4 @@ pub use store::{
     open_existing, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig, SledStore,
     Storage, StoreFuture, Stored, Value,
 };
+pub use task::{Deps, DurableTask};

@@ -1,14 +1,16 @@
 //! One run of a pipeline: its task ids, counters, records and progress callback.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::codec::{self, TypeCheck};
+use crate::fingerprint::{self, Digest, Made, Why};
 use crate::output::OutputKind;
 use crate::record::now_ms;
 use crate::spans::RunSpans;
@@ -82,6 +84,60 @@ pub(crate) struct RunState {
     /// The run's id in the store's run log, if the store keeps one.
     record: Option<RunId>,
     started_ms: u64,
+    /// Set once a keyed task is added: only then is [`graph`](Self::graph) used.
+    keyed: AtomicBool,
+    /// What keyed tasks need to know of the run's tasks.
+    graph: Mutex<Graph>,
+    /// The code version of keyed tasks (empty unless set).
+    pub(crate) code_version: Mutex<String>,
+    /// How long a keyed output may be reused.
+    pub(crate) max_age: Mutex<Option<Duration>>,
+}
+
+/// What a run knows of its tasks for keyed ones: who consumes what, and output digests.
+#[derive(Default)]
+pub(crate) struct Graph {
+    /// The id of each task whose dagx number is known.
+    nodes: HashMap<usize, Arc<str>>,
+    /// Each task's consumed outputs, in input order (`None`: a task of no `DurableDag`).
+    deps: HashMap<Arc<str>, Vec<Option<Arc<str>>>>,
+    /// The keyed tasks.
+    keyed: HashMap<Arc<str>, KeyedSpec>,
+    /// Tasks whose output a keyed task consumes.
+    needed: HashSet<Arc<str>>,
+    /// The output digests of this run's completed tasks that are needed.
+    digests: HashMap<Arc<str>, Digest>,
+    /// Every task, in the order added, with how to look at its stored output.
+    pub(crate) order: Vec<(Arc<str>, Probe)>,
+}
+
+/// What makes a keyed task's fingerprint, besides its inputs.
+#[derive(Clone)]
+pub(crate) struct KeyedSpec {
+    pub(crate) task_type: &'static str,
+    /// The digest of its parameters, or why they could not be serialised.
+    pub(crate) params: Result<Digest, String>,
+}
+
+/// Looks at a task's stored output, for [`DurableDag::explain`](crate::DurableDag::explain):
+/// its made block, and its digest when asked.
+pub(crate) type Probe = fn(Arc<Context>, Arc<str>, bool) -> StoreFuture<'static, Probed>;
+
+/// What a [`Probe`] found.
+pub(crate) enum Probed {
+    Absent,
+    Unreadable(String),
+    Stored {
+        made: Option<Made>,
+        digest: Option<Digest>,
+    },
+}
+
+/// A stored output, decoded.
+pub(crate) struct Loaded<T> {
+    pub(crate) value: T,
+    pub(crate) size: usize,
+    pub(crate) made: Option<Made>,
 }
 
 impl RunState {
@@ -107,7 +163,126 @@ impl RunState {
             callback_panicked: AtomicBool::new(false),
             record,
             started_ms,
+            keyed: AtomicBool::new(false),
+            graph: Mutex::default(),
+            code_version: Mutex::default(),
+            max_age: Mutex::default(),
         }
+    }
+
+    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
+        self.graph.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers task `id`, added in this order, with how to look at its stored output;
+    /// `keyed` for a keyed task.
+    pub(crate) fn register(&self, id: &Arc<str>, probe: Probe, keyed: Option<KeyedSpec>) {
+        let mut graph = self.graph();
+        graph.order.push((Arc::clone(id), probe));
+        if let Some(spec) = keyed {
+            self.keyed.store(true, Ordering::SeqCst);
+            graph.keyed.insert(Arc::clone(id), spec);
+        }
+    }
+
+    /// Records that task `id` (dagx's number `node`, if known) consumes the outputs of
+    /// `upstream`.
+    pub(crate) fn depends(
+        &self,
+        id: &Arc<str>,
+        upstream: Vec<Option<Arc<str>>>,
+        node: Option<usize>,
+    ) {
+        let mut graph = self.graph();
+        if let Some(node) = node {
+            graph.nodes.insert(node, Arc::clone(id));
+        }
+        if graph.keyed.contains_key(id) {
+            for up in upstream.iter().flatten() {
+                graph.needed.insert(Arc::clone(up));
+            }
+        }
+        graph.deps.insert(Arc::clone(id), upstream);
+    }
+
+    /// Records dagx's number of task `id`.
+    pub(crate) fn locate(&self, id: &Arc<str>, node: Option<usize>) {
+        if let Some(node) = node {
+            self.graph().nodes.insert(node, Arc::clone(id));
+        }
+    }
+
+    /// The id of the task dagx numbers `node`, if it is one of this run's.
+    pub(crate) fn task_at(&self, node: usize) -> Option<Arc<str>> {
+        self.graph().nodes.get(&node).cloned()
+    }
+
+    /// What keyed task `id` is made from in this run, once its inputs are complete: `None`
+    /// for a task that is not keyed; `Err` with why it must run when that cannot be known.
+    pub(crate) fn made(&self, id: &str) -> Option<Result<Made, Why>> {
+        if !self.keyed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let graph = self.graph();
+        let spec = graph.keyed.get(id)?;
+        let params = match &spec.params {
+            Ok(params) => *params,
+            Err(reason) => return Some(Err(Why::BadParams(reason.clone()))),
+        };
+        let mut inputs = Vec::new();
+        for up in graph.deps.get(id).into_iter().flatten() {
+            let Some(up) = up else {
+                return Some(Err(Why::UpstreamUnknown));
+            };
+            match graph.digests.get(up) {
+                Some(digest) => inputs.push((up.to_string(), *digest)),
+                None => return Some(Err(Why::UpstreamUnknown)),
+            }
+        }
+        Some(Ok(Made {
+            task_type: spec.task_type.to_owned(),
+            params,
+            code_version: self
+                .code_version
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            inputs,
+            stored_ms: fingerprint::now_ms(),
+        }))
+    }
+
+    /// Keeps the digest of `value`, the output of task `id`, if a keyed task consumes it.
+    pub(crate) fn note_output<T: Serialize>(&self, id: &str, value: &T) {
+        if !self.keyed.load(Ordering::SeqCst) || !self.graph().needed.contains(id) {
+            return;
+        }
+        match fingerprint::digest(id, value) {
+            Ok(digest) => {
+                let mut graph = self.graph();
+                if let Some(id) = graph.needed.get(id).cloned() {
+                    graph.digests.insert(id, digest);
+                }
+            }
+            Err(error) => tracing::warn!(key = id, %error, "output digest not taken"),
+        }
+    }
+
+    /// The graph, for [`DurableDag::explain`](crate::DurableDag::explain): each task in order
+    /// with its probe, keyed spec and inputs, and whether its digest is needed.
+    pub(crate) fn plan(&self) -> Vec<Planned> {
+        let graph = self.graph();
+        graph
+            .order
+            .iter()
+            .map(|(id, probe)| Planned {
+                id: Arc::clone(id),
+                probe: *probe,
+                keyed: graph.keyed.get(id).cloned(),
+                deps: graph.deps.get(id).cloned().unwrap_or_default(),
+                needed: graph.needed.contains(id),
+            })
+            .collect()
     }
 
     /// Claims `id` for one task of this run; the task keeps the id the claim holds.
@@ -125,35 +300,15 @@ impl RunState {
         Ok(id)
     }
 
-    /// The stored output of task `id` and its size in bytes, if it can be handed to the
-    /// task's dependents: present, intact and written by the same type. Anything else is
-    /// logged and treated as absent, so the task runs again and overwrites it — unless the
-    /// store has stopped ([`Storage::health`]): then the read's error. A value over
-    /// [`WHOLE_LIMIT`] is decoded on duraflow's I/O threads (as it is read, when the store
-    /// hands out a reader).
+    /// The stored output of task `id`, if it can be handed to the task's dependents:
+    /// present, intact and written by the same type. Anything else is logged and treated as
+    /// absent, so the task runs again and overwrites it — unless the store has stopped
+    /// ([`Storage::health`]): then the read's error.
     pub(crate) async fn stored<T: DeserializeOwned + Send + 'static>(
         &self,
         id: &str,
-    ) -> Result<Option<(T, usize)>, DuraflowError> {
-        let found = match self.ctx.db.read_value(id).await {
-            Ok(None) => Ok(None),
-            Ok(Some(Stored::Bytes(bytes))) if bytes.len() <= WHOLE_LIMIT => {
-                codec::decode(id, &bytes, TypeCheck::Exact).map(|v| Some((v, bytes.len())))
-            }
-            Ok(Some(Stored::Bytes(bytes))) => {
-                let (key, len) = (id.to_owned(), bytes.len());
-                let decoded = unblock(move || codec::decode(&key, &bytes, TypeCheck::Exact));
-                decoded.await.map(|v| Some((v, len)))
-            }
-            Ok(Some(Stored::Reader { len, mut reader })) => {
-                let key = id.to_owned();
-                let decoded =
-                    unblock(move || codec::read(&key, &mut reader, len, TypeCheck::Exact));
-                decoded.await.map(|v| Some((v, len as usize)))
-            }
-            Err(error) => Err(error),
-        };
-        match found {
+    ) -> Result<Option<Loaded<T>>, DuraflowError> {
+        match load(&self.ctx, id).await {
             Ok(found) => Ok(found),
             Err(error) if self.ctx.db.health().is_ok() => {
                 tracing::warn!(key = id, %error, "stored output unusable; running the task again");
@@ -206,14 +361,23 @@ impl RunState {
         &self,
         id: &str,
         output: O,
+        made: Option<&Made>,
         attempt: &Attempt,
     ) -> (O, Result<(), DuraflowError>)
     where
         O: Send + 'static,
         K: OutputKind<O>,
     {
+        let made = made.map(|made| {
+            let stored_ms = fingerprint::now_ms();
+            Made {
+                stored_ms,
+                ..made.clone()
+            }
+            .encode()
+        });
         let whole = match K::stored(&output) {
-            Ok(value) => codec::encode_within(id, value, WHOLE_LIMIT),
+            Ok(value) => codec::encode_within(id, value, made.as_deref(), WHOLE_LIMIT),
             // Not reached: a failed output is not persisted.
             Err(message) => Err(DuraflowError::Persist {
                 key: id.to_owned(),
@@ -232,7 +396,7 @@ impl RunState {
                 let encoder = Encoder::new(move |out| {
                     let output = lent.lock().unwrap_or_else(PoisonError::into_inner);
                     match output.as_ref().map(K::stored) {
-                        Some(Ok(value)) => codec::write(&key, value, out),
+                        Some(Ok(value)) => codec::write(&key, value, made.as_deref(), out),
                         // Not reached: the output is taken back only after this is dropped.
                         _ => Err(DuraflowError::Persist {
                             key,
@@ -348,6 +512,76 @@ impl Drop for RunState {
             self.spans.close(self.stats());
         }
     }
+}
+
+/// The [`Probe`] of a task whose stored type is `T`.
+pub(crate) fn probe<T: Serialize + DeserializeOwned + Send + 'static>(
+    ctx: Arc<Context>,
+    id: Arc<str>,
+    want_digest: bool,
+) -> StoreFuture<'static, Probed> {
+    Box::pin(async move {
+        Ok(match load::<T>(&ctx, &id).await {
+            Ok(None) => Probed::Absent,
+            Ok(Some(loaded)) => Probed::Stored {
+                digest: match want_digest {
+                    true => Some(fingerprint::digest(&id, &loaded.value)?),
+                    false => None,
+                },
+                made: loaded.made,
+            },
+            Err(error) if ctx.db.health().is_ok() => Probed::Unreadable(error.to_string()),
+            Err(error) => return Err(error),
+        })
+    })
+}
+
+/// A task as [`RunState::plan`] gives it.
+pub(crate) struct Planned {
+    pub(crate) id: Arc<str>,
+    pub(crate) probe: Probe,
+    pub(crate) keyed: Option<KeyedSpec>,
+    pub(crate) deps: Vec<Option<Arc<str>>>,
+    pub(crate) needed: bool,
+}
+
+/// The output stored under `id` in `ctx`, decoded as a `T` written by the same type, with
+/// its size and made block: the one read of a stored output. A value over [`WHOLE_LIMIT`] is
+/// decoded on duraflow's I/O threads (as it is read, when the store hands out a reader).
+///
+/// # Errors
+/// The store's error, or the value's (`Corrupt`, `TypeMismatch`).
+pub(crate) async fn load<T: DeserializeOwned + Send + 'static>(
+    ctx: &Context,
+    id: &str,
+) -> Result<Option<Loaded<T>>, DuraflowError> {
+    let loaded = match ctx.db.read_value(id).await? {
+        None => return Ok(None),
+        Some(Stored::Bytes(bytes)) if bytes.len() <= WHOLE_LIMIT => {
+            let (value, made) = codec::decode_made(id, &bytes, TypeCheck::Exact)?;
+            (value, bytes.len(), made)
+        }
+        Some(Stored::Bytes(bytes)) => {
+            let key = id.to_owned();
+            let len = bytes.len();
+            let decoded = unblock(move || codec::decode_made(&key, &bytes, TypeCheck::Exact));
+            let (value, made) = decoded.await?;
+            (value, len, made)
+        }
+        Some(Stored::Reader { len, mut reader }) => {
+            let key = id.to_owned();
+            let decoded =
+                unblock(move || codec::read_made(&key, &mut reader, len, TypeCheck::Exact));
+            let (value, made) = decoded.await?;
+            (value, len as usize, made)
+        }
+    };
+    let (value, size, made) = loaded;
+    Ok(Some(Loaded {
+        value,
+        size,
+        made: made.as_deref().and_then(Made::decode),
+    }))
 }
 
 /// Unpacks [`RunState::done`] into (executed, cached).

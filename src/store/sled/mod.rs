@@ -615,7 +615,7 @@ impl RunLog for SledStore {
     /// it; any other as a record of its own.
     fn record(&self, attempt: AttemptRecord) -> Result<(), DuraflowError> {
         if attempt.outcome == AttemptOutcome::Cached {
-            return self.send(Msg::Cached(attempt));
+            return self.send(Msg::Cached(Box::new(attempt)));
         }
         self.send(Msg::Record(self.attempt_record(&attempt)?))
     }

@@ -51,7 +51,7 @@ pub(super) enum Msg {
     /// Store a record; nobody waits for it.
     Record(Record),
     /// Store a `Cached` attempt, batched with the others of its group.
-    Cached(AttemptRecord),
+    Cached(Box<AttemptRecord>),
     /// Store an output, with its attempt record if any, then answer.
     Commit(Box<Commit>),
     /// Store a record, then answer.
@@ -137,7 +137,7 @@ impl Writer {
         for msg in group {
             match msg {
                 Msg::Record(record) => writes.records.push(record),
-                Msg::Cached(attempt) => writes.cached.push(attempt),
+                Msg::Cached(attempt) => writes.cached.push(*attempt),
                 Msg::Commit(commit) => writes.commits.push(*commit),
                 Msg::Acked(record, reply) => writes.acked.push((record, reply)),
                 Msg::Gc(reply) => writes.gcs.push(reply),
