@@ -292,21 +292,26 @@ impl<'a> DurableDag<'a> {
         let mut digests: HashMap<Arc<str>, Digest> = HashMap::new();
         let mut explained = Vec::with_capacity(plan.len());
         for task in plan {
+            let params = match &task.keyed {
+                Some(spec) => {
+                    Some(
+                        spec.params
+                            .as_ref()
+                            .map_err(|message| DuraflowError::Encode {
+                                key: task.id.to_string(),
+                                type_name: spec.task_type,
+                                source: rmp_serde::encode::Error::Syntax(message.clone()),
+                            })?,
+                    )
+                }
+                None => None,
+            };
             let ctx = Arc::clone(&self.run.ctx);
             let probed = (task.probe)(ctx, Arc::clone(&task.id), task.needed).await?;
-            let why = match (&task.keyed, &probed) {
-                (_, Probed::Absent) => Why::NeverStored,
-                (_, Probed::Unreadable(reason)) => Why::Unreadable(reason.clone()),
-                (None, Probed::Stored { .. }) => Why::ById,
-                (Some(spec), Probed::Stored { made, .. }) => {
-                    let params = spec
-                        .params
-                        .as_ref()
-                        .map_err(|message| DuraflowError::Encode {
-                            key: task.id.to_string(),
-                            type_name: spec.task_type,
-                            source: rmp_serde::encode::Error::Syntax(message.clone()),
-                        })?;
+            let why = match (&task.keyed, params, &probed) {
+                (_, _, Probed::Absent) => Why::NeverStored,
+                (_, _, Probed::Unreadable(reason)) => Why::Unreadable(reason.clone()),
+                (Some(spec), Some(params), Probed::Stored { made, .. }) => {
                     let mut inputs = Vec::new();
                     let mut why = None;
                     for up in &task.deps {
@@ -332,6 +337,7 @@ impl<'a> DurableDag<'a> {
                         fingerprint::decide(&now, made.as_ref(), now_ms, max_age)
                     })
                 }
+                _ => Why::ById,
             };
             if let Probed::Stored {
                 digest: Some(digest),

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::fingerprint::{self, Made, Why};
 use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
-use crate::run::{Ending, ProgressFn, RunState};
+use crate::run::{Ending, Found, ProgressFn, RunState};
 use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
@@ -161,11 +161,11 @@ where
                 match run.stored::<K::Stored>(&id).await {
                     Ok(found) => {
                         let why = match (&keyed, &found) {
-                            (None, Some(_)) => Why::ById,
-                            (None, None) => Why::NeverStored,
+                            (_, Found::Absent) => Why::NeverStored,
+                            (_, Found::Unusable(reason)) => Why::Unreadable(reason.clone()),
+                            (None, Found::Loaded(_)) => Why::ById,
                             (Some(Err(why)), _) => why.clone(),
-                            (Some(Ok(_)), None) => Why::NeverStored,
-                            (Some(Ok(now)), Some(loaded)) => {
+                            (Some(Ok(now)), Found::Loaded(loaded)) => {
                                 let max_age = *run.max_age.lock().unwrap_or_else(PoisonError::into_inner);
                                 fingerprint::decide(now, loaded.made.as_ref(), now.stored_ms, max_age)
                             }
@@ -174,7 +174,7 @@ where
                             reason = Some(why.to_string());
                             attempt.reason = reason.clone();
                         }
-                        if let (false, Some(loaded)) = (why.runs(), found) {
+                        if let (false, Found::Loaded(loaded)) = (why.runs(), found) {
                             run.note_output(&id, &loaded.value);
                             run.record(&id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
                             let outcome = Outcome::Done(K::from_stored(loaded.value));

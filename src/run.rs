@@ -133,6 +133,14 @@ pub(crate) enum Probed {
     },
 }
 
+/// What [`RunState::stored`] found.
+pub(crate) enum Found<T> {
+    Absent,
+    /// Present, but unreadable as the task's output: why.
+    Unusable(String),
+    Loaded(Loaded<T>),
+}
+
 /// A stored output, decoded.
 pub(crate) struct Loaded<T> {
     pub(crate) value: T,
@@ -301,18 +309,19 @@ impl RunState {
     }
 
     /// The stored output of task `id`, if it can be handed to the task's dependents:
-    /// present, intact and written by the same type. Anything else is logged and treated as
-    /// absent, so the task runs again and overwrites it — unless the store has stopped
+    /// present, intact and written by the same type. Anything else is logged and
+    /// `Unusable`, so the task runs again and overwrites it — unless the store has stopped
     /// ([`Storage::health`]): then the read's error.
     pub(crate) async fn stored<T: DeserializeOwned + Send + 'static>(
         &self,
         id: &str,
-    ) -> Result<Option<Loaded<T>>, DuraflowError> {
+    ) -> Result<Found<T>, DuraflowError> {
         match load(&self.ctx, id).await {
-            Ok(found) => Ok(found),
+            Ok(Some(loaded)) => Ok(Found::Loaded(loaded)),
+            Ok(None) => Ok(Found::Absent),
             Err(error) if self.ctx.db.health().is_ok() => {
                 tracing::warn!(key = id, %error, "stored output unusable; running the task again");
-                Ok(None)
+                Ok(Found::Unusable(error.to_string()))
             }
             Err(error) => Err(error),
         }
