@@ -43,6 +43,8 @@ struct Sum {
 }
 #[task]
 impl Sum {
+    // `#[task]` takes the input type from the parameter, so it must be `&Vec<u64>`.
+    #[allow(clippy::ptr_arg)]
     async fn run(&self, rows: &Vec<u64>) -> u64 {
         self.ran.lock().unwrap().push("sum".into());
         rows.iter().sum::<u64>() * self.scale
