@@ -186,6 +186,19 @@ impl<'a> DurableDag<'a> {
     /// produces the same value as before, leaves its own dependents cached (early cutoff).
     /// An output stored by [`add`](DurableDag::add) has no fingerprint: the task runs once.
     ///
+    /// # Fingerprints
+    /// Stable across processes, platforms and versions of the crate (a test pins them):
+    /// - the parameters' digest: BLAKE3 of the task value in MessagePack, named (map) form
+    ///   (rmp-serde's `encode::write_named`); an output's digest: the same, of the output;
+    /// - the fingerprint: BLAKE3 of `duraflow-rs fingerprint 1\n`, then the task's type
+    ///   name (`std::any::type_name`, which moving or renaming the type changes), the
+    ///   parameters' digest, the code version, and for each consumed output, in input
+    ///   order, its task id and output digest; each string as its length (u32, little
+    ///   endian) then its UTF-8 bytes, the number of outputs as a u32 (little endian).
+    ///
+    /// What the output was made from is stored with it, in its envelope: `explain` and the
+    /// attempt records say which part changed.
+    ///
     /// Parameters that cannot be serialised fail the task when it runs, and
     /// [`explain`](DurableDag::explain) with the error; [`try_add_keyed`](DurableDag::try_add_keyed)
     /// returns it at once.
@@ -238,6 +251,7 @@ impl<'a> DurableDag<'a> {
         let spec = KeyedSpec {
             task_type: std::any::type_name::<Tk>(),
             params,
+            code_version: None,
         };
         self.add_task(id, task, None, Some(spec))
     }
@@ -330,7 +344,10 @@ impl<'a> DurableDag<'a> {
                         let now = Made {
                             task_type: spec.task_type.to_owned(),
                             params: *params,
-                            code_version: code_version.clone(),
+                            code_version: spec
+                                .code_version
+                                .clone()
+                                .unwrap_or_else(|| code_version.clone()),
                             inputs,
                             stored_ms: now_ms,
                         };

@@ -2,16 +2,9 @@
 //! or is cached ([`Why`]): the one decision both a run and
 //! [`DurableDag::explain`](crate::DurableDag::explain) take.
 //!
-//! # Hashes and encodings (stable: they decide what is reused)
-//! - A task's parameters: BLAKE3 of the task value in MessagePack, named (map) form
-//!   (rmp-serde's `encode::write_named`).
-//! - An output: BLAKE3 of the stored value the same way (so a task that produces the same
-//!   value again has the same output digest, whatever else changed).
-//! - The fingerprint: BLAKE3 of `duraflow-rs fingerprint 1\n`, then the task's type name,
-//!   the parameters' digest, the code version, and for each consumed output in input order
-//!   its task id and output digest; each string as its length (u32, little endian) and its
-//!   UTF-8 bytes, the count of outputs as a u32 (little endian). The type name is
-//!   `std::any::type_name`, which moving or renaming the type changes.
+//! The hashes and their encodings are documented at
+//! [`DurableDag::add_keyed`](crate::DurableDag::add_keyed), and pinned by the golden test
+//! below.
 
 use std::fmt;
 use std::io::{self, Write};

@@ -117,6 +117,8 @@ pub(crate) struct KeyedSpec {
     pub(crate) task_type: &'static str,
     /// The digest of its parameters, or why they could not be serialised.
     pub(crate) params: Result<Digest, String>,
+    /// Its own code version, over the run's.
+    pub(crate) code_version: Option<String>,
 }
 
 /// Looks at a task's stored output, for [`DurableDag::explain`](crate::DurableDag::explain):
@@ -213,6 +215,13 @@ impl RunState {
         graph.deps.insert(Arc::clone(id), upstream);
     }
 
+    /// Sets the code version of keyed task `id` (a task that is not keyed has none).
+    pub(crate) fn set_code_version(&self, id: &str, version: String) {
+        if let Some(spec) = self.graph().keyed.get_mut(id) {
+            spec.code_version = Some(version);
+        }
+    }
+
     /// Records dagx's number of task `id`.
     pub(crate) fn locate(&self, id: &Arc<str>, node: Option<usize>) {
         if let Some(node) = node {
@@ -250,11 +259,10 @@ impl RunState {
         Some(Ok(Made {
             task_type: spec.task_type.to_owned(),
             params,
-            code_version: self
-                .code_version
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            code_version: spec.code_version.clone().unwrap_or_else(|| {
+                let run = self.code_version.lock();
+                run.unwrap_or_else(PoisonError::into_inner).clone()
+            }),
             inputs,
             stored_ms: fingerprint::now_ms(),
         }))

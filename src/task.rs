@@ -65,6 +65,14 @@ where
         &self.id
     }
 
+    /// Sets this keyed task's own code version, over the DAG's
+    /// ([`DurableDag::with_code_version`](crate::DurableDag::with_code_version)); a task
+    /// added with [`add`](crate::DurableDag::add) has none, and is left as it is.
+    pub fn with_code_version(self, version: impl Into<String>) -> Self {
+        self.run.set_code_version(&self.id, version.into());
+        self
+    }
+
     /// Makes the task consume the outputs of `deps`, in dagx's forms: a handle, a task of
     /// this `DurableDag` without inputs, or a tuple of either (up to 8), in the order of the
     /// task's inputs. Returns dagx's handle of the task's output.

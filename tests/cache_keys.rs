@@ -341,3 +341,49 @@ async fn parameters_that_do_not_serialise_are_a_typed_error_not_a_panic() {
         other => panic!("expected Encode, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_task_of_its_own_code_version_runs_again_alone_when_it_changes() {
+    let ctx = Arc::new(Context::new(MemoryStore::new()));
+    let run = |version: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let ran: Ran = Arc::default();
+            let dag = DagRunner::new();
+            let d = DurableDag::new(&dag, ctx).with_code_version("dag");
+            let load = d.add_keyed(
+                "load",
+                Load {
+                    n: 4,
+                    label: "a",
+                    ran: ran.clone(),
+                },
+            );
+            let sum = Sum {
+                scale: 2,
+                ran: ran.clone(),
+            };
+            d.add_keyed("sum", sum)
+                .with_code_version(version)
+                .depends_on(&load);
+            let plan: Vec<String> = d
+                .explain()
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.to_string())
+                .collect();
+            dag.run(|f| {
+                tokio::spawn(f);
+            })
+            .await
+            .unwrap();
+            let ran = ran.lock().unwrap().clone();
+            (plan, ran)
+        }
+    };
+    run("1").await;
+    let (plan, ran) = run("2").await;
+    assert_eq!(plan, ["cached", "code version \"1\" → \"2\""]);
+    assert_eq!(ran, ["sum"]);
+}

@@ -40,6 +40,50 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DuraflowErro
 /// them**: a store that waits on files or a blocking client does that work inside
 /// [`unblock`] (as [`FileStore`] does, and [`SledStore`] besides its writer thread); one
 /// that never waits (like [`MemoryStore`]) answers with a ready future.
+///
+/// # Example
+/// A store of one file per key, its blocking work inside [`unblock`]:
+/// ```no_run
+/// use std::{io::{self, Write}, path::PathBuf, sync::Arc};
+/// use duraflow_rs::{unblock, Context, DuraflowError, Storage, StoreFuture};
+///
+/// /// One file per key in an existing directory. A sketch: hex file names limit keys to
+/// /// 127 bytes, and nothing stops two processes from writing at once.
+/// struct Dir(PathBuf);
+///
+/// impl Dir {
+///     fn path(&self, key: &str) -> PathBuf {
+///         self.0.join(key.bytes().map(|b| format!("{b:02x}")).collect::<String>())
+///     }
+/// }
+///
+/// impl Storage for Dir {
+///     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+///         let path = self.path(key);
+///         unblock(move || match std::fs::read(&path) {
+///             Ok(bytes) => Ok(Some(bytes)),
+///             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+///             Err(source) => Err(DuraflowError::Io { path, source }),
+///         })
+///     }
+///
+///     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
+///         let path = self.path(key);
+///         unblock(move || {
+///             // A crash leaves the old value or the new one: write aside, sync, rename.
+///             let tmp = path.with_extension("tmp");
+///             let written = std::fs::File::create(&tmp)
+///                 .and_then(|mut file| file.write_all(&value).and_then(|()| file.sync_all()))
+///                 .and_then(|()| std::fs::rename(&tmp, &path));
+///             written.map_err(|source| DuraflowError::Io { path, source })
+///         })
+///     }
+///
+///     fn kind(&self) -> &'static str { "dir" }
+/// }
+///
+/// let ctx = Arc::new(Context::new(Dir(PathBuf::from("outputs"))));
+/// ```
 pub trait Storage: Send + Sync {
     /// The bytes last written under `key`, or `None` if the key was never written (or was
     /// removed).
