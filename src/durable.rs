@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use dagx::Task;
 use futures::future::Either;
@@ -11,10 +11,10 @@ use futures::FutureExt;
 use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
-use crate::fingerprint::{self, Made, Why};
+use crate::fingerprint::Made;
 use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
-use crate::run::{Ending, Found, ProgressFn, RunState};
+use crate::run::{Check, Ending, ProgressFn, RunState};
 use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
@@ -148,44 +148,20 @@ where
             // 1. The cache check, on the first attempt: a usable stored output is the output
             // (for a keyed task, one made from the same things).
             if number == 1 {
-                let keyed = run.made(&id);
-                if let Some(Err(Why::BadParams(message))) = &keyed {
-                    let error = DuraflowError::Encode {
-                        key: id.to_string(),
-                        type_name: std::any::type_name::<Tk>(),
-                        source: rmp_serde::encode::Error::Syntax(message.clone()),
-                    };
-                    run.record(&id, &attempt, failed(error.to_string()), None);
-                    return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
-                }
-                match run.stored::<K::Stored>(&id).await {
-                    Ok(found) => {
-                        let why = match (&keyed, &found) {
-                            (_, Found::Absent) => Why::NeverStored,
-                            (_, Found::Unusable(reason)) => Why::Unreadable(reason.clone()),
-                            (None, Found::Loaded(_)) => Why::ById,
-                            (Some(Err(why)), _) => why.clone(),
-                            (Some(Ok(now)), Found::Loaded(loaded)) => {
-                                let max_age = *run.max_age.lock().unwrap_or_else(PoisonError::into_inner);
-                                fingerprint::decide(now, loaded.made.as_ref(), now.stored_ms, max_age)
-                            }
-                        };
-                        if keyed.is_some() {
-                            reason = Some(why.to_string());
-                            attempt.reason = reason.clone();
-                        }
-                        if let (false, Found::Loaded(loaded)) = (why.runs(), found) {
-                            run.note_output(&id, &loaded.value);
-                            run.record(&id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
-                            let outcome = Outcome::Done(K::from_stored(loaded.value));
-                            return Step::Final(outcome, Ending::Cached);
-                        }
-                        made = keyed.and_then(Result::ok);
+                let (check, why) = run.check::<Tk, K::Stored>(&id).await;
+                reason = why;
+                attempt.reason = reason.clone();
+                match check {
+                    Check::Cached(loaded) => {
+                        run.record(&id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
+                        let outcome = Outcome::Done(K::from_stored(loaded.value));
+                        return Step::Final(outcome, Ending::Cached);
                     }
-                    // The output is unreadable and the store has stopped: nothing can be
-                    // stored, so the task does not run.
-                    Err(error) => {
-                        tracing::error!(key = &*id, %error, "stored output unreadable and the store has stopped");
+                    Check::Run(keyed) => made = keyed,
+                    // Parameters that cannot be serialised, or an unreadable output in a
+                    // store that has stopped (nothing can be stored): the task does not run.
+                    Check::Fail(error) => {
+                        tracing::error!(key = &*id, %error, "task not run");
                         run.record(&id, &attempt, failed(error.to_string()), None);
                         return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
                     }

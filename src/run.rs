@@ -135,6 +135,16 @@ pub(crate) enum Probed {
     },
 }
 
+/// What the cache check ([`RunState::check`]) decided.
+pub(crate) enum Check<T> {
+    /// The stored output is the output.
+    Cached(Loaded<T>),
+    /// The task runs (a keyed one, made from this).
+    Run(Option<Made>),
+    /// The task fails without running.
+    Fail(DuraflowError),
+}
+
 /// What [`RunState::stored`] found.
 pub(crate) enum Found<T> {
     Absent,
@@ -332,6 +342,46 @@ impl RunState {
                 Ok(Found::Unusable(error.to_string()))
             }
             Err(error) => Err(error),
+        }
+    }
+
+    /// The cache check of task `id` (of type `Tk`, storing a `T`): a usable stored output
+    /// is the output — for a keyed task, one made from the same things, within its maximum
+    /// age. Also returns, for a keyed task, why it runs or is cached.
+    pub(crate) async fn check<Tk, T>(&self, id: &str) -> (Check<T>, Option<String>)
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let keyed = self.made(id);
+        if let Some(Err(Why::BadParams(message))) = &keyed {
+            let error = DuraflowError::Encode {
+                key: id.to_owned(),
+                type_name: std::any::type_name::<Tk>(),
+                source: rmp_serde::encode::Error::Syntax(message.clone()),
+            };
+            return (Check::Fail(error), None);
+        }
+        let found = match self.stored::<T>(id).await {
+            Ok(found) => found,
+            Err(error) => return (Check::Fail(error), None),
+        };
+        let why = match (&keyed, &found) {
+            (_, Found::Absent) => Why::NeverStored,
+            (_, Found::Unusable(reason)) => Why::Unreadable(reason.clone()),
+            (None, Found::Loaded(_)) => Why::ById,
+            (Some(Err(why)), _) => why.clone(),
+            (Some(Ok(now)), Found::Loaded(loaded)) => {
+                let max_age = *self.max_age.lock().unwrap_or_else(PoisonError::into_inner);
+                fingerprint::decide(now, loaded.made.as_ref(), now.stored_ms, max_age)
+            }
+        };
+        let reason = keyed.as_ref().map(|_| why.to_string());
+        match (why.runs(), found) {
+            (false, Found::Loaded(loaded)) => {
+                self.note_output(id, &loaded.value);
+                (Check::Cached(loaded), reason)
+            }
+            _ => (Check::Run(keyed.and_then(Result::ok)), reason),
         }
     }
 
