@@ -7,6 +7,16 @@
 //! `--crash-after N` to abort the process after N tasks), run it again: finished tasks are
 //! not executed again, and the interrupted run is recorded as such.
 //!
+//! The tasks are added with `DurableDag::add_keyed`: a stored output is reused only while
+//! the task's parameters (its serialised fields) and the outputs it consumes are the ones
+//! it was made from. `--min-len SHARD=N` changes one parameter of one shard (it then counts
+//! only words of N letters or more): only that shard's branch (its transform, the merges
+//! above it and the report) runs again, everything else stays cached. Before running, the
+//! example asks `DurableDag::explain` what will run: one line of counts, or with
+//! `--min-len` or `--explain` one line per task with its reason. After the run it lists
+//! what executed and why, from the run's attempt records. The store keeps one output per
+//! task, so the next run without the flag makes that branch again, back at the default.
+//!
 //! On a terminal the run shows a live progress bar; when stdout is not a terminal (piped,
 //! redirected, CI) it prints one plain line per completed task instead. Both are fed by
 //! `DurableDag::with_progress`, which needs no `tracing` subscriber (`ProgressLayer` is the
@@ -15,16 +25,18 @@
 //! ```sh
 //! cargo run --example pipeline                     # first run: everything executes
 //! cargo run --example pipeline                     # second run: everything is cached
+//! cargo run --example pipeline -- --min-len 5=4    # shard 5's branch runs: 7 executed
 //! cargo run --example pipeline -- --fresh --crash-after 20
-//! cargo run --example pipeline                     # resumes: 20 cached, the rest executed
+//! cargo run --example pipeline                     # resumes: 20 or more cached, the rest run
 //! ```
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagx::{task, DagRunner, Task, TaskHandle};
-use duraflow_rs::{Context, DurableDag, RunHistory, SledStore};
+use duraflow_rs::{AttemptOutcome, Context, DurableDag, Explanation, RunHistory, SledStore};
 use serde::{Deserialize, Serialize};
 
 const SHARDS: usize = 32;
@@ -54,6 +66,8 @@ impl Stats {
 }
 
 /// Stage 1: produce the corpus (deterministic, so every run computes the same answer).
+/// Keyed tasks are `Serialize`: their fields are their parameters (this one has none).
+#[derive(Serialize)]
 struct Generate;
 #[task]
 impl Generate {
@@ -82,10 +96,15 @@ impl Generate {
     }
 }
 
-/// Stage 2: one shard of the corpus → its statistics. `work` simulates a slow step (an
-/// API call, a model) so there is time to interrupt the run.
+/// Stage 2: one shard of the corpus → its statistics of the words of `min_len` letters or
+/// more (1 by default: every word). `shard` and `min_len` are parameters; `work` simulates
+/// a slow step (an API call, a model) so there is time to interrupt the run, and is
+/// skipped: it does not change the output, so `--work-ms` leaves the outputs cached.
+#[derive(Serialize)]
 struct Transform {
     shard: usize,
+    min_len: usize,
+    #[serde(skip)]
     work: Duration,
 }
 #[task]
@@ -96,10 +115,11 @@ impl Transform {
         tokio::time::sleep(self.work).await;
         let docs = &corpus[self.shard * DOCS_PER_SHARD..(self.shard + 1) * DOCS_PER_SHARD];
         docs.iter().fold(Stats::default(), |acc, doc| {
-            let longest = doc.split(' ').max_by_key(|w| w.len()).unwrap_or("");
+            let words = || doc.split(' ').filter(|w| w.len() >= self.min_len);
+            let longest = words().max_by_key(|w| w.len()).unwrap_or("");
             acc.merge(&Stats {
                 docs: 1,
-                words: doc.split(' ').count() as u64,
+                words: words().count() as u64,
                 longest_word: longest.to_owned(),
             })
         })
@@ -107,6 +127,7 @@ impl Transform {
 }
 
 /// Stage 3: merge two partial results.
+#[derive(Serialize)]
 struct Merge;
 #[task]
 impl Merge {
@@ -116,6 +137,7 @@ impl Merge {
 }
 
 /// Stage 4: the report.
+#[derive(Serialize)]
 struct Report;
 #[task]
 impl Report {
@@ -184,6 +206,39 @@ struct Args {
     fresh: bool,
     crash_after: Option<usize>,
     work: Duration,
+    /// `--min-len SHARD=N`: shard SHARD counts only words of N letters or more.
+    min_len: Option<(usize, usize)>,
+    explain: bool,
+}
+
+const USAGE: &str = "\
+usage: pipeline [--store PATH] [--fresh] [--crash-after N] [--work-ms MS]
+                [--min-len SHARD=N] [--explain]
+
+  --store PATH        the sled store (default duraflow.db)
+  --fresh             delete the store first
+  --crash-after N     abort the process once N tasks have completed
+  --work-ms MS        how long each transform pretends to work (default 50)
+  --min-len SHARD=N   shard SHARD (0-31) counts only words of N letters or more (default 1
+                      for every shard): one parameter of one task changes, so only that
+                      shard's branch runs again; prints the plan in full
+  --explain           print the plan one line per task: will run or cached, and why";
+
+/// Parses `SHARD=N` for `--min-len`.
+fn parse_min_len(value: &str) -> Result<(usize, usize), String> {
+    let bad = || {
+        format!(
+            "--min-len wants SHARD=N (SHARD 0-{}, N ≥ 1), not {value:?}",
+            SHARDS - 1
+        )
+    };
+    let (shard, n) = value.split_once('=').ok_or_else(bad)?;
+    let shard: usize = shard.parse().map_err(|_| bad())?;
+    let n: usize = n.parse().map_err(|_| bad())?;
+    if shard >= SHARDS || n == 0 {
+        return Err(bad());
+    }
+    Ok((shard, n))
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -192,6 +247,8 @@ fn parse_args() -> Result<Args, String> {
         fresh: false,
         crash_after: None,
         work: Duration::from_millis(50),
+        min_len: None,
+        explain: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -208,12 +265,9 @@ fn parse_args() -> Result<Args, String> {
                 args.work =
                     Duration::from_millis(n.parse().map_err(|_| format!("bad number {n:?}"))?);
             }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: pipeline [--store PATH] [--fresh] [--crash-after N] [--work-ms MS]"
-                        .into(),
-                )
-            }
+            "--min-len" => args.min_len = Some(parse_min_len(&value("--min-len")?)?),
+            "--explain" => args.explain = true,
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
@@ -253,14 +307,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    let corpus = d.add("generate", Generate);
+    // Keyed: each output is reused only while the task's parameters and its inputs match.
+    let corpus = d.add_keyed("generate", Generate);
     let corpus: TaskHandle<Vec<String>> = corpus.into();
     let mut level: Vec<TaskHandle<Stats>> = (0..SHARDS)
         .map(|shard| {
-            d.add(
+            let min_len = match args.min_len {
+                Some((changed, n)) if changed == shard => n,
+                _ => 1,
+            };
+            d.add_keyed(
                 &format!("transform/{shard:02}"),
                 Transform {
                     shard,
+                    min_len,
                     work: args.work,
                 },
             )
@@ -275,14 +335,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enumerate()
             .map(|(i, pair)| match pair {
                 [a, b] => d
-                    .add(&format!("merge/{depth}/{i:02}"), Merge)
+                    .add_keyed(&format!("merge/{depth}/{i:02}"), Merge)
                     .depends_on((a, b)),
                 [a] => *a,
                 _ => unreachable!("chunks(2) yields one or two"),
             })
             .collect();
     }
-    let report = d.add("report", Report).depends_on(level[0]);
+    let report = d.add_keyed("report", Report).depends_on(level[0]);
+
+    // What will run and why, before running anything.
+    let plan = d.explain().await?;
+    print_plan(&progress, &plan, args.explain || args.min_len.is_some());
 
     let started = Instant::now();
     dag.run(|f| {
@@ -299,12 +363,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.failed,
         args.store
     );
+    drop(d); // closes the run's record
+    let runs = store.runs().await?; // oldest first: this run is the last
+    if let Some(this_run) = runs.last() {
+        if let Some(details) = store.run(this_run.id).await? {
+            print_executed(&plan, &details.attempts);
+        }
+    }
     if let Ok(summary) = dag.get(report) {
         println!("result: {summary}");
     }
-    drop(d);
     println!("\nruns recorded in {}:", args.store);
-    for run in store.runs().await? {
+    for run in runs {
         println!(
             "  run {:>3}  {:<12} {:>3} executed {:>3} cached {:>3} failed  {} ms",
             run.id,
@@ -316,4 +386,63 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// The plan `explain` made: a line of counts, or (`full`) one line per task.
+fn print_plan(progress: &Progress, plan: &[Explanation], full: bool) {
+    let running = plan.iter().filter(|task| task.will_run()).count();
+    progress.line(&format!(
+        "plan: {running} of {} tasks will run, {} cached{}",
+        plan.len(),
+        plan.len() - running,
+        if full { ":" } else { " (--explain says why)" }
+    ));
+    if full {
+        for task in plan {
+            let (mark, why) = match task.will_run() {
+                true => ("will run", task.to_string()),
+                false => ("cached", String::new()),
+            };
+            progress.line(format!("  {:<13} {mark:<8}  {why}", task.id()).trim_end());
+        }
+    }
+}
+
+/// What this run executed, and why (the reason recorded in each attempt): each task when
+/// there are a few, else how many for each reason.
+fn print_executed(plan: &[Explanation], attempts: &[duraflow_rs::AttemptRecord]) {
+    let executed: BTreeMap<&str, &str> = attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Succeeded)
+        .map(|a| (a.key.as_str(), a.reason.as_deref().unwrap_or("?")))
+        .collect();
+    if executed.is_empty() {
+        println!("executed: nothing");
+    } else if executed.len() <= 12 {
+        println!("executed:");
+        for task in plan {
+            if let Some(why) = executed.get(task.id()) {
+                println!("  {:<13} {why}", task.id());
+            }
+        }
+    } else {
+        // How many for each reason, the commonest first; reasons that name a task (an
+        // unreadable value, say) are each their own, so at most three are shown.
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for why in executed.values() {
+            *reasons.entry(why).or_default() += 1;
+        }
+        let mut reasons: Vec<(&str, usize)> = reasons.into_iter().collect();
+        reasons.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        let mut shown: Vec<String> = reasons
+            .iter()
+            .take(3)
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        let others: usize = reasons.iter().skip(3).map(|(_, n)| n).sum();
+        if others > 0 {
+            shown.push(format!("{others} for other reasons"));
+        }
+        println!("executed: {} tasks ({})", executed.len(), shown.join("; "));
+    }
 }
