@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use std::collections::HashMap;
-use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dagx::{DagRunner, Task};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::fingerprint::{self, Digest, Made, Why};
-use crate::run::{probe, KeyedSpec, Probed, RunState, RunStats};
+use crate::fingerprint::{self, Digest, Why};
+use crate::run::{RunState, RunStats};
+use crate::slot::{probe, KeyedSpec, Probed, Slot};
 use crate::task::DurableTask;
 use std::fmt::Display;
 
@@ -251,7 +252,6 @@ impl<'a> DurableDag<'a> {
         let spec = KeyedSpec {
             task_type: std::any::type_name::<Tk>(),
             params,
-            code_version: None,
         };
         self.add_task(id, task, None, Some(spec))
     }
@@ -260,23 +260,24 @@ impl<'a> DurableDag<'a> {
     /// their code changes, and their outputs are made again. To follow every release,
     /// pass `env!("CARGO_PKG_VERSION")`; to follow every build, a hash of the sources or
     /// the commit set by a build script (`option_env!("GIT_HASH")`).
+    ///
+    /// A run has one code version: a second call leaves the first in place (a
+    /// `tracing::warn!` says so).
     pub fn with_code_version(self, version: impl Into<String>) -> Self {
-        *self
-            .run
-            .code_version
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = version.into();
+        if self.run.code_version.set(version.into()).is_err() {
+            tracing::warn!("with_code_version called twice: the first version stays");
+        }
         self
     }
 
     /// Keyed outputs older than `max_age` are made again (by tokio's clock, so a test can
     /// pause and advance it).
+    ///
+    /// A second call leaves the first in place (a `tracing::warn!` says so).
     pub fn with_max_age(self, max_age: Duration) -> Self {
-        *self
-            .run
-            .max_age
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(max_age);
+        if self.run.max_age.set(max_age).is_err() {
+            tracing::warn!("with_max_age called twice: the first stays");
+        }
         self
     }
 
@@ -289,83 +290,52 @@ impl<'a> DurableDag<'a> {
     /// [`DuraflowError::Encode`] for a keyed task whose parameters cannot be serialised; an
     /// error of the store once it has stopped ([`Storage::health`](crate::Storage::health)).
     pub async fn explain(&self) -> Result<Vec<Explanation>, DuraflowError> {
-        let plan = self.run.plan();
-        let code_version = self
-            .run
-            .code_version
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let max_age = *self
-            .run
-            .max_age
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let max_age = self.run.max_age.get().copied();
         let now_ms = fingerprint::now_ms();
+        // What each task explained so far will do, and its stored output's digest.
         let mut runs: HashMap<Arc<str>, bool> = HashMap::new();
         let mut digests: HashMap<Arc<str>, Digest> = HashMap::new();
-        let mut explained = Vec::with_capacity(plan.len());
-        for task in plan {
-            let params = match &task.keyed {
-                Some(spec) => {
-                    Some(
-                        spec.params
-                            .as_ref()
-                            .map_err(|message| DuraflowError::Encode {
-                                key: task.id.to_string(),
-                                type_name: spec.task_type,
-                                source: rmp_serde::encode::Error::Syntax(message.clone()),
-                            })?,
-                    )
-                }
-                None => None,
+        let mut explained = Vec::new();
+        for slot in self.run.slots() {
+            let digest_of = |up: &Slot| match runs.get(&up.id) {
+                Some(false) => digests.get(&up.id).copied().ok_or(Why::UpstreamUnknown),
+                _ => Err(Why::UpstreamRuns(up.id.to_string())),
             };
-            let ctx = Arc::clone(&self.run.ctx);
-            let probed = (task.probe)(ctx, Arc::clone(&task.id), task.needed).await?;
-            let why = match (&task.keyed, params, &probed) {
-                (_, _, Probed::Absent) => Why::NeverStored,
-                (_, _, Probed::Unreadable(reason)) => Why::Unreadable(reason.clone()),
-                (Some(spec), Some(params), Probed::Stored { made, .. }) => {
-                    let mut inputs = Vec::new();
-                    let mut why = None;
-                    for up in &task.deps {
-                        match up {
-                            None => why = why.or(Some(Why::UpstreamUnknown)),
-                            Some(up) if runs.get(up).copied().unwrap_or(true) => {
-                                why = why.or(Some(Why::UpstreamRuns(up.to_string())));
-                            }
-                            Some(up) => match digests.get(up) {
-                                Some(digest) => inputs.push((up.to_string(), *digest)),
-                                None => why = why.or(Some(Why::UpstreamUnknown)),
-                            },
-                        }
-                    }
-                    why.unwrap_or_else(|| {
-                        let now = Made {
-                            task_type: spec.task_type.to_owned(),
-                            params: *params,
-                            code_version: spec
-                                .code_version
-                                .clone()
-                                .unwrap_or_else(|| code_version.clone()),
-                            inputs,
-                            stored_ms: now_ms,
-                        };
-                        fingerprint::decide(&now, made.as_ref(), now_ms, max_age)
-                    })
+            let keyed = slot.key(self.run.code_version(), digest_of);
+            let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
+            if let Some(Err(Why::BadParams(message))) = &keyed {
+                return Err(DuraflowError::Encode {
+                    key: slot.id.to_string(),
+                    type_name: task_type,
+                    source: rmp_serde::encode::Error::Syntax(message.clone()),
+                });
+            }
+            let probed = match slot.probe {
+                Some(probe) => {
+                    let needed = slot.needed.load(Ordering::SeqCst);
+                    probe(Arc::clone(&self.run.ctx), Arc::clone(&slot.id), needed).await?
                 }
-                _ => Why::ById,
+                None => Probed::Absent,
+            };
+            let why = match (keyed, &probed) {
+                (_, Probed::Absent) => Why::NeverStored,
+                (_, Probed::Unreadable(reason)) => Why::Unreadable(reason.clone()),
+                (None, Probed::Stored { .. }) => Why::ById,
+                (Some(Err(why)), _) => why,
+                (Some(Ok(now)), Probed::Stored { block, .. }) => {
+                    fingerprint::decide(&now, task_type, block.as_deref(), now_ms, max_age)
+                }
             };
             if let Probed::Stored {
                 digest: Some(digest),
                 ..
             } = probed
             {
-                digests.insert(Arc::clone(&task.id), digest);
+                digests.insert(Arc::clone(&slot.id), digest);
             }
-            runs.insert(Arc::clone(&task.id), why.runs());
+            runs.insert(Arc::clone(&slot.id), why.runs());
             explained.push(Explanation {
-                id: task.id.to_string(),
+                id: slot.id.to_string(),
                 why,
             });
         }
@@ -405,10 +375,11 @@ impl<'a> DurableDag<'a> {
     {
         validate_key(id)?;
         let id = self.run.claim(id)?;
-        self.run.register(&id, probe::<K::Stored>, keyed);
-        let durable = Durable::in_run(Arc::clone(&id), task, self.run.clone(), retry);
+        let slot = Arc::new(Slot::new(id, Some(probe::<K::Stored>), keyed));
+        self.run.add_slot(&slot);
+        let durable = Durable::in_run(Arc::clone(&slot), task, self.run.clone(), retry);
         let builder = self.dag.add_task(durable);
-        Ok(DurableTask::new(builder, self.dag, id, self.run.clone()))
+        Ok(DurableTask::new(builder, self.dag, slot, self.run.clone()))
     }
 
     /// How this run's tasks have ended so far.

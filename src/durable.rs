@@ -11,10 +11,10 @@ use futures::FutureExt;
 use tracing::instrument::WithSubscriber;
 use tracing::Instrument;
 
-use crate::fingerprint::Made;
 use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
 use crate::run::{Check, Ending, ProgressFn, RunState};
+use crate::slot::{Key, Slot};
 use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
@@ -31,7 +31,8 @@ use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
 /// A task that panics on its last attempt persists nothing and the panic continues to dagx
 /// unchanged.
 pub struct Durable<Tk: Task, K = Plain> {
-    id: Arc<str>,
+    /// Its id, and what keyed tasks need to know of it.
+    slot: Arc<Slot>,
     inner: Tk,
     run: Arc<RunState>,
     /// How to attempt the task again, for tasks added with a retry policy.
@@ -42,7 +43,7 @@ pub struct Durable<Tk: Task, K = Plain> {
 impl<Tk: Task, K> std::fmt::Debug for Durable<Tk, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Durable")
-            .field("id", &self.id)
+            .field("id", &self.slot.id)
             .field("task", &std::any::type_name::<Tk>())
             .field("retries", &self.retry.is_some())
             .finish_non_exhaustive()
@@ -62,19 +63,19 @@ impl<Tk: Task> Durable<Tk> {
         let run = Arc::new(RunState::new(ctx, progress));
         // The run's one task. An id no store takes fails when the task runs, with `InvalidKey`.
         let _ = run.claim(&id);
-        Self::in_run(id.into(), inner, run, None)
+        Self::in_run(Arc::new(Slot::new(id.into(), None, None)), inner, run, None)
     }
 }
 
 impl<Tk: Task, K> Durable<Tk, K> {
     pub(crate) fn in_run(
-        id: Arc<str>,
+        slot: Arc<Slot>,
         inner: Tk,
         run: Arc<RunState>,
         retry: Option<Box<Retry<Tk::Input, Tk::Output>>>,
     ) -> Self {
         Durable {
-            id,
+            slot,
             inner,
             run,
             retry,
@@ -106,14 +107,14 @@ where
     /// run span through the *current* default).
     fn execute(self, inputs: Inputs<Tk::Input>) -> impl Future<Output = Outcome<Tk::Output>> {
         let Durable {
-            id,
+            slot,
             inner,
             run,
             retry,
             ..
         } = self;
         let dispatch = run.spans.dispatch.clone();
-        let body = run_task::<Tk, K>(id, run, Work::new(inner, inputs, retry));
+        let body = run_task::<Tk, K>(slot, run, Work::new(inner, inputs, retry));
         match dispatch {
             Some(dispatch) => Either::Left(body.with_subscriber(dispatch)),
             None => Either::Right(body),
@@ -124,7 +125,7 @@ where
 /// The one path every output takes: cache check → run (and retry) → persist → report. Each
 /// attempt runs in its own `duraflow.task` span; the backoff between attempts is outside any.
 async fn run_task<Tk, K>(
-    id: Arc<str>,
+    slot: Arc<Slot>,
     run: Arc<RunState>,
     mut work: Work<Tk>,
 ) -> Outcome<Tk::Output>
@@ -133,36 +134,38 @@ where
     Tk::Output: 'static,
     K: OutputKind<Tk::Output>,
 {
-    if let Err(error) = validate_key(&id) {
-        run.finish(&id, Ending::Failed).await;
+    let id: &str = &slot.id;
+    if let Err(error) = validate_key(id) {
+        run.finish(id, Ending::Failed).await;
         return Outcome::Failed(Box::new(error));
     }
+    let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
     let mut number = 1;
-    // What a keyed task is made from, and why it runs: found on the first attempt.
-    let mut made: Option<Made> = None;
+    // A keyed task's key, and why it runs: found on the first attempt.
+    let mut key: Option<Key> = None;
     let mut reason: Option<String> = None;
     loop {
-        let span = run.spans.task(&id, number);
+        let span = run.spans.task(id, number);
         let mut attempt = run.start_attempt(number);
         let step = async {
             // 1. The cache check, on the first attempt: a usable stored output is the output
             // (for a keyed task, one made from the same things).
             if number == 1 {
-                let (check, why) = run.check::<Tk, K::Stored>(&id).await;
+                let (check, why) = run.check::<Tk, K::Stored>(&slot).await;
                 reason = why;
                 attempt.reason = reason.clone();
                 match check {
                     Check::Cached(loaded) => {
-                        run.record(&id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
+                        run.record(id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
                         let outcome = Outcome::Done(K::from_stored(loaded.value));
                         return Step::Final(outcome, Ending::Cached);
                     }
-                    Check::Run(keyed) => made = keyed,
+                    Check::Run(keyed) => key = keyed,
                     // Parameters that cannot be serialised, or an unreadable output in a
                     // store that has stopped (nothing can be stored): the task does not run.
                     Check::Fail(error) => {
                         tracing::error!(key = &*id, %error, "task not run");
-                        run.record(&id, &attempt, failed(error.to_string()), None);
+                        run.record(id, &attempt, failed(error.to_string()), None);
                         return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
                     }
                 }
@@ -170,25 +173,26 @@ where
                 attempt.reason = reason.clone();
             }
             // 2. The run.
-            run.record(&id, &attempt, AttemptOutcome::Running, None);
-            let (error, if_last) = match work.run(&id).await {
+            run.record(id, &attempt, AttemptOutcome::Running, None);
+            let (error, if_last) = match work.run(id).await {
                 // A fallible task's `Err`: handed to dependents once attempts run out.
                 Ran::Output(output) => match K::stored(&output).err() {
                     Some(message) => (message, Step::Final(Outcome::Done(output), Ending::Failed)),
                     // 3. The persist; with the attempt's success, where attempts are recorded.
                     None => {
-                        let persisting = run.persist::<_, K>(&id, output, made.as_ref(), &attempt);
+                        let keyed = key.as_ref().map(|key| (key, task_type));
+                        let persisting = run.persist::<_, K>(id, output, keyed, &attempt);
                         let (output, persisted) = persisting.await;
-                        return match persisted.map_err(|e| e.into_persist(&id)) {
+                        return match persisted.map_err(|e| e.into_persist(id)) {
                             Ok(()) => {
                                 if let Ok(value) = K::stored(&output) {
-                                    run.note_output(&id, value);
+                                    slot.note(value);
                                 }
                                 Step::Final(Outcome::Done(output), Ending::Executed)
                             }
                             Err(error) => {
                                 tracing::error!(key = &*id, %error, "task output not persisted");
-                                run.record(&id, &attempt, failed(error.to_string()), None);
+                                run.record(id, &attempt, failed(error.to_string()), None);
                                 let outcome = Outcome::NotPersisted(output, Box::new(error));
                                 Step::Final(outcome, Ending::Failed)
                             }
@@ -201,7 +205,7 @@ where
                         key: id.to_string(),
                         message,
                     };
-                    run.record(&id, &attempt, failed(error.to_string()), None);
+                    run.record(id, &attempt, failed(error.to_string()), None);
                     return Step::Final(Outcome::Failed(Box::new(error)), Ending::Failed);
                 }
                 Ran::Panicked(panic) => {
@@ -220,7 +224,7 @@ where
                     (format!("timed out after {timeout:?}"), Step::Final(outcome, Ending::Failed))
                 }
             };
-            run.record(&id, &attempt, failed(error), None);
+            run.record(id, &attempt, failed(error), None);
             if number < work.max_attempts() {
                 return Step::Again;
             }
@@ -244,7 +248,7 @@ where
             Step::Panicked(panic) => (Ending::Failed, Err(panic)),
         };
         span.record("outcome", ending.as_str());
-        run.finish(&id, ending).instrument(span).await;
+        run.finish(id, ending).instrument(span).await;
         match done {
             Ok(outcome) => return outcome,
             Err(panic) => std::panic::resume_unwind(panic),

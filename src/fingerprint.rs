@@ -8,61 +8,133 @@
 
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::slot::Key;
 use crate::DuraflowError;
 
 /// A BLAKE3 hash.
 pub(crate) type Digest = [u8; 32];
 
-/// What a keyed output was made from, stored with it (the envelope's "made" block).
+/// The fingerprint of a keyed task (see [`DurableDag::add_keyed`](crate::DurableDag::add_keyed)).
+pub(crate) fn fingerprint(
+    task_type: &str,
+    params: &Digest,
+    code_version: &str,
+    inputs: &[(Arc<str>, Digest)],
+) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"duraflow-rs fingerprint 1\n");
+    let text = |h: &mut blake3::Hasher, s: &str| {
+        h.update(&(s.len() as u32).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    text(&mut h, task_type);
+    h.update(params);
+    text(&mut h, code_version);
+    h.update(&(inputs.len() as u32).to_le_bytes());
+    for (id, digest) in inputs {
+        text(&mut h, id);
+        h.update(digest);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a keyed output was made from, stored with it to say which part changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Made {
     /// `std::any::type_name` of the task.
     pub(crate) task_type: String,
     /// The digest of the task's parameters.
+    #[serde(with = "bytes")]
     pub(crate) params: Digest,
     /// The code version the task ran under.
     pub(crate) code_version: String,
     /// Each consumed output, in input order: its task id and its digest.
-    pub(crate) inputs: Vec<(String, Digest)>,
-    /// When the output was stored, in milliseconds since the Unix epoch.
-    #[serde(default)]
-    pub(crate) stored_ms: u64,
+    pub(crate) inputs: Vec<Input>,
+}
+
+/// A consumed output, in [`Made`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Input {
+    pub(crate) id: String,
+    #[serde(with = "bytes")]
+    pub(crate) digest: Digest,
+}
+
+/// Digests as MessagePack binary (`bin 8`), not as arrays of numbers.
+mod bytes {
+    use serde::{de::Error, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(digest: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(digest)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let bytes = serde_bytes_vec(d)?;
+        bytes
+            .try_into()
+            .map_err(|_| D::Error::custom("a digest is 32 bytes"))
+    }
+
+    fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("32 bytes")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
 }
 
 impl Made {
-    /// The fingerprint (see the module's docs).
-    pub(crate) fn fingerprint(&self) -> Digest {
-        let mut h = blake3::Hasher::new();
-        h.update(b"duraflow-rs fingerprint 1\n");
-        let text = |h: &mut blake3::Hasher, s: &str| {
-            h.update(&(s.len() as u32).to_le_bytes());
-            h.update(s.as_bytes());
-        };
-        text(&mut h, &self.task_type);
-        h.update(&self.params);
-        text(&mut h, &self.code_version);
-        h.update(&(self.inputs.len() as u32).to_le_bytes());
-        for (id, digest) in &self.inputs {
-            text(&mut h, id);
-            h.update(digest);
+    /// What `key` (of a task of type `task_type`) is made from.
+    pub(crate) fn of(key: &Key, task_type: &str) -> Made {
+        Made {
+            task_type: task_type.to_owned(),
+            params: key.params,
+            code_version: key.code_version.clone(),
+            inputs: key
+                .inputs
+                .iter()
+                .map(|(id, digest)| Input {
+                    id: id.to_string(),
+                    digest: *digest,
+                })
+                .collect(),
         }
-        *h.finalize().as_bytes()
     }
+}
 
-    /// The block stored with the output.
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        // Plain data of the crate's own: it always serialises.
-        rmp_serde::to_vec_named(self).unwrap_or_default()
-    }
+/// The block stored with a keyed output: its fingerprint (32 bytes), when it was stored
+/// (u64 little endian, milliseconds since the Unix epoch), then what it was made from
+/// ([`Made`], MessagePack, named form).
+pub(crate) fn block(key: &Key, task_type: &str, stored_ms: u64) -> Vec<u8> {
+    let mut block = Vec::with_capacity(128);
+    block.extend_from_slice(&key.fingerprint);
+    block.extend_from_slice(&stored_ms.to_le_bytes());
+    // Plain data of the crate's own into a buffer: it always serialises.
+    let _ = rmp_serde::encode::write_named(&mut block, &Made::of(key, task_type));
+    block
+}
 
-    /// The block `bytes`, or `None` when it does not decode.
-    pub(crate) fn decode(bytes: &[u8]) -> Option<Made> {
-        rmp_serde::from_slice(bytes).ok()
-    }
+/// A stored block's fingerprint, time and made part, or `None` when it is too short.
+fn parse(block: &[u8]) -> Option<(&[u8], u64, &[u8])> {
+    let (fingerprint, rest) = block.split_at_checked(32)?;
+    let (stored_ms, made) = rest.split_at_checked(8)?;
+    let stored_ms = u64::from_le_bytes(stored_ms.try_into().ok()?);
+    Some((fingerprint, stored_ms, made))
 }
 
 /// The digest of `value` in MessagePack, named form (see the module's docs): of a task's
@@ -72,7 +144,7 @@ impl Made {
 /// [`DuraflowError::Encode`] naming `key` when serde cannot serialise it.
 pub(crate) fn digest<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Digest, DuraflowError> {
     let mut hasher = Hashing(blake3::Hasher::new());
-    let mut buffered = io::BufWriter::with_capacity(64 * 1024, &mut hasher);
+    let mut buffered = io::BufWriter::with_capacity(8 * 1024, &mut hasher);
     rmp_serde::encode::write_named(&mut buffered, value).map_err(|source| {
         DuraflowError::Encode {
             key: key.to_owned(),
@@ -167,43 +239,48 @@ impl fmt::Display for Why {
     }
 }
 
-/// Whether the output made as `now` says may be the stored one, made as `stored` says
-/// (`None`: stored without a fingerprint), at `now_ms`, under `max_age`.
+/// Whether the stored output whose block is `stored` (`None`: stored without one) may be
+/// the output of the task keyed `now` (of type `task_type`), at `now_ms`, under `max_age`.
 pub(crate) fn decide(
-    now: &Made,
-    stored: Option<&Made>,
+    now: &Key,
+    task_type: &str,
+    stored: Option<&[u8]>,
     now_ms: u64,
     max_age: Option<Duration>,
 ) -> Why {
     let Some(stored) = stored else {
         return Why::NoFingerprint;
     };
-    if stored.fingerprint() == now.fingerprint() {
-        let age = Duration::from_millis(now_ms.saturating_sub(stored.stored_ms));
+    let Some((fingerprint, stored_ms, made)) = parse(stored) else {
+        return Why::Unreadable("its fingerprint is cut short".to_owned());
+    };
+    if fingerprint == now.fingerprint {
+        let age = Duration::from_millis(now_ms.saturating_sub(stored_ms));
         return match max_age {
             Some(max) if age > max => Why::Expired { age, max },
             _ => Why::Cached,
         };
     }
     // Which part differs, in the order they are hashed.
+    let Ok(stored) = rmp_serde::from_slice::<Made>(made) else {
+        return Why::Unreadable("what it was made from does not decode".to_owned());
+    };
+    let now = Made::of(now, task_type);
     if stored.task_type != now.task_type {
         return Why::TaskType;
     }
-    if stored.params != now.params {
+    if stored.params != now.params || stored.inputs.len() != now.inputs.len() {
         return Why::Params;
     }
     if stored.code_version != now.code_version {
         return Why::CodeVersion {
-            from: stored.code_version.clone(),
-            to: now.code_version.clone(),
+            from: stored.code_version,
+            to: now.code_version,
         };
     }
-    if stored.inputs.len() != now.inputs.len() {
-        return Why::Params;
-    }
-    for ((id, was), (is_id, is)) in stored.inputs.iter().zip(&now.inputs) {
-        if was != is || id != is_id {
-            return Why::UpstreamChanged(is_id.clone());
+    for (was, is) in stored.inputs.iter().zip(&now.inputs) {
+        if was != is {
+            return Why::UpstreamChanged(is.id.clone());
         }
     }
     Why::Params
@@ -228,12 +305,18 @@ mod tests {
         path: &'static str,
     }
 
-    fn hex(d: &Digest) -> String {
-        hex_bytes(d)
+    fn hex(d: &[u8]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn hex_bytes(d: &[u8]) -> String {
-        d.iter().map(|b| format!("{b:02x}")).collect()
+    fn key(params: Digest, code_version: &str, input: Digest) -> Key {
+        let inputs = vec![(Arc::from("fetch"), input)];
+        Key {
+            fingerprint: fingerprint("app::Load", &params, code_version, &inputs),
+            code_version: code_version.to_owned(),
+            params,
+            inputs,
+        }
     }
 
     /// Fixed inputs give fixed bytes, on every platform and in every version: a change here
@@ -246,70 +329,52 @@ mod tests {
             path: "a.csv",
         };
         let named = rmp_serde::to_vec_named(&load).unwrap();
-        assert_eq!(hex_bytes(&named), "82a2696407a470617468a5612e637376");
+        assert_eq!(hex(&named), "82a2696407a470617468a5612e637376");
         let params = digest("k", &load).unwrap();
         assert_eq!(
             hex(&params),
             "7727697051cb6e1eeaa52a22494fb73d9fd89a654c22d6c87bfe8cbda1d37b39"
         );
-        let made = Made {
-            task_type: "app::Load".to_owned(),
-            params,
-            code_version: "1".to_owned(),
-            inputs: vec![("fetch".to_owned(), [7; 32])],
-            stored_ms: 1_700_000_000_000,
-        };
         assert_eq!(
-            hex(&made.fingerprint()),
+            hex(&key(params, "1", [7; 32]).fingerprint),
             "5c0f5fc90678fb92b3d01367818212290190de749d4d30bd9177219e6c7fb94b"
         );
-        // The time it was stored is no part of it.
-        let later = Made {
-            stored_ms: 0,
-            ..made.clone()
-        };
-        assert_eq!(later.fingerprint(), made.fingerprint());
-        assert_eq!(Made::decode(&made.encode()), Some(made));
     }
 
     #[test]
     fn each_change_has_its_reason() {
-        let made = Made {
-            task_type: "T".to_owned(),
-            params: [1; 32],
-            code_version: "1".to_owned(),
-            inputs: vec![("up".to_owned(), [2; 32])],
-            stored_ms: 1000,
-        };
+        let now = key([1; 32], "1", [2; 32]);
+        let stored = block(&now, "app::Load", 1000);
         let day = Some(Duration::from_secs(86_400));
-        assert_eq!(decide(&made, Some(&made), 2000, day), Why::Cached);
-        assert_eq!(decide(&made, None, 2000, day), Why::NoFingerprint);
-        let params = Made {
-            params: [3; 32],
-            ..made.clone()
-        };
-        assert_eq!(decide(&params, Some(&made), 2000, day), Why::Params);
-        let code = Made {
-            code_version: "2".to_owned(),
-            ..made.clone()
-        };
+        let decide = |now: &Key, at| decide(now, "app::Load", Some(&stored), at, day);
+        assert_eq!(decide(&now, 2000), Why::Cached);
         assert_eq!(
-            decide(&code, Some(&made), 2000, day).to_string(),
+            super::decide(&now, "app::Load", None, 2000, day),
+            Why::NoFingerprint
+        );
+        assert_eq!(decide(&key([3; 32], "1", [2; 32]), 2000), Why::Params);
+        assert_eq!(
+            decide(&key([1; 32], "2", [2; 32]), 2000).to_string(),
             "code version \"1\" → \"2\""
         );
-        let up = Made {
-            inputs: vec![("up".to_owned(), [4; 32])],
-            ..made.clone()
-        };
         assert_eq!(
-            decide(&up, Some(&made), 2000, day),
-            Why::UpstreamChanged("up".into())
+            decide(&key([1; 32], "1", [4; 32]), 2000),
+            Why::UpstreamChanged("fetch".into())
         );
-        let late = 1000 + 86_401_000;
         assert!(matches!(
-            decide(&made, Some(&made), late, day),
+            decide(&now, 1000 + 86_401_000),
             Why::Expired { .. }
         ));
-        assert_eq!(decide(&made, Some(&made), late, None), Why::Cached);
+        assert_eq!(
+            super::decide(&now, "app::Load", Some(&stored), 1000 + 86_401_000, None),
+            Why::Cached
+        );
+        assert!(matches!(
+            super::decide(&now, "app::Load", Some(&stored[..20]), 2000, None),
+            Why::Unreadable(_)
+        ));
+        // Digests are stored as binary (`bin 8` of 32 bytes), not as arrays of numbers.
+        let made = &stored[40..];
+        assert_eq!(made.windows(2).filter(|w| w == &[0xc4, 32]).count(), 2);
     }
 }

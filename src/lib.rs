@@ -18,6 +18,7 @@ mod record;
 mod retry;
 mod run;
 mod runlog;
+mod slot;
 mod spans;
 mod store;
 mod task;

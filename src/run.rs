@@ -10,9 +10,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{self, TypeCheck};
-use crate::fingerprint::{self, Digest, Made, Why};
+use crate::fingerprint::{self, Why};
 use crate::output::OutputKind;
 use crate::record::now_ms;
+use crate::slot::{Key, Slot};
 use crate::spans::RunSpans;
 use crate::store::value::WHOLE_LIMIT;
 use crate::{
@@ -84,63 +85,22 @@ pub(crate) struct RunState {
     /// The run's id in the store's run log, if the store keeps one.
     record: Option<RunId>,
     started_ms: u64,
-    /// Set once a keyed task is added: only then is [`graph`](Self::graph) used.
-    keyed: AtomicBool,
-    /// What keyed tasks need to know of the run's tasks.
-    graph: Mutex<Graph>,
+    /// Every task, in the order added (for `explain`).
+    slots: Mutex<Vec<Arc<Slot>>>,
+    /// The slot of each task whose dagx number is known (to resolve dagx handles).
+    nodes: Mutex<HashMap<usize, Arc<Slot>>>,
     /// The code version of keyed tasks (empty unless set).
-    pub(crate) code_version: Mutex<String>,
+    pub(crate) code_version: OnceLock<String>,
     /// How long a keyed output may be reused.
-    pub(crate) max_age: Mutex<Option<Duration>>,
-}
-
-/// What a run knows of its tasks for keyed ones: who consumes what, and output digests.
-#[derive(Default)]
-pub(crate) struct Graph {
-    /// The id of each task whose dagx number is known.
-    nodes: HashMap<usize, Arc<str>>,
-    /// Each task's consumed outputs, in input order (`None`: a task of no `DurableDag`).
-    deps: HashMap<Arc<str>, Vec<Option<Arc<str>>>>,
-    /// The keyed tasks.
-    keyed: HashMap<Arc<str>, KeyedSpec>,
-    /// Tasks whose output a keyed task consumes.
-    needed: HashSet<Arc<str>>,
-    /// The output digests of this run's completed tasks that are needed.
-    digests: HashMap<Arc<str>, Digest>,
-    /// Every task, in the order added, with how to look at its stored output.
-    pub(crate) order: Vec<(Arc<str>, Probe)>,
-}
-
-/// What makes a keyed task's fingerprint, besides its inputs.
-#[derive(Clone)]
-pub(crate) struct KeyedSpec {
-    pub(crate) task_type: &'static str,
-    /// The digest of its parameters, or why they could not be serialised.
-    pub(crate) params: Result<Digest, String>,
-    /// Its own code version, over the run's.
-    pub(crate) code_version: Option<String>,
-}
-
-/// Looks at a task's stored output, for [`DurableDag::explain`](crate::DurableDag::explain):
-/// its made block, and its digest when asked.
-pub(crate) type Probe = fn(Arc<Context>, Arc<str>, bool) -> StoreFuture<'static, Probed>;
-
-/// What a [`Probe`] found.
-pub(crate) enum Probed {
-    Absent,
-    Unreadable(String),
-    Stored {
-        made: Option<Made>,
-        digest: Option<Digest>,
-    },
+    pub(crate) max_age: OnceLock<Duration>,
 }
 
 /// What the cache check ([`RunState::check`]) decided.
 pub(crate) enum Check<T> {
     /// The stored output is the output.
     Cached(Loaded<T>),
-    /// The task runs (a keyed one, made from this).
-    Run(Option<Made>),
+    /// The task runs (a keyed one, under this key).
+    Run(Option<Key>),
     /// The task fails without running.
     Fail(DuraflowError),
 }
@@ -157,7 +117,8 @@ pub(crate) enum Found<T> {
 pub(crate) struct Loaded<T> {
     pub(crate) value: T,
     pub(crate) size: usize,
-    pub(crate) made: Option<Made>,
+    /// A keyed output's block (see [`fingerprint::block`]).
+    pub(crate) block: Option<Vec<u8>>,
 }
 
 impl RunState {
@@ -183,132 +144,44 @@ impl RunState {
             callback_panicked: AtomicBool::new(false),
             record,
             started_ms,
-            keyed: AtomicBool::new(false),
-            graph: Mutex::default(),
-            code_version: Mutex::default(),
-            max_age: Mutex::default(),
+            slots: Mutex::default(),
+            nodes: Mutex::default(),
+            code_version: OnceLock::new(),
+            max_age: OnceLock::new(),
         }
     }
 
-    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
-        self.graph.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Adds the slot of a task, in the order added.
+    pub(crate) fn add_slot(&self, slot: &Arc<Slot>) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.push(Arc::clone(slot));
     }
 
-    /// Registers task `id`, added in this order, with how to look at its stored output;
-    /// `keyed` for a keyed task.
-    pub(crate) fn register(&self, id: &Arc<str>, probe: Probe, keyed: Option<KeyedSpec>) {
-        let mut graph = self.graph();
-        graph.order.push((Arc::clone(id), probe));
-        if let Some(spec) = keyed {
-            self.keyed.store(true, Ordering::SeqCst);
-            graph.keyed.insert(Arc::clone(id), spec);
-        }
+    /// Every task's slot, in the order added.
+    pub(crate) fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    /// Records that task `id` (dagx's number `node`, if known) consumes the outputs of
-    /// `upstream`.
-    pub(crate) fn depends(
-        &self,
-        id: &Arc<str>,
-        upstream: Vec<Option<Arc<str>>>,
-        node: Option<usize>,
-    ) {
-        let mut graph = self.graph();
+    /// Records that dagx numbers the task of `slot` `node`.
+    pub(crate) fn locate(&self, node: Option<usize>, slot: &Arc<Slot>) {
         if let Some(node) = node {
-            graph.nodes.insert(node, Arc::clone(id));
-        }
-        if graph.keyed.contains_key(id) {
-            for up in upstream.iter().flatten() {
-                graph.needed.insert(Arc::clone(up));
-            }
-        }
-        graph.deps.insert(Arc::clone(id), upstream);
-    }
-
-    /// Sets the code version of keyed task `id` (a task that is not keyed has none).
-    pub(crate) fn set_code_version(&self, id: &str, version: String) {
-        if let Some(spec) = self.graph().keyed.get_mut(id) {
-            spec.code_version = Some(version);
+            let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            nodes.insert(node, Arc::clone(slot));
         }
     }
 
-    /// Records dagx's number of task `id`.
-    pub(crate) fn locate(&self, id: &Arc<str>, node: Option<usize>) {
-        if let Some(node) = node {
-            self.graph().nodes.insert(node, Arc::clone(id));
-        }
+    /// The slot of the task dagx numbers `node`, if it is one of this run's.
+    pub(crate) fn slot_at(&self, node: usize) -> Option<Arc<Slot>> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.get(&node).cloned()
     }
 
-    /// The id of the task dagx numbers `node`, if it is one of this run's.
-    pub(crate) fn task_at(&self, node: usize) -> Option<Arc<str>> {
-        self.graph().nodes.get(&node).cloned()
-    }
-
-    /// What keyed task `id` is made from in this run, once its inputs are complete: `None`
-    /// for a task that is not keyed; `Err` with why it must run when that cannot be known.
-    pub(crate) fn made(&self, id: &str) -> Option<Result<Made, Why>> {
-        if !self.keyed.load(Ordering::SeqCst) {
-            return None;
-        }
-        let graph = self.graph();
-        let spec = graph.keyed.get(id)?;
-        let params = match &spec.params {
-            Ok(params) => *params,
-            Err(reason) => return Some(Err(Why::BadParams(reason.clone()))),
-        };
-        let mut inputs = Vec::new();
-        for up in graph.deps.get(id).into_iter().flatten() {
-            let Some(up) = up else {
-                return Some(Err(Why::UpstreamUnknown));
-            };
-            match graph.digests.get(up) {
-                Some(digest) => inputs.push((up.to_string(), *digest)),
-                None => return Some(Err(Why::UpstreamUnknown)),
-            }
-        }
-        Some(Ok(Made {
-            task_type: spec.task_type.to_owned(),
-            params,
-            code_version: spec.code_version.clone().unwrap_or_else(|| {
-                let run = self.code_version.lock();
-                run.unwrap_or_else(PoisonError::into_inner).clone()
-            }),
-            inputs,
-            stored_ms: fingerprint::now_ms(),
-        }))
-    }
-
-    /// Keeps the digest of `value`, the output of task `id`, if a keyed task consumes it.
-    pub(crate) fn note_output<T: Serialize>(&self, id: &str, value: &T) {
-        if !self.keyed.load(Ordering::SeqCst) || !self.graph().needed.contains(id) {
-            return;
-        }
-        match fingerprint::digest(id, value) {
-            Ok(digest) => {
-                let mut graph = self.graph();
-                if let Some(id) = graph.needed.get(id).cloned() {
-                    graph.digests.insert(id, digest);
-                }
-            }
-            Err(error) => tracing::warn!(key = id, %error, "output digest not taken"),
-        }
-    }
-
-    /// The graph, for [`DurableDag::explain`](crate::DurableDag::explain): each task in order
-    /// with its probe, keyed spec and inputs, and whether its digest is needed.
-    pub(crate) fn plan(&self) -> Vec<Planned> {
-        let graph = self.graph();
-        graph
-            .order
-            .iter()
-            .map(|(id, probe)| Planned {
-                id: Arc::clone(id),
-                probe: *probe,
-                keyed: graph.keyed.get(id).cloned(),
-                deps: graph.deps.get(id).cloned().unwrap_or_default(),
-                needed: graph.needed.contains(id),
-            })
-            .collect()
+    /// The code version of keyed tasks without their own.
+    pub(crate) fn code_version(&self) -> &str {
+        self.code_version.get().map_or("", String::as_str)
     }
 
     /// Claims `id` for one task of this run; the task keeps the id the claim holds.
@@ -345,14 +218,16 @@ impl RunState {
         }
     }
 
-    /// The cache check of task `id` (of type `Tk`, storing a `T`): a usable stored output
-    /// is the output — for a keyed task, one made from the same things, within its maximum
-    /// age. Also returns, for a keyed task, why it runs or is cached.
-    pub(crate) async fn check<Tk, T>(&self, id: &str) -> (Check<T>, Option<String>)
+    /// The cache check of the task of `slot` (of type `Tk`, storing a `T`): a usable stored
+    /// output is the output — for a keyed task, one made from the same things, within its
+    /// maximum age. Also returns, for a keyed task, why it runs or is cached.
+    pub(crate) async fn check<Tk, T>(&self, slot: &Slot) -> (Check<T>, Option<String>)
     where
         T: Serialize + DeserializeOwned + Send + 'static,
     {
-        let keyed = self.made(id);
+        let id = &*slot.id;
+        let digest_of = |up: &Slot| up.digest.get().copied().ok_or(Why::UpstreamUnknown);
+        let keyed = slot.key(self.code_version(), digest_of);
         if let Some(Err(Why::BadParams(message))) = &keyed {
             let error = DuraflowError::Encode {
                 key: id.to_owned(),
@@ -365,20 +240,22 @@ impl RunState {
             Ok(found) => found,
             Err(error) => return (Check::Fail(error), None),
         };
+        let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
         let why = match (&keyed, &found) {
             (_, Found::Absent) => Why::NeverStored,
             (_, Found::Unusable(reason)) => Why::Unreadable(reason.clone()),
             (None, Found::Loaded(_)) => Why::ById,
             (Some(Err(why)), _) => why.clone(),
             (Some(Ok(now)), Found::Loaded(loaded)) => {
-                let max_age = *self.max_age.lock().unwrap_or_else(PoisonError::into_inner);
-                fingerprint::decide(now, loaded.made.as_ref(), now.stored_ms, max_age)
+                let max_age = self.max_age.get().copied();
+                let at = fingerprint::now_ms();
+                fingerprint::decide(now, task_type, loaded.block.as_deref(), at, max_age)
             }
         };
         let reason = keyed.as_ref().map(|_| why.to_string());
         match (why.runs(), found) {
             (false, Found::Loaded(loaded)) => {
-                self.note_output(id, &loaded.value);
+                slot.note(&loaded.value);
                 (Check::Cached(loaded), reason)
             }
             _ => (Check::Run(keyed.and_then(Result::ok)), reason),
@@ -428,21 +305,16 @@ impl RunState {
         &self,
         id: &str,
         output: O,
-        made: Option<&Made>,
+        keyed: Option<(&Key, &str)>,
         attempt: &Attempt,
     ) -> (O, Result<(), DuraflowError>)
     where
         O: Send + 'static,
         K: OutputKind<O>,
     {
-        let made = made.map(|made| {
-            let stored_ms = fingerprint::now_ms();
-            Made {
-                stored_ms,
-                ..made.clone()
-            }
-            .encode()
-        });
+        // A keyed output carries its block: its fingerprint, when, and what it was made from.
+        let made =
+            keyed.map(|(key, task_type)| fingerprint::block(key, task_type, fingerprint::now_ms()));
         let whole = match K::stored(&output) {
             Ok(value) => codec::encode_within(id, value, made.as_deref(), WHOLE_LIMIT),
             // Not reached: a failed output is not persisted.
@@ -581,37 +453,6 @@ impl Drop for RunState {
     }
 }
 
-/// The [`Probe`] of a task whose stored type is `T`.
-pub(crate) fn probe<T: Serialize + DeserializeOwned + Send + 'static>(
-    ctx: Arc<Context>,
-    id: Arc<str>,
-    want_digest: bool,
-) -> StoreFuture<'static, Probed> {
-    Box::pin(async move {
-        Ok(match load::<T>(&ctx, &id).await {
-            Ok(None) => Probed::Absent,
-            Ok(Some(loaded)) => Probed::Stored {
-                digest: match want_digest {
-                    true => Some(fingerprint::digest(&id, &loaded.value)?),
-                    false => None,
-                },
-                made: loaded.made,
-            },
-            Err(error) if ctx.db.health().is_ok() => Probed::Unreadable(error.to_string()),
-            Err(error) => return Err(error),
-        })
-    })
-}
-
-/// A task as [`RunState::plan`] gives it.
-pub(crate) struct Planned {
-    pub(crate) id: Arc<str>,
-    pub(crate) probe: Probe,
-    pub(crate) keyed: Option<KeyedSpec>,
-    pub(crate) deps: Vec<Option<Arc<str>>>,
-    pub(crate) needed: bool,
-}
-
 /// The output stored under `id` in `ctx`, decoded as a `T` written by the same type, with
 /// its size and made block: the one read of a stored output. A value over [`WHOLE_LIMIT`] is
 /// decoded on duraflow's I/O threads (as it is read, when the store hands out a reader).
@@ -647,7 +488,7 @@ pub(crate) async fn load<T: DeserializeOwned + Send + 'static>(
     Ok(Some(Loaded {
         value,
         size,
-        made: made.as_deref().and_then(Made::decode),
+        block: made,
     }))
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use dagx::{DagError, DagRunner, Pending, Task, TaskBuilder, TaskHandle};
 
 use crate::run::RunState;
+use crate::slot::Slot;
 use crate::{Durable, OutputKind};
 
 /// A task added to a [`DurableDag`](crate::DurableDag), before its dependencies are given:
@@ -23,7 +24,7 @@ where
 {
     builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
     dag: &'a DagRunner,
-    id: Arc<str>,
+    slot: Arc<Slot>,
     run: Arc<RunState>,
 }
 
@@ -35,7 +36,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DurableTask")
-            .field("id", &self.id)
+            .field("id", &self.slot.id)
             .finish_non_exhaustive()
     }
 }
@@ -49,27 +50,32 @@ where
     pub(crate) fn new(
         builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
         dag: &'a DagRunner,
-        id: Arc<str>,
+        slot: Arc<Slot>,
         run: Arc<RunState>,
     ) -> Self {
         DurableTask {
             builder,
             dag,
-            id,
+            slot,
             run,
         }
     }
 
     /// The task's id.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.slot.id
     }
 
     /// Sets this keyed task's own code version, over the DAG's
     /// ([`DurableDag::with_code_version`](crate::DurableDag::with_code_version)); a task
     /// added with [`add`](crate::DurableDag::add) has none, and is left as it is.
     pub fn with_code_version(self, version: impl Into<String>) -> Self {
-        self.run.set_code_version(&self.id, version.into());
+        if self.slot.code_version.set(version.into()).is_err() {
+            tracing::warn!(
+                key = &*self.slot.id,
+                "with_code_version called twice: the first stays"
+            );
+        }
         self
     }
 
@@ -77,10 +83,9 @@ where
     /// this `DurableDag` without inputs, or a tuple of either (up to 8), in the order of the
     /// task's inputs. Returns dagx's handle of the task's output.
     pub fn depends_on<D: Deps<Tk::Input>>(self, deps: D) -> TaskHandle<Tk::Output> {
-        let upstream = deps.ids(self.dag, &self.run);
+        self.slot.depends(deps.slots(self.dag, &self.run));
         let handle = deps.attach(self.builder);
-        self.run
-            .depends(&self.id, upstream, node_of(self.dag, &handle));
+        self.run.locate(node_of(self.dag, &handle), &self.slot);
         handle
     }
 }
@@ -108,7 +113,7 @@ where
 {
     fn from(task: &DurableTask<'a, Tk, K>) -> Self {
         let handle = TaskHandle::from(&task.builder);
-        task.run.locate(&task.id, node_of(task.dag, &handle));
+        task.run.locate(node_of(task.dag, &handle), &task.slot);
         handle
     }
 }
@@ -133,9 +138,9 @@ mod sealed {
 /// [`DurableTask`] without inputs (by reference), or a tuple of up to 8 handles or of up to
 /// 8 such tasks. Implemented by those only.
 pub trait Deps<Input>: sealed::Sealed {
-    /// The ids of the tasks named, in order (`None` for a task of no `DurableDag`).
+    /// The tasks named, in order (`None` for a task of no `DurableDag`).
     #[doc(hidden)]
-    fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>>;
+    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>>;
 
     /// Gives `builder` these dependencies, through dagx.
     #[doc(hidden)]
@@ -149,13 +154,13 @@ pub trait Deps<Input>: sealed::Sealed {
         K: OutputKind<Tk::Output>;
 }
 
-/// The id of the task of `handle`, if it is a task of `run`.
-fn id_of<T: Clone + Send + Sync + 'static>(
+/// The slot of the task of `handle`, if it is a task of `run`.
+fn slot_of<T: Clone + Send + Sync + 'static>(
     dag: &DagRunner,
     run: &RunState,
     handle: &TaskHandle<T>,
-) -> Option<Arc<str>> {
-    run.task_at(node_of(dag, handle)?)
+) -> Option<Arc<Slot>> {
+    run.slot_at(node_of(dag, handle)?)
 }
 
 impl<T> sealed::Sealed for TaskHandle<T> {}
@@ -164,8 +169,8 @@ impl<T> sealed::Sealed for (TaskHandle<T>,) {}
 impl<T> sealed::Sealed for (&TaskHandle<T>,) {}
 
 impl<T: Clone + Send + Sync + 'static> Deps<T> for TaskHandle<T> {
-    fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![id_of(dag, run, self)]
+    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![slot_of(dag, run, self)]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -181,8 +186,8 @@ impl<T: Clone + Send + Sync + 'static> Deps<T> for TaskHandle<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Deps<T> for &TaskHandle<T> {
-    fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![id_of(dag, run, self)]
+    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![slot_of(dag, run, self)]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -198,8 +203,8 @@ impl<T: Clone + Send + Sync + 'static> Deps<T> for &TaskHandle<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Deps<T> for (TaskHandle<T>,) {
-    fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![id_of(dag, run, &self.0)]
+    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![slot_of(dag, run, &self.0)]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -215,8 +220,8 @@ impl<T: Clone + Send + Sync + 'static> Deps<T> for (TaskHandle<T>,) {
 }
 
 impl<T: Clone + Send + Sync + 'static> Deps<T> for (&TaskHandle<T>,) {
-    fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![id_of(dag, run, self.0)]
+    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![slot_of(dag, run, self.0)]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -246,8 +251,8 @@ where
     U::Output: Clone + Send + Sync + 'static,
     KU: OutputKind<U::Output>,
 {
-    fn ids(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![Some(Arc::clone(&self.id))]
+    fn slots(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![Some(Arc::clone(&self.slot))]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -268,8 +273,8 @@ where
     U::Output: Clone + Send + Sync + 'static,
     KU: OutputKind<U::Output>,
 {
-    fn ids(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<str>>> {
-        vec![Some(Arc::clone(&self.0.id))]
+    fn slots(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<Slot>>> {
+        vec![Some(Arc::clone(&self.0.slot))]
     }
     fn attach<'a, Tk, K>(
         self,
@@ -290,9 +295,9 @@ macro_rules! deps_tuple {
         impl<$($T),+> sealed::Sealed for ($(&TaskHandle<$T>,)+) {}
 
         impl<$($T: Clone + Send + Sync + 'static),+> Deps<($($T,)+)> for ($(&TaskHandle<$T>,)+) {
-            fn ids(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<str>>> {
+            fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
                 let ($($v,)+) = self;
-                vec![$(id_of(dag, run, $v)),+]
+                vec![$(slot_of(dag, run, $v)),+]
             }
             fn attach<'a, Tk, K>(
                 self,
@@ -317,9 +322,9 @@ macro_rules! deps_tuple {
         where
             $($U: Task<Input = ()>, $U::Output: Clone + Send + Sync + 'static, $K: OutputKind<$U::Output>,)+
         {
-            fn ids(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<str>>> {
+            fn slots(&self, _: &DagRunner, _: &RunState) -> Vec<Option<Arc<Slot>>> {
                 let ($($v,)+) = self;
-                vec![$(Some(Arc::clone(&$v.id))),+]
+                vec![$(Some(Arc::clone(&$v.slot))),+]
             }
             fn attach<'a, Tk, K>(
                 self,
