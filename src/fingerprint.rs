@@ -143,27 +143,47 @@ fn parse(block: &[u8]) -> Option<(&[u8], u64, &[u8])> {
 /// # Errors
 /// [`DuraflowError::Encode`] naming `key` when serde cannot serialise it.
 pub(crate) fn digest<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Digest, DuraflowError> {
-    let mut hasher = Hashing(blake3::Hasher::new());
-    let mut buffered = io::BufWriter::with_capacity(8 * 1024, &mut hasher);
-    rmp_serde::encode::write_named(&mut buffered, value).map_err(|source| {
+    let mut hashing = Hashing {
+        hasher: blake3::Hasher::new(),
+        buffer: [0; 4096],
+        len: 0,
+    };
+    rmp_serde::encode::write_named(&mut hashing, value).map_err(|source| {
         DuraflowError::Encode {
             key: key.to_owned(),
             type_name: std::any::type_name::<T>(),
             source,
         }
     })?;
-    // Into a hasher, which takes every byte: the flush cannot fail.
-    let _ = buffered.flush();
-    drop(buffered);
-    Ok(*hasher.0.finalize().as_bytes())
+    let Hashing {
+        mut hasher,
+        buffer,
+        len,
+    } = hashing;
+    hasher.update(&buffer[..len]);
+    Ok(*hasher.finalize().as_bytes())
 }
 
-/// A writer into a hasher.
-struct Hashing(blake3::Hasher);
+/// A writer into a hasher, through a buffer on the stack (MessagePack comes in pieces of a
+/// few bytes; the hasher is fastest on large ones).
+struct Hashing {
+    hasher: blake3::Hasher,
+    buffer: [u8; 4096],
+    len: usize,
+}
 
 impl Write for Hashing {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
+        if self.len + buf.len() > self.buffer.len() {
+            self.hasher.update(&self.buffer[..self.len]);
+            self.len = 0;
+            if buf.len() > self.buffer.len() {
+                self.hasher.update(buf);
+                return Ok(buf.len());
+            }
+        }
+        self.buffer[self.len..self.len + buf.len()].copy_from_slice(buf);
+        self.len += buf.len();
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

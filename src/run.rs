@@ -252,7 +252,9 @@ impl RunState {
                 fingerprint::decide(now, task_type, loaded.block.as_deref(), at, max_age)
             }
         };
-        let reason = keyed.as_ref().map(|_| why.to_string());
+        // Only records keep the reason.
+        let recorded = keyed.is_some() && self.log().is_some();
+        let reason = recorded.then(|| why.to_string());
         match (why.runs(), found) {
             (false, Found::Loaded(loaded)) => {
                 slot.note(&loaded.value);
