@@ -21,6 +21,8 @@ mod runlog;
 mod spans;
 mod store;
 mod task;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use context::{Context, StoredValue};
 pub use copy::copy;
