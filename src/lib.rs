@@ -22,6 +22,8 @@ mod slot;
 mod spans;
 mod store;
 mod task;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use context::{Context, StoredValue};
 pub use copy::copy;
