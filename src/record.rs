@@ -108,7 +108,8 @@ pub struct AttemptRecord {
 pub struct RunDetails {
     /// The run.
     pub run: RunRecord,
-    /// Its attempts, ordered by key, then attempt number.
+    /// Its attempts: those of one key together, by attempt number (the order of keys is the
+    /// store's own).
     pub attempts: Vec<AttemptRecord>,
 }
 
