@@ -10,7 +10,7 @@
 //! 4       2     type-name length N (u16, little endian)
 //! 6       N     type name (UTF-8, `std::any::type_name` of the value; empty = untyped)
 //!               with bit 1: M (u32, little endian), then M bytes: what a keyed output was
-//!               made from (`fingerprint::Made`, MessagePack, named form)
+//!               made from (`fingerprint::block`)
 //! …       4     payload length P (u32, little endian; u32::MAX: 4 GiB or more, the
 //!               payload then fills the envelope up to its trailer)
 //! …       P     payload: the value in MessagePack, named (map) form, via rmp-serde

@@ -323,7 +323,9 @@ impl<'a> DurableDag<'a> {
                 (None, Probed::Stored { .. }) => Why::ById,
                 (Some(Err(why)), _) => why,
                 (Some(Ok(now)), Probed::Stored { block, .. }) => {
-                    fingerprint::decide(&now, task_type, block.as_deref(), now_ms, max_age)
+                    let version = slot.code_version(self.run.code_version());
+                    let block = block.as_deref();
+                    fingerprint::decide(&now, task_type, version, block, now_ms, max_age)
                 }
             };
             if let Probed::Stored {

@@ -180,7 +180,8 @@ where
                     Some(message) => (message, Step::Final(Outcome::Done(output), Ending::Failed)),
                     // 3. The persist; with the attempt's success, where attempts are recorded.
                     None => {
-                        let keyed = key.as_ref().map(|key| (key, task_type));
+                        let version = slot.code_version(run.code_version());
+                        let keyed = key.as_ref().map(|key| (key, task_type, version));
                         let persisting = run.persist::<_, K>(id, output, keyed, &attempt);
                         let (output, persisted) = persisting.await;
                         return match persisted.map_err(|e| e.into_persist(id)) {

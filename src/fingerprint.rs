@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::slot::Key;
 use crate::DuraflowError;
@@ -43,98 +43,85 @@ pub(crate) fn fingerprint(
     *h.finalize().as_bytes()
 }
 
-/// What a keyed output was made from, stored with it to say which part changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Made {
-    /// `std::any::type_name` of the task.
-    pub(crate) task_type: String,
-    /// The digest of the task's parameters.
-    #[serde(with = "bytes")]
-    pub(crate) params: Digest,
-    /// The code version the task ran under.
-    pub(crate) code_version: String,
-    /// Each consumed output, in input order: its task id and its digest.
-    pub(crate) inputs: Vec<Input>,
-}
-
-/// A consumed output, in [`Made`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Input {
-    pub(crate) id: String,
-    #[serde(with = "bytes")]
-    pub(crate) digest: Digest,
-}
-
-/// Digests as MessagePack binary (`bin 8`), not as arrays of numbers.
-mod bytes {
-    use serde::{de::Error, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(digest: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(digest)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let bytes = serde_bytes_vec(d)?;
-        bytes
-            .try_into()
-            .map_err(|_| D::Error::custom("a digest is 32 bytes"))
-    }
-
-    fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("32 bytes")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_bytes(Visit)
-    }
-}
-
-impl Made {
-    /// What `key` (of a task of type `task_type`) is made from.
-    pub(crate) fn of(key: &Key, task_type: &str) -> Made {
-        Made {
-            task_type: task_type.to_owned(),
-            params: key.params,
-            code_version: key.code_version.clone(),
-            inputs: key
-                .inputs
-                .iter()
-                .map(|(id, digest)| Input {
-                    id: id.to_string(),
-                    digest: *digest,
-                })
-                .collect(),
-        }
-    }
-}
-
-/// The block stored with a keyed output: its fingerprint (32 bytes), when it was stored
-/// (u64 little endian, milliseconds since the Unix epoch), then what it was made from
-/// ([`Made`], MessagePack, named form).
-pub(crate) fn block(key: &Key, task_type: &str, stored_ms: u64) -> Vec<u8> {
-    let mut block = Vec::with_capacity(128);
+/// The block stored with a keyed output (the envelope's "made" block), all integers little
+/// endian: its fingerprint (32 bytes); when it was stored (u64, milliseconds since the Unix
+/// epoch); then what it was made from, to say which part changed: the parameters' digest
+/// (32 bytes), the task's type name and the code version (each a u32 length and UTF-8
+/// bytes), the number of consumed outputs (u32) and for each its task id (a u32 length and
+/// UTF-8 bytes) and its digest (32 bytes).
+pub(crate) fn block(key: &Key, task_type: &str, code_version: &str, stored_ms: u64) -> Vec<u8> {
+    let inputs: usize = key.inputs.iter().map(|(id, _)| 4 + id.len() + 32).sum();
+    let mut block =
+        Vec::with_capacity(32 + 8 + 32 + 12 + task_type.len() + code_version.len() + inputs);
+    let text = |block: &mut Vec<u8>, s: &str| {
+        block.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        block.extend_from_slice(s.as_bytes());
+    };
     block.extend_from_slice(&key.fingerprint);
     block.extend_from_slice(&stored_ms.to_le_bytes());
-    // Plain data of the crate's own into a buffer: it always serialises.
-    let _ = rmp_serde::encode::write_named(&mut block, &Made::of(key, task_type));
+    block.extend_from_slice(&key.params);
+    text(&mut block, task_type);
+    text(&mut block, code_version);
+    block.extend_from_slice(&(key.inputs.len() as u32).to_le_bytes());
+    for (id, digest) in &key.inputs {
+        text(&mut block, id);
+        block.extend_from_slice(digest);
+    }
     block
 }
 
-/// A stored block's fingerprint, time and made part, or `None` when it is too short.
-fn parse(block: &[u8]) -> Option<(&[u8], u64, &[u8])> {
-    let (fingerprint, rest) = block.split_at_checked(32)?;
-    let (stored_ms, made) = rest.split_at_checked(8)?;
-    let stored_ms = u64::from_le_bytes(stored_ms.try_into().ok()?);
-    Some((fingerprint, stored_ms, made))
+/// A stored [`block`], read.
+struct Stored<'a> {
+    fingerprint: &'a [u8],
+    stored_ms: u64,
+    params: &'a [u8],
+    task_type: &'a [u8],
+    code_version: &'a [u8],
+    inputs: Vec<(&'a [u8], &'a [u8])>,
+}
+
+/// Reads a stored [`block`], or `None` when it is cut short.
+fn parse(block: &[u8]) -> Option<Stored<'_>> {
+    let mut at = Cursor(block);
+    let fingerprint = at.take(32)?;
+    let stored_ms = u64::from_le_bytes(at.take(8)?.try_into().ok()?);
+    let params = at.take(32)?;
+    let task_type = at.text()?;
+    let code_version = at.text()?;
+    let count = at.u32()?;
+    let mut inputs = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        inputs.push((at.text()?, at.take(32)?));
+    }
+    Some(Stored {
+        fingerprint,
+        stored_ms,
+        params,
+        task_type,
+        code_version,
+        inputs,
+    })
+}
+
+/// What is left of a block being read.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (taken, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(taken)
+    }
+
+    fn u32(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+
+    /// A u32 length, then that many bytes.
+    fn text(&mut self) -> Option<&'a [u8]> {
+        let len = self.u32()?;
+        self.take(len)
+    }
 }
 
 /// The digest of `value` in MessagePack, named form (see the module's docs): of a task's
@@ -260,10 +247,12 @@ impl fmt::Display for Why {
 }
 
 /// Whether the stored output whose block is `stored` (`None`: stored without one) may be
-/// the output of the task keyed `now` (of type `task_type`), at `now_ms`, under `max_age`.
+/// the output of the task keyed `now` (of type `task_type`, under `code_version`), at
+/// `now_ms`, under `max_age`.
 pub(crate) fn decide(
     now: &Key,
     task_type: &str,
+    code_version: &str,
     stored: Option<&[u8]>,
     now_ms: u64,
     max_age: Option<Duration>,
@@ -271,36 +260,32 @@ pub(crate) fn decide(
     let Some(stored) = stored else {
         return Why::NoFingerprint;
     };
-    let Some((fingerprint, stored_ms, made)) = parse(stored) else {
-        return Why::Unreadable("its fingerprint is cut short".to_owned());
+    let Some(stored) = parse(stored) else {
+        return Why::Unreadable("what it was made from is cut short".to_owned());
     };
-    if fingerprint == now.fingerprint {
-        let age = Duration::from_millis(now_ms.saturating_sub(stored_ms));
+    if stored.fingerprint == now.fingerprint {
+        let age = Duration::from_millis(now_ms.saturating_sub(stored.stored_ms));
         return match max_age {
             Some(max) if age > max => Why::Expired { age, max },
             _ => Why::Cached,
         };
     }
     // Which part differs, in the order they are hashed.
-    let Ok(stored) = rmp_serde::from_slice::<Made>(made) else {
-        return Why::Unreadable("what it was made from does not decode".to_owned());
-    };
-    let now = Made::of(now, task_type);
-    if stored.task_type != now.task_type {
+    if stored.task_type != task_type.as_bytes() {
         return Why::TaskType;
     }
     if stored.params != now.params || stored.inputs.len() != now.inputs.len() {
         return Why::Params;
     }
-    if stored.code_version != now.code_version {
+    if stored.code_version != code_version.as_bytes() {
         return Why::CodeVersion {
-            from: stored.code_version,
-            to: now.code_version,
+            from: String::from_utf8_lossy(stored.code_version).into_owned(),
+            to: code_version.to_owned(),
         };
     }
-    for (was, is) in stored.inputs.iter().zip(&now.inputs) {
-        if was != is {
-            return Why::UpstreamChanged(is.id.clone());
+    for ((id, was), (is_id, is)) in stored.inputs.iter().zip(&now.inputs) {
+        if *was != is || *id != is_id.as_bytes() {
+            return Why::UpstreamChanged(is_id.to_string());
         }
     }
     Why::Params
@@ -333,7 +318,6 @@ mod tests {
         let inputs = vec![(Arc::from("fetch"), input)];
         Key {
             fingerprint: fingerprint("app::Load", &params, code_version, &inputs),
-            code_version: code_version.to_owned(),
             params,
             inputs,
         }
@@ -364,37 +348,46 @@ mod tests {
     #[test]
     fn each_change_has_its_reason() {
         let now = key([1; 32], "1", [2; 32]);
-        let stored = block(&now, "app::Load", 1000);
+        let stored = block(&now, "app::Load", "1", 1000);
         let day = Some(Duration::from_secs(86_400));
-        let decide = |now: &Key, at| decide(now, "app::Load", Some(&stored), at, day);
-        assert_eq!(decide(&now, 2000), Why::Cached);
+        let decide =
+            |now: &Key, version, at| decide(now, "app::Load", version, Some(&stored), at, day);
+        assert_eq!(decide(&now, "1", 2000), Why::Cached);
         assert_eq!(
-            super::decide(&now, "app::Load", None, 2000, day),
+            super::decide(&now, "app::Load", "1", None, 2000, day),
             Why::NoFingerprint
         );
-        assert_eq!(decide(&key([3; 32], "1", [2; 32]), 2000), Why::Params);
+        assert_eq!(decide(&key([3; 32], "1", [2; 32]), "1", 2000), Why::Params);
         assert_eq!(
-            decide(&key([1; 32], "2", [2; 32]), 2000).to_string(),
+            decide(&key([1; 32], "2", [2; 32]), "2", 2000).to_string(),
             "code version \"1\" → \"2\""
         );
         assert_eq!(
-            decide(&key([1; 32], "1", [4; 32]), 2000),
+            decide(&key([1; 32], "1", [4; 32]), "1", 2000),
             Why::UpstreamChanged("fetch".into())
         );
         assert!(matches!(
-            decide(&now, 1000 + 86_401_000),
+            decide(&now, "1", 1000 + 86_401_000),
             Why::Expired { .. }
         ));
         assert_eq!(
-            super::decide(&now, "app::Load", Some(&stored), 1000 + 86_401_000, None),
+            super::decide(
+                &now,
+                "app::Load",
+                "1",
+                Some(&stored),
+                1000 + 86_401_000,
+                None
+            ),
             Why::Cached
         );
-        assert!(matches!(
-            super::decide(&now, "app::Load", Some(&stored[..20]), 2000, None),
-            Why::Unreadable(_)
-        ));
-        // Digests are stored as binary (`bin 8` of 32 bytes), not as arrays of numbers.
-        let made = &stored[40..];
-        assert_eq!(made.windows(2).filter(|w| w == &[0xc4, 32]).count(), 2);
+        for cut in [0, 20, 100, stored.len() - 1] {
+            let short = super::decide(&now, "app::Load", "1", Some(&stored[..cut]), 2000, None);
+            assert!(matches!(short, Why::Unreadable(_)), "{cut}: {short:?}");
+        }
+        // The layout: fingerprint, time, parameters, type, version, inputs.
+        assert_eq!(&stored[..32], &now.fingerprint);
+        assert_eq!(stored[32..40], 1000u64.to_le_bytes());
+        assert_eq!(stored.len(), 32 + 8 + 32 + 4 + 9 + 4 + 1 + 4 + 4 + 5 + 32);
     }
 }

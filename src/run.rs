@@ -249,7 +249,9 @@ impl RunState {
             (Some(Ok(now)), Found::Loaded(loaded)) => {
                 let max_age = self.max_age.get().copied();
                 let at = fingerprint::now_ms();
-                fingerprint::decide(now, task_type, loaded.block.as_deref(), at, max_age)
+                let version = slot.code_version(self.code_version());
+                let block = loaded.block.as_deref();
+                fingerprint::decide(now, task_type, version, block, at, max_age)
             }
         };
         // Only records keep the reason.
@@ -307,7 +309,7 @@ impl RunState {
         &self,
         id: &str,
         output: O,
-        keyed: Option<(&Key, &str)>,
+        keyed: Option<(&Key, &str, &str)>,
         attempt: &Attempt,
     ) -> (O, Result<(), DuraflowError>)
     where
@@ -315,8 +317,9 @@ impl RunState {
         K: OutputKind<O>,
     {
         // A keyed output carries its block: its fingerprint, when, and what it was made from.
-        let made =
-            keyed.map(|(key, task_type)| fingerprint::block(key, task_type, fingerprint::now_ms()));
+        let made = keyed.map(|(key, task_type, version)| {
+            fingerprint::block(key, task_type, version, fingerprint::now_ms())
+        });
         let whole = match K::stored(&output) {
             Ok(value) => codec::encode_within(id, value, made.as_deref(), WHOLE_LIMIT),
             // Not reached: a failed output is not persisted.

@@ -53,7 +53,6 @@ pub(crate) enum Probed {
 /// A task's fingerprint in this run, with what it is made of.
 pub(crate) struct Key {
     pub(crate) fingerprint: Digest,
-    pub(crate) code_version: String,
     pub(crate) params: Digest,
     pub(crate) inputs: Vec<(Arc<str>, Digest)>,
 }
@@ -104,17 +103,20 @@ impl Slot {
                 Err(why) => return Some(Err(why)),
             }
         }
-        let code_version = self
-            .code_version
-            .get()
-            .map_or(run_code_version, String::as_str);
+        let code_version = self.code_version(run_code_version);
         let fingerprint = fingerprint::fingerprint(spec.task_type, &params, code_version, &inputs);
         Some(Ok(Key {
             fingerprint,
-            code_version: code_version.to_owned(),
             params,
             inputs,
         }))
+    }
+
+    /// This task's code version: its own, or the run's.
+    pub(crate) fn code_version<'a>(&'a self, run_code_version: &'a str) -> &'a str {
+        self.code_version
+            .get()
+            .map_or(run_code_version, String::as_str)
     }
 
     /// Keeps the digest of `value`, this task's output, if a keyed task consumes it.
