@@ -824,3 +824,45 @@ fn a_first_open_interrupted_before_its_metadata_opens_as_a_new_store() {
     ctx.save("k", &3u32).unwrap();
     assert_eq!(ctx.get::<u32>("k"), Some(3));
 }
+
+/// Reads that race overwrites of the same key, between values kept in the tree and values
+/// in files, always see one written value, whole, and never stop the store.
+#[test]
+fn reads_racing_overwrites_see_old_or_new_and_never_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path().join("race")).unwrap());
+    let values: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| match i % 2 {
+            0 => vec![i; 100],
+            _ => vec![i; 100 * 1024],
+        })
+        .collect();
+    wait(store.write("k", values[0].clone())).unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (store, done, values) = (store.clone(), done.clone(), values.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let found = wait(store.read("k")).unwrap_or_else(|e| panic!("read: {e}"));
+                    let found = found.expect("a read found no value");
+                    assert!(
+                        values.contains(&found),
+                        "a torn value of {} bytes",
+                        found.len()
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 0..400 {
+        wait(store.write("k", values[round % values.len()].clone())).unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let reads: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 0);
+    assert!(store.health().is_ok(), "{:?}", store.health());
+}

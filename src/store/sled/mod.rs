@@ -343,14 +343,13 @@ impl Inner {
     /// as the value that failed).
     fn read_value(&self, key: &str) -> Result<Option<Stored>, DuraflowError> {
         validate_key(key)?;
-        let (found, witness) = self.read_once(key);
-        let found = match found {
-            // A write applied between the look at the output and the look at its witness,
-            // or (for an output in a file) a gc that removed the old file meanwhile: the
-            // witness has changed since; read again.
-            Resolved::Value(_) | Resolved::Failed(_) => found,
-            _ if self.trees.witnesses.get(key).ok().flatten() != witness => self.read_once(key).0,
-            _ => found,
+        let found = match self.read_once(key, false) {
+            found @ (Resolved::Value(_) | Resolved::Failed(_)) => found,
+            // The output and its witness, read one after the other, may be of two commits
+            // (a write applied between the two reads), or (for an output in a file) a gc
+            // may have removed the old file meanwhile: read both again, in one
+            // transaction, so that only lasting damage is reported as damage.
+            _ => self.read_once(key, true),
         };
         match found {
             Resolved::Value(value) => Ok(value),
@@ -367,21 +366,33 @@ impl Inner {
             .transpose()
     }
 
-    /// Reads `key` once; also returns the witness it found.
-    fn read_once(&self, key: &str) -> (Resolved, Option<sled::IVec>) {
+    /// Reads `key` once: its output and its witness one after the other, or `together` in
+    /// one transaction (a consistent view of both trees).
+    fn read_once(&self, key: &str, together: bool) -> Resolved {
         let prior = match self.shared.shadowed(key) {
             Some(prior) => Ok(prior),
+            None if together => {
+                let trees = (&self.trees.outputs, &self.trees.witnesses);
+                let read = trees.transaction(|(outputs, witnesses)| {
+                    let value = outputs.get(key.as_bytes())?;
+                    let witness = witnesses.get(key.as_bytes())?;
+                    Ok::<_, ConflictableTransactionError<()>>(Prior { value, witness })
+                });
+                read.map_err(|e| match e {
+                    TransactionError::Storage(e) => e,
+                    TransactionError::Abort(()) => {
+                        sled::Error::Unsupported("transaction aborted".to_owned())
+                    }
+                })
+            }
             None => self.trees.outputs.get(key).and_then(|value| {
                 let witness = self.trees.witnesses.get(key)?;
                 Ok(Prior { value, witness })
             }),
         };
         match prior {
-            Ok(prior) => {
-                let witness = prior.witness.clone();
-                (self.resolve(key, prior), witness)
-            }
-            Err(e) => (Resolved::Failed(self.read_error(key, e)), None),
+            Ok(prior) => self.resolve(key, prior),
+            Err(e) => Resolved::Failed(self.read_error(key, e)),
         }
     }
 
