@@ -240,13 +240,22 @@ impl RunState {
             Ok(found) => found,
             Err(error) => return (Check::Fail(error), None),
         };
+        let Some(keyed) = keyed else {
+            // A task added with `add`: cached by id.
+            return match found {
+                Found::Loaded(loaded) => {
+                    slot.note(&loaded.value);
+                    (Check::Cached(loaded), None)
+                }
+                Found::Absent | Found::Unusable(_) => (Check::Run(None), None),
+            };
+        };
         let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
         let why = match (&keyed, &found) {
             (_, Found::Absent) => Why::NeverStored,
             (_, Found::Unusable(reason)) => Why::Unreadable(reason.clone()),
-            (None, Found::Loaded(_)) => Why::ById,
-            (Some(Err(why)), _) => why.clone(),
-            (Some(Ok(now)), Found::Loaded(loaded)) => {
+            (Err(why), _) => why.clone(),
+            (Ok(now), Found::Loaded(loaded)) => {
                 let max_age = self.max_age.get().copied();
                 let at = fingerprint::now_ms();
                 let version = slot.code_version(self.code_version());
@@ -255,14 +264,13 @@ impl RunState {
             }
         };
         // Only records keep the reason.
-        let recorded = keyed.is_some() && self.log().is_some();
-        let reason = recorded.then(|| why.to_string());
+        let reason = self.log().is_some().then(|| why.to_string());
         match (why.runs(), found) {
             (false, Found::Loaded(loaded)) => {
                 slot.note(&loaded.value);
                 (Check::Cached(loaded), reason)
             }
-            _ => (Check::Run(keyed.and_then(Result::ok)), reason),
+            _ => (Check::Run(keyed.ok()), reason),
         }
     }
 
