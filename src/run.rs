@@ -227,7 +227,11 @@ impl RunState {
     {
         let id = &*slot.id;
         let digest_of = |up: &Slot| up.digest.get().copied().ok_or(Why::UpstreamUnknown);
-        let keyed = slot.key(self.code_version(), digest_of);
+        // A task added with `add` reads nothing of the run's keyed settings.
+        let keyed = match slot.keyed {
+            Some(_) => slot.key(self.code_version(), digest_of),
+            None => None,
+        };
         if let Some(Err(Why::BadParams(message))) = &keyed {
             let error = DuraflowError::Encode {
                 key: id.to_owned(),
