@@ -97,7 +97,7 @@ impl<'a> DurableDag<'a> {
         Tk::Input: Clone + 'static,
         Tk::Output: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        self.add_kind(id, task, None)
+        self.add_task(id, task, None, None)
     }
 
     /// Adds a task whose output is a `Result`: `Ok(T)` is persisted (as a `T`, so
@@ -120,7 +120,10 @@ impl<'a> DurableDag<'a> {
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Display + Clone + Send + Sync + 'static,
     {
-        or_panic("DurableDag::add_fallible", self.add_kind(id, task, None))
+        or_panic(
+            "DurableDag::add_fallible",
+            self.add_task(id, task, None, None),
+        )
     }
 
     /// [`add_fallible`](DurableDag::add_fallible), attempted again under `policy` while it
@@ -149,7 +152,7 @@ impl<'a> DurableDag<'a> {
         let retry = Retry::of(task.clone(), policy);
         or_panic(
             "DurableDag::add_fallible",
-            self.add_kind(id, task, Some(retry)),
+            self.add_task(id, task, Some(retry), None),
         )
     }
 
@@ -174,7 +177,7 @@ impl<'a> DurableDag<'a> {
         let retry = Retry::of(task.clone(), policy);
         or_panic(
             "DurableDag::add_with_retry",
-            self.add_kind(id, task, Some(retry)),
+            self.add_task(id, task, Some(retry), None),
         )
     }
 
@@ -344,24 +347,8 @@ impl<'a> DurableDag<'a> {
         Ok(explained)
     }
 
-    /// Claims `id` and hands the wrapped task to dagx: the one place tasks are added.
-    fn add_kind<Tk, K>(
-        &self,
-        id: &str,
-        task: Tk,
-        retry: Option<Box<Retry<Tk::Input, Tk::Output>>>,
-    ) -> Result<DurableTask<'a, Tk, K>, DuraflowError>
-    where
-        Tk: Task + 'static,
-        Tk::Input: Clone + 'static,
-        Tk::Output: Clone + Send + Sync + 'static,
-        K: OutputKind<Tk::Output>,
-    {
-        self.add_task(id, task, retry, None)
-    }
-
     /// Claims `id`, registers the task (keyed if `keyed` says how) and hands the wrapped
-    /// task to dagx.
+    /// task to dagx: the one place tasks are added.
     fn add_task<Tk, K>(
         &self,
         id: &str,

@@ -163,77 +163,36 @@ fn slot_of<T: Clone + Send + Sync + 'static>(
     run.slot_at(node_of(dag, handle)?)
 }
 
-impl<T> sealed::Sealed for TaskHandle<T> {}
-impl<T> sealed::Sealed for &TaskHandle<T> {}
-impl<T> sealed::Sealed for (TaskHandle<T>,) {}
-impl<T> sealed::Sealed for (&TaskHandle<T>,) {}
+/// `Deps` for one handle, in each of dagx's four forms (`$handle` reaches it from `self`).
+macro_rules! deps_handle {
+    ($($form:ty => |$this:ident| $handle:expr;)+) => {$(
+        impl<T> sealed::Sealed for $form {}
 
-impl<T: Clone + Send + Sync + 'static> Deps<T> for TaskHandle<T> {
-    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
-        vec![slot_of(dag, run, self)]
-    }
-    fn attach<'a, Tk, K>(
-        self,
-        builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
-    ) -> TaskHandle<Tk::Output>
-    where
-        Tk: Task<Input = T>,
-        Tk::Output: 'static,
-        K: OutputKind<Tk::Output>,
-    {
-        builder.depends_on(self)
-    }
+        impl<T: Clone + Send + Sync + 'static> Deps<T> for $form {
+            fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
+                let $this = self;
+                vec![slot_of(dag, run, $handle)]
+            }
+            fn attach<'a, Tk, K>(
+                self,
+                builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
+            ) -> TaskHandle<Tk::Output>
+            where
+                Tk: Task<Input = T>,
+                Tk::Output: 'static,
+                K: OutputKind<Tk::Output>,
+            {
+                builder.depends_on(self)
+            }
+        }
+    )+};
 }
 
-impl<T: Clone + Send + Sync + 'static> Deps<T> for &TaskHandle<T> {
-    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
-        vec![slot_of(dag, run, self)]
-    }
-    fn attach<'a, Tk, K>(
-        self,
-        builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
-    ) -> TaskHandle<Tk::Output>
-    where
-        Tk: Task<Input = T>,
-        Tk::Output: 'static,
-        K: OutputKind<Tk::Output>,
-    {
-        builder.depends_on(self)
-    }
-}
-
-impl<T: Clone + Send + Sync + 'static> Deps<T> for (TaskHandle<T>,) {
-    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
-        vec![slot_of(dag, run, &self.0)]
-    }
-    fn attach<'a, Tk, K>(
-        self,
-        builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
-    ) -> TaskHandle<Tk::Output>
-    where
-        Tk: Task<Input = T>,
-        Tk::Output: 'static,
-        K: OutputKind<Tk::Output>,
-    {
-        builder.depends_on(self)
-    }
-}
-
-impl<T: Clone + Send + Sync + 'static> Deps<T> for (&TaskHandle<T>,) {
-    fn slots(&self, dag: &DagRunner, run: &RunState) -> Vec<Option<Arc<Slot>>> {
-        vec![slot_of(dag, run, self.0)]
-    }
-    fn attach<'a, Tk, K>(
-        self,
-        builder: TaskBuilder<'a, Durable<Tk, K>, Pending>,
-    ) -> TaskHandle<Tk::Output>
-    where
-        Tk: Task<Input = T>,
-        Tk::Output: 'static,
-        K: OutputKind<Tk::Output>,
-    {
-        builder.depends_on(self)
-    }
+deps_handle! {
+    TaskHandle<T> => |this| this;
+    &TaskHandle<T> => |this| this;
+    (TaskHandle<T>,) => |this| &this.0;
+    (&TaskHandle<T>,) => |this| this.0;
 }
 
 impl<U: Task, KU: OutputKind<U::Output>> sealed::Sealed for &DurableTask<'_, U, KU> where
