@@ -142,9 +142,9 @@ where
     let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
     let mut number = 1;
     // A keyed task's key, and why it runs: found on the first attempt.
-    // A keyed task's key and why it runs (boxed: the future of every task stays small).
-    let mut key: Option<Box<Key>> = None;
-    let mut reason: Option<Box<str>> = None;
+    // A keyed task's key, and why it runs: found on the first attempt.
+    let mut key: Option<Key> = None;
+    let mut reason: Option<String> = None;
     loop {
         let span = run.spans.task(id, number);
         let mut attempt = run.start_attempt(number);
@@ -152,17 +152,16 @@ where
             // 1. The cache check, on the first attempt: a usable stored output is the output
             // (for a keyed task, one made from the same things).
             if number == 1 {
-                // Boxed: the task's future stays small for the common, cached path.
-                let (check, why) = Box::pin(run.check::<Tk, K::Stored>(&slot)).await;
-                attempt.reason = why;
-                reason = attempt.reason.as_deref().map(Box::from);
+                let (check, why) = run.check::<Tk, K::Stored>(&slot).await;
+                reason = why;
+                attempt.reason = reason.clone();
                 match check {
                     Check::Cached(loaded) => {
                         run.record(id, &attempt, AttemptOutcome::Cached, Some(loaded.size));
                         let outcome = Outcome::Done(K::from_stored(loaded.value));
                         return Step::Final(outcome, Ending::Cached);
                     }
-                    Check::Run(keyed) => key = keyed.map(Box::new),
+                    Check::Run(keyed) => key = keyed,
                     // Parameters that cannot be serialised, or an unreadable output in a
                     // store that has stopped (nothing can be stored): the task does not run.
                     Check::Fail(error) => {
@@ -172,7 +171,7 @@ where
                     }
                 }
             } else {
-                attempt.reason = reason.as_deref().map(str::to_owned);
+                attempt.reason = reason.clone();
             }
             // 2. The run.
             run.record(id, &attempt, AttemptOutcome::Running, None);
@@ -183,8 +182,8 @@ where
                     // 3. The persist; with the attempt's success, where attempts are recorded.
                     None => {
                         let version = slot.code_version(run.code_version());
-                        let keyed = key.as_deref().map(|key| (key, task_type, version));
-                        let persisting = Box::pin(run.persist::<_, K>(id, output, keyed, &attempt));
+                        let keyed = key.as_ref().map(|key| (key, task_type, version));
+                        let persisting = run.persist::<_, K>(id, output, keyed, &attempt);
                         let (output, persisted) = persisting.await;
                         return match persisted.map_err(|e| e.into_persist(id)) {
                             Ok(()) => {
