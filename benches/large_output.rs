@@ -63,19 +63,9 @@ const VARIANTS: [&str; 6] = [
 ];
 const GROUPS: [&[usize]; 4] = [&[0], &[1], &[2, 3], &[4, 5]];
 
-/// The example program, built in release, in the target directory cargo uses here.
+/// The example program, built in release.
 fn example() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(manifest)
-        .args(["build", "--release", "--example", "large_output", "--quiet"])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build of the example: {status}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| manifest.join("target"), |dir| manifest.join(dir));
-    target.join("release/examples/large_output")
+    support::release_example("large_output")
 }
 
 fn env_or(var: &str, default: usize) -> usize {

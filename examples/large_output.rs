@@ -177,19 +177,6 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-/// A field of `/proc/self/status` in KiB (`VmHWM`), if readable.
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..]
-        .trim_start_matches(':')
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// An id for `consume` that no earlier run used.
 fn fresh_consume_id() -> String {
     let nanos = SystemTime::now()
@@ -318,7 +305,7 @@ fn main() -> Result<(), Error> {
         (Store::Rmp, Some(dir)) => {
             let mut line = rmp(dir, len)?;
             line["mib"] = args.mib.into();
-            line["peak_rss_kib"] = status_kib("VmHWM").into();
+            line["peak_rss_kib"] = support::status_kib("VmHWM").into();
             println!("{line}");
             return Ok(());
         }
@@ -335,7 +322,7 @@ fn main() -> Result<(), Error> {
         "secs": ran.secs,
         "close_secs": ran.close_secs,
     });
-    line["peak_rss_kib"] = status_kib("VmHWM").into();
+    line["peak_rss_kib"] = support::status_kib("VmHWM").into();
     println!("{line}");
     Ok(())
 }

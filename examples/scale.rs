@@ -53,19 +53,6 @@ const RSS_TARGET_MIB: f64 = 300.0;
 /// Reopen target.
 const REOPEN_TARGET: Duration = Duration::from_secs(1);
 
-/// A field of `/proc/self/status` in KiB (`VmHWM`, `VmRSS`), if readable.
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..]
-        .trim_start_matches(':')
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 fn mib(kib: Option<u64>) -> String {
     kib.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }
@@ -73,8 +60,8 @@ fn mib(kib: Option<u64>) -> String {
 fn memory(label: &str) {
     println!(
         "  memory after {label}: VmRSS {}, VmHWM (peak) {}",
-        mib(status_kib("VmRSS")),
-        mib(status_kib("VmHWM"))
+        mib(support::status_kib("VmRSS")),
+        mib(support::status_kib("VmHWM"))
     );
 }
 
@@ -171,7 +158,10 @@ fn floor(rt: &tokio::runtime::Runtime, raw: bool, n: usize) {
             memory(label.trim_end_matches(':'));
         }
     }
-    println!("\npeak RSS (VmHWM)     {:>10}", mib(status_kib("VmHWM")));
+    println!(
+        "\npeak RSS (VmHWM)     {:>10}",
+        mib(support::status_kib("VmHWM"))
+    );
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -247,7 +237,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(ctx);
     println!("close (drop store):  {:>10.3?}", close.elapsed());
 
-    let peak = status_kib("VmHWM");
+    let peak = support::status_kib("VmHWM");
     let verdict = |met: bool| if met { "MET" } else { "MISSED" };
     println!("\n== targets ==");
     println!(

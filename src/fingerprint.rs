@@ -1,4 +1,4 @@
-//! What a keyed output was made from ([`Made`]), its fingerprint, and why a keyed task runs
+//! What a keyed output was made from (its stored [`block`]), its fingerprint, and why a keyed task runs
 //! or is cached ([`Why`]): the one decision both a run and
 //! [`DurableDag::explain`](crate::DurableDag::explain) take.
 //!

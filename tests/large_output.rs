@@ -8,6 +8,10 @@
 //! JSON lines go to stderr, so the figures (time, peak RSS) are in the test's log; nothing
 //! here asserts on them: the benchmark holds the guards.
 
+#[allow(dead_code)]
+#[path = "../benches/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -32,24 +36,10 @@ fn expected(len: usize) -> Summary {
         })
 }
 
-/// The example program, built in release once per test binary, in the target directory
-/// cargo uses here (`CARGO_TARGET_DIR`, or the package's `target`).
+/// The example program, built in release once per test binary.
 fn example() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(manifest)
-            .args(["build", "--release", "--example", "large_output", "--quiet"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of the example: {status}");
-        // Relative to the directory cargo ran in, as cargo takes it.
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| manifest.join("target"), |dir| manifest.join(dir));
-        target.join("release/examples/large_output")
-    })
+    BUILT.get_or_init(|| support::release_example("large_output"))
 }
 
 /// Runs the example with `args`; returns the JSON line it printed (after printing it to

@@ -243,3 +243,35 @@ pub async fn run_spawned(dag: &DagRunner, what: &str) {
         panic!("{what} run: {e}");
     }
 }
+
+/// A field of `/proc/self/status` in KiB (`VmHWM`, `VmRSS`), if readable.
+#[allow(dead_code)] // used by the examples that report their peak RSS
+pub fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The example `name`, built in release (`cargo build --release --example NAME`) in the
+/// target directory cargo uses here (`CARGO_TARGET_DIR`, or the package's `target`).
+#[allow(dead_code)] // used by the benches and tests that run an example as a child
+pub fn release_example(name: &str) -> std::path::PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(manifest)
+        .args(["build", "--release", "--example", name, "--quiet"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build of example {name}: {status}");
+    // Relative to the directory cargo ran in, as cargo takes it.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| manifest.join("target"), |dir| manifest.join(dir));
+    target.join("release/examples").join(name)
+}
