@@ -227,11 +227,7 @@ impl RunState {
     {
         let id = &*slot.id;
         let digest_of = |up: &Slot| up.digest.get().copied().ok_or(Why::UpstreamUnknown);
-        // A task added with `add` reads nothing of the run's keyed settings.
-        let keyed = match slot.keyed {
-            Some(_) => slot.key(self.code_version(), digest_of),
-            None => None,
-        };
+        let keyed = slot.key(self.code_version(), digest_of);
         if let Some(Err(Why::BadParams(message))) = &keyed {
             let error = DuraflowError::Encode {
                 key: id.to_owned(),

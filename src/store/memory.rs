@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{ready, StoreFuture};
-use crate::{validate_key, DuraflowError, Storage, Stored};
+use crate::{validate_key, DuraflowError, Storage};
 
 /// A [`Storage`] that keeps values in a map in memory.
 ///
@@ -38,11 +38,6 @@ impl MemoryStore {
 impl Storage for MemoryStore {
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
         ready(validate_key(key).map(|()| self.map().get(key).cloned()))
-    }
-
-    fn read_value<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Stored>> {
-        let found = validate_key(key).map(|()| self.map().get(key).cloned());
-        ready(found.map(|found| found.map(Stored::Bytes)))
     }
 
     fn write<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, ()> {
