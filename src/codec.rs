@@ -328,6 +328,25 @@ pub(crate) struct Header {
 /// The payload of an envelope being read: exactly its bytes.
 pub(crate) type Payload<'a> = io::Take<&'a mut dyn BufRead>;
 
+/// A payload being decoded: from a reader ([`Payload`]) or in memory (the slice of exactly
+/// its bytes), read by the decoder without a dynamic call per read.
+trait PayloadRead: Read {
+    /// How many of the payload's bytes are left unread.
+    fn left(&self) -> u64;
+}
+
+impl PayloadRead for Payload<'_> {
+    fn left(&self) -> u64 {
+        self.limit()
+    }
+}
+
+impl PayloadRead for &[u8] {
+    fn left(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
 /// Reads the envelope of `len` bytes that `reader` yields, handing its header and payload
 /// to `body`, and checks it whole: framing, the checksum, and that `reader` ends where `len`
 /// says (which lets a store's reader check its own digest). Nothing but a buffer is held in
@@ -532,10 +551,10 @@ pub(crate) fn read_made<T: DeserializeOwned>(
 }
 
 /// Decodes `payload`, whose envelope's header is `header`, as a `T`.
-fn decode_payload<T: DeserializeOwned>(
+fn decode_payload<T: DeserializeOwned, P: PayloadRead>(
     key: &str,
     header: &Header,
-    payload: &mut Payload<'_>,
+    payload: &mut P,
     check: TypeCheck,
 ) -> Result<T, DuraflowError> {
     let requested = std::any::type_name::<T>();
@@ -555,7 +574,7 @@ fn decode_payload<T: DeserializeOwned>(
         let mut de = rmp_serde::Deserializer::new(&mut *payload);
         T::deserialize(&mut de).map_err(|e| mismatch(e.to_string()))?
     };
-    if payload.limit() != 0 {
+    if payload.left() != 0 {
         return Err(mismatch(
             "the value does not use all stored bytes".to_owned(),
         ));
@@ -571,7 +590,7 @@ fn decode_payload<T: DeserializeOwned>(
 fn read_bytes<R>(
     key: &str,
     bytes: &[u8],
-    body: impl FnOnce(&Header, &mut Payload<'_>) -> Result<R, DuraflowError>,
+    body: impl FnOnce(&Header, &mut &[u8]) -> Result<R, DuraflowError>,
 ) -> Result<R, DuraflowError> {
     let corrupt = |reason: String| DuraflowError::Corrupt {
         key: key.to_owned(),
@@ -591,7 +610,8 @@ fn read_bytes<R>(
     }
     let mut rest = content;
     let (header, payload_len) = read_header(&mut rest, bytes.len() as u64).map_err(corrupt)?;
-    let mut payload = (&mut rest as &mut dyn BufRead).take(payload_len);
+    // The header checked the payload's length against the envelope's.
+    let mut payload = rest.get(..payload_len as usize).unwrap_or(rest);
     body(&header, &mut payload)
 }
 
@@ -600,7 +620,7 @@ fn read_bytes<R>(
 /// # Errors
 /// [`DuraflowError::Corrupt`] naming `key` for damage.
 pub(crate) fn check(key: &str, bytes: &[u8]) -> Result<(), DuraflowError> {
-    read_bytes(key, bytes, drain)
+    read_bytes(key, bytes, |_, _| Ok(()))
 }
 
 /// Reads what is left of `payload`.

@@ -142,7 +142,6 @@ where
     let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
     let mut number = 1;
     // A keyed task's key, and why it runs: found on the first attempt.
-    // A keyed task's key, and why it runs: found on the first attempt.
     let mut key: Option<Key> = None;
     let mut reason: Option<String> = None;
     loop {
@@ -175,7 +174,8 @@ where
             }
             // 2. The run.
             run.record(id, &attempt, AttemptOutcome::Running, None);
-            let (error, if_last) = match work.run(id).await {
+            let ran = work.run(id).await;
+            let (error, if_last) = match ran {
                 // A fallible task's `Err`: handed to dependents once attempts run out.
                 Ran::Output(output) => match K::stored(&output).err() {
                     Some(message) => (message, Step::Final(Outcome::Done(output), Ending::Failed)),

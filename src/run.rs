@@ -13,7 +13,7 @@ use crate::codec::{self, TypeCheck};
 use crate::fingerprint::{self, Why};
 use crate::output::OutputKind;
 use crate::record::now_ms;
-use crate::slot::{Key, Slot};
+use crate::slot::{Key, KeyedSpec, Slot};
 use crate::spans::RunSpans;
 use crate::store::value::WHOLE_LIMIT;
 use crate::{
@@ -226,9 +226,11 @@ impl RunState {
         T: Serialize + DeserializeOwned + Send + 'static,
     {
         let id = &*slot.id;
-        let digest_of = |up: &Slot| up.digest.get().copied().ok_or(Why::UpstreamUnknown);
-        let keyed = slot.key(self.code_version(), digest_of);
-        if let Some(Err(Why::BadParams(message))) = &keyed {
+        if let Some(KeyedSpec {
+            params: Err(message),
+            ..
+        }) = &slot.keyed
+        {
             let error = DuraflowError::Encode {
                 key: id.to_owned(),
                 type_name: std::any::type_name::<Tk>(),
@@ -240,6 +242,8 @@ impl RunState {
             Ok(found) => found,
             Err(error) => return (Check::Fail(error), None),
         };
+        let digest_of = |up: &Slot| up.digest.get().copied().ok_or(Why::UpstreamUnknown);
+        let keyed = slot.key(self.code_version(), digest_of);
         let Some(keyed) = keyed else {
             // A task added with `add`: cached by id.
             return match found {
@@ -476,33 +480,39 @@ pub(crate) async fn load<T: DeserializeOwned + Send + 'static>(
     ctx: &Context,
     id: &str,
 ) -> Result<Option<Loaded<T>>, DuraflowError> {
-    let loaded = match ctx.db.read_value(id).await? {
+    let stored = ctx.db.read_value(id).await?;
+    let (value, size, block) = match stored {
         None => return Ok(None),
         Some(Stored::Bytes(bytes)) if bytes.len() <= WHOLE_LIMIT => {
             let (value, made) = codec::decode_made(id, &bytes, TypeCheck::Exact)?;
             (value, bytes.len(), made)
         }
-        Some(Stored::Bytes(bytes)) => {
-            let key = id.to_owned();
+        // Boxed: the future of every task's cache check stays as small as a small value's.
+        Some(large) => Box::pin(decode_large(id.to_owned(), large)).await?,
+    };
+    Ok(Some(Loaded { value, size, block }))
+}
+
+/// Decodes `stored`, a value over [`WHOLE_LIMIT`] stored under `key`, on duraflow's I/O
+/// threads (as it is read, when the store hands out a reader).
+async fn decode_large<T: DeserializeOwned + Send + 'static>(
+    key: String,
+    stored: Stored,
+) -> Result<(T, usize, Option<Vec<u8>>), DuraflowError> {
+    match stored {
+        Stored::Bytes(bytes) => {
             let len = bytes.len();
             let decoded = unblock(move || codec::decode_made(&key, &bytes, TypeCheck::Exact));
             let (value, made) = decoded.await?;
-            (value, len, made)
+            Ok((value, len, made))
         }
-        Some(Stored::Reader { len, mut reader }) => {
-            let key = id.to_owned();
+        Stored::Reader { len, mut reader } => {
             let decoded =
                 unblock(move || codec::read_made(&key, &mut reader, len, TypeCheck::Exact));
             let (value, made) = decoded.await?;
-            (value, len as usize, made)
+            Ok((value, len as usize, made))
         }
-    };
-    let (value, size, made) = loaded;
-    Ok(Some(Loaded {
-        value,
-        size,
-        block: made,
-    }))
+    }
 }
 
 /// Unpacks [`RunState::done`] into (executed, cached).
