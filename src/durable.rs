@@ -15,7 +15,7 @@ use crate::output::{OutputKind, Plain};
 use crate::retry::{Inputs, Ran, Retry, Work};
 use crate::run::{Check, Ending, ProgressFn, RunState};
 use crate::slot::{Key, Slot};
-use crate::{validate_key, AttemptOutcome, Context, DuraflowError};
+use crate::{validate_key, AttemptOutcome, Context, DuraflowError, Lease};
 
 /// A dagx [`Task`] that persists its inner task's output under `id` and, when an output is
 /// already stored, returns it without running the inner task.
@@ -144,6 +144,9 @@ where
     // A keyed task's key, and why it runs: found on the first attempt.
     let mut key: Option<Key> = None;
     let mut reason: Option<String> = None;
+    // The key's lease, while this process holds it: given up when the task ends without a
+    // committed output, or its future is dropped.
+    let mut leased: Option<Leased<'_>> = None;
     loop {
         let span = run.spans.task(id, number);
         let mut attempt = run.start_attempt(number);
@@ -151,7 +154,23 @@ where
             // 1. The cache check, on the first attempt: a usable stored output is the output
             // (for a keyed task, one made from the same things).
             if number == 1 {
-                let (check, why) = run.check::<Tk, K::Stored>(&slot).await;
+                let (check, why) = loop {
+                    let (check, why) = run.check::<Tk, K::Stored>(&slot).await;
+                    if !matches!(check, Check::Run(_)) {
+                        break (check, why);
+                    }
+                    // Where processes share the store, one of them runs the task: this one
+                    // once it holds the key's lease, or none when another stored the output
+                    // meanwhile (found by checking again).
+                    match run.lease(id).await {
+                        Ok(Lease::Held) => {
+                            leased = Some(Leased(&run, id));
+                            break (check, why);
+                        }
+                        Ok(Lease::Stored) => continue,
+                        Err(error) => break (Check::Fail(error), why),
+                    }
+                };
                 reason = why;
                 attempt.reason = reason.clone();
                 match check {
@@ -255,6 +274,16 @@ where
             Ok(outcome) => return outcome,
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+}
+
+/// This process's lease on a task's key: given up when dropped (after a commit, which ends
+/// the lease, there is nothing left to give up).
+struct Leased<'a>(&'a RunState, &'a str);
+
+impl Drop for Leased<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
 

@@ -152,6 +152,20 @@ pub enum DuraflowError {
         attempts: u32,
     },
 
+    /// The output of `key` was not stored: this process's lease on the key was taken over by
+    /// another process (this one was presumed dead), so a newer attempt owns the key. The
+    /// stored output and records are the newer attempt's.
+    #[error(
+        "the output of {} was not stored: its lease passed to attempt {newer} of another process",
+        key_preview(key)
+    )]
+    Fenced {
+        /// The task's key.
+        key: String,
+        /// The fencing token (the key's attempt number in the store) that owns the key now.
+        newer: u64,
+    },
+
     /// Store work for `key` was abandoned because the thread doing it went away (the
     /// process is shutting down).
     #[error("store work for key {key:?} was abandoned: the process is shutting down")]
@@ -185,10 +199,13 @@ fn key_preview(key: &str) -> String {
 
 impl DuraflowError {
     /// Wraps `self` as the cause of a failed persist of `key` (no double wrapping; a key no
-    /// store accepts stays [`DuraflowError::InvalidKey`]).
+    /// store accepts stays [`DuraflowError::InvalidKey`], a fenced write
+    /// [`DuraflowError::Fenced`]).
     pub(crate) fn into_persist(self, key: &str) -> DuraflowError {
         match self {
-            e @ (DuraflowError::Persist { .. } | DuraflowError::InvalidKey { .. }) => e,
+            e @ (DuraflowError::Persist { .. }
+            | DuraflowError::InvalidKey { .. }
+            | DuraflowError::Fenced { .. }) => e,
             other => DuraflowError::Persist {
                 key: key.to_owned(),
                 source: Box::new(other),

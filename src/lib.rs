@@ -38,7 +38,7 @@ pub use record::{
 };
 pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
-pub use runlog::RunLog;
+pub use runlog::{Lease, RunLog};
 pub use store::{
     open_existing, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig, SledStore,
     Storage, StoreFuture, Stored, Value,

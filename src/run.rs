@@ -17,7 +17,7 @@ use crate::slot::{Key, KeyedSpec, Slot};
 use crate::spans::RunSpans;
 use crate::store::value::WHOLE_LIMIT;
 use crate::{
-    unblock, AttemptOutcome, AttemptRecord, Context, DuraflowError, Encoder, RunId, RunLog,
+    unblock, AttemptOutcome, AttemptRecord, Context, DuraflowError, Encoder, Lease, RunId, RunLog,
     RunRecord, RunStatus, StoreFuture, Stored, Value,
 };
 
@@ -275,6 +275,26 @@ impl RunState {
                 (Check::Cached(loaded), reason)
             }
             _ => (Check::Run(keyed.ok()), reason),
+        }
+    }
+
+    /// Where processes share the store ([`RunLog::lease`]): this process's lease on task
+    /// `id`, or [`Lease::Stored`] when another process stored its output meanwhile.
+    /// `Held` at once for a store without a run log.
+    ///
+    /// # Errors
+    /// The store's.
+    pub(crate) async fn lease(&self, id: &str) -> Result<Lease, DuraflowError> {
+        match self.log() {
+            Some((log, _)) => log.lease(id).await,
+            None => Ok(Lease::Held),
+        }
+    }
+
+    /// Gives up the lease on task `id`, if this process still holds it ([`RunLog::release`]).
+    pub(crate) fn release(&self, id: &str) {
+        if let Some((log, _)) = self.log() {
+            log.release(id);
         }
     }
 

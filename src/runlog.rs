@@ -47,4 +47,39 @@ pub trait RunLog: Send + Sync {
     /// # Errors
     /// Any backend error.
     fn finish_run(&self, run: RunRecord) -> StoreFuture<'_, ()>;
+
+    /// Called before task `key` runs, once its cache check found no usable output: where
+    /// several processes share the store, takes this process's lease on the key, so that one
+    /// process at a time runs the task. While another live process holds the lease, waits:
+    /// [`Lease::Stored`] when that process stored the output meanwhile (the caller checks
+    /// the store again), [`Lease::Held`] once this process holds the lease (the other one
+    /// gave it up or was presumed dead). The store keeps a held lease alive until the key's
+    /// [`commit`](RunLog::commit) or [`release`](RunLog::release), and fences a commit whose
+    /// lease passed to another process ([`DuraflowError::Fenced`]).
+    ///
+    /// By default (a store one process has open at a time), `Held` at once.
+    ///
+    /// # Errors
+    /// Any backend error; the task then fails without running.
+    fn lease<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Lease> {
+        let _ = key;
+        Box::pin(std::future::ready(Ok(Lease::Held)))
+    }
+
+    /// Gives up the lease [`lease`](RunLog::lease) took on `key`, if it is still held: the
+    /// task ended without a committed output, or its run was dropped. Must not block. By
+    /// default, nothing.
+    fn release(&self, key: &str) {
+        let _ = key;
+    }
+}
+
+/// What [`RunLog::lease`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lease {
+    /// This process holds the key's lease: the task runs here.
+    Held,
+    /// Another process stored the key's output while this one waited for it.
+    Stored,
 }
