@@ -183,10 +183,22 @@ impl Shared {
 pub(crate) struct Failed<'a>(pub(crate) &'a str);
 
 impl Failed<'_> {
+    /// The error, with the messages of its whole chain of sources (a driver error's own
+    /// message is often only "db error"; its source says which).
     pub(crate) fn db(self, source: impl Into<BoxError>) -> DuraflowError {
+        let source: BoxError = source.into();
+        let mut text = source.to_string();
+        let mut cause = source.source();
+        while let Some(inner) = cause {
+            let more = inner.to_string();
+            if !text.contains(&more) {
+                text = format!("{text}: {more}");
+            }
+            cause = inner.source();
+        }
         DuraflowError::Database {
             url: self.0.to_owned(),
-            source: source.into(),
+            source: text.into(),
         }
     }
 }
@@ -328,12 +340,11 @@ impl PgStore {
                         let mut out = Limited {
                             bytes: Vec::new(),
                             limit,
+                            over: false,
                         };
                         match encoder.write_to(&mut out) {
                             Ok(()) => Ok(out.bytes),
-                            Err(_) if out.bytes.len() > limit => {
-                                Err(too_large_error(&stream_key, limit))
-                            }
+                            Err(_) if out.over => Err(too_large_error(&stream_key, limit)),
                             Err(error) => Err(error),
                         }
                     })
@@ -381,13 +392,18 @@ fn too_large_error(key: &str, limit: usize) -> DuraflowError {
 struct Limited {
     bytes: Vec<u8>,
     limit: usize,
+    /// Whether a write went past the limit.
+    over: bool,
 }
 
 impl std::io::Write for Limited {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.bytes.len() + buf.len() > self.limit {
-            self.bytes.extend_from_slice(&buf[..buf.len().min(1)]);
-            return Err(std::io::Error::other("the value is over max_value_size"));
+            self.over = true;
+            return Err(std::io::Error::other(format!(
+                "the value is larger than PgStore's max_value_size of {} bytes",
+                self.limit
+            )));
         }
         self.bytes.extend_from_slice(buf);
         Ok(buf.len())
