@@ -399,7 +399,7 @@ async fn a_dag_over_pgstore_persists_and_resumes() {
         let d = DurableDag::new(&dag, ctx.clone());
         let a = d.add("dag/a", Val(40));
         let b = d.add("dag/b", Inc).depends_on(&a);
-        d.add("dag/c", Inc).depends_on(&b);
+        d.add("dag/c", Inc).depends_on(b);
         dag.run(|f| {
             tokio::spawn(f);
         })
