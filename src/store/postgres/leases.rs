@@ -133,9 +133,15 @@ async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Leas
         let notified = shared.notify.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
-        let client = shared.client().await?;
-        let mut take = true;
-        if !first {
+        let taken = if first {
+            // With the other leases this store is taking now, in one statement; alone if
+            // that failed.
+            match take_batched(shared, key, &hash).await {
+                Ok(taken) => taken,
+                Err(_) => take_one(shared, &hash, key_bytes, lease_s, true).await?,
+            }
+        } else {
+            let client = shared.client().await?;
             let state = client
                 .prepare_cached(STATE_SQL)
                 .await
@@ -144,50 +150,209 @@ async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Leas
                 .query_opt(&state, &[&hash])
                 .await
                 .map_err(|e| failed.db(e))?;
-            if let Some(row) = row {
-                let (done, lapsed): (bool, bool) = (row.get(0), row.get(1));
-                if done {
-                    return Ok(Lease::Stored);
-                }
-                take = lapsed;
+            drop(client);
+            let take = match row {
+                Some(row) if row.get::<_, bool>(0) => return Ok(Lease::Stored),
+                Some(row) => row.get::<_, bool>(1),
+                None => true,
+            };
+            match take {
+                true => take_one(shared, &hash, key_bytes, lease_s, false).await?,
+                false => None,
             }
-        }
-        if take {
-            let statement = client
-                .prepare_cached(TAKE_SQL)
-                .await
-                .map_err(|e| failed.db(e))?;
-            let row = client
-                .query_one(
-                    &statement,
-                    &[&hash, &key_bytes, &shared.worker, &lease_s, &first],
-                )
-                .await
-                .map_err(|e| failed.db(e))?;
-            let token: Option<i64> = row.get(0);
-            let previous: (Option<i64>, Option<bool>) = (row.get(1), row.get(2));
-            if let Some(token) = token {
-                let hash = hash.clone();
-                shared.held().insert(key.to_owned(), Held { token, hash });
-                // A lease that expired under another worker: that worker is presumed dead,
-                // and its attempt at the key with it.
-                if let (Some(owner), Some(true)) = previous {
-                    if owner != shared.worker {
-                        let now = now_ms() as i64;
-                        let interrupted = client
-                            .execute(INTERRUPT_SQL, &[&digest(key), &owner, &now])
-                            .await;
-                        if let Err(error) = interrupted {
-                            tracing::warn!(key, %error, "the dead worker's attempt not marked");
-                        }
+        };
+        if let Some(Taken {
+            token,
+            owner,
+            lapsed,
+        }) = taken
+        {
+            let held = Held {
+                token,
+                hash: hash.clone(),
+            };
+            shared.held().insert(key.to_owned(), held);
+            // A lease that expired under another worker: that worker is presumed dead, and
+            // its attempt at the key with it.
+            if let (Some(owner), Some(true)) = (owner, lapsed) {
+                if owner != shared.worker {
+                    let now = now_ms() as i64;
+                    let interrupted = async {
+                        let client = shared.client().await?;
+                        client
+                            .execute(INTERRUPT_SQL, &[&hash, &owner, &now])
+                            .await
+                            .map_err(|e| failed.db(e))
+                    };
+                    if let Err(error) = interrupted.await {
+                        tracing::warn!(key, %error, "the dead worker's attempt not marked");
                     }
                 }
-                return Ok(Lease::Held);
             }
+            return Ok(Lease::Held);
         }
         first = false;
-        drop(client);
         let _ = tokio::time::timeout(shared.config.poll(), notified).await;
+    }
+}
+
+/// A lease just taken: its token, and the previous lease's owner and whether it lapsed
+/// (expired while live, rather than released or done).
+pub(crate) struct Taken {
+    token: i64,
+    owner: Option<i64>,
+    lapsed: Option<bool>,
+}
+
+/// A request to the leaser: take the lease on `key` if it is free, expired or done.
+pub(crate) struct TakeRequest {
+    key: String,
+    hash: Vec<u8>,
+    reply: oneshot::Sender<Result<Option<Taken>, DuraflowError>>,
+}
+
+/// Takes the lease on `key` (`hash`) alone, as [`TAKE_SQL`] does.
+async fn take_one(
+    shared: &Shared,
+    hash: &Vec<u8>,
+    key: &[u8],
+    lease_s: f64,
+    or_done: bool,
+) -> Result<Option<Taken>, DuraflowError> {
+    let failed = shared.failed();
+    let mut client = shared.client().await?;
+    let tx = client.transaction().await.map_err(|e| failed.db(e))?;
+    // A lease lost with a crash of the server is only taken again (commits check the owner
+    // as well as the token); the commit that follows syncs the log anyway.
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(|e| failed.db(e))?;
+    let statement = tx
+        .prepare_cached(TAKE_SQL)
+        .await
+        .map_err(|e| failed.db(e))?;
+    let row = tx
+        .query_one(
+            &statement,
+            &[hash, &key, &shared.worker, &lease_s, &or_done],
+        )
+        .await
+        .map_err(|e| failed.db(e))?;
+    tx.commit().await.map_err(|e| failed.db(e))?;
+    Ok(row.get::<_, Option<i64>>(0).map(|token| Taken {
+        token,
+        owner: row.get(1),
+        lapsed: row.get(2),
+    }))
+}
+
+/// Asks the leaser to take the lease on `key` with the others being taken now.
+async fn take_batched(
+    shared: &Shared,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<Taken>, DuraflowError> {
+    let (reply, answer) = oneshot::channel();
+    let request = TakeRequest {
+        key: key.to_owned(),
+        hash: hash.to_vec(),
+        reply,
+    };
+    let shutdown = || DuraflowError::RuntimeShutdown {
+        key: key.to_owned(),
+    };
+    shared.takes.send(request).map_err(|_| shutdown())?;
+    answer.await.map_err(|_| shutdown())?
+}
+
+/// Takes many free, expired or done leases in one statement, keys in digest order (the
+/// order every worker locks them in, so that two batches do not deadlock).
+const TAKE_MANY_SQL: &str =
+    "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bytea[]) AS t(h, k)), \
+     prev AS (SELECT key_hash, owner, NOT done AND expires_at <> '-infinity' AS lapsed \
+         FROM leases WHERE key_hash IN (SELECT h FROM t)), \
+     take AS (INSERT INTO leases AS l (key_hash, key, token, owner, expires_at, done) \
+         SELECT h, k, 1, $3, now() + $4::float8 * interval '1 second', false FROM t ORDER BY h \
+         ON CONFLICT (key_hash) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, \
+             expires_at = EXCLUDED.expires_at, done = false \
+         WHERE l.expires_at < now() OR l.done \
+         RETURNING key_hash, token) \
+     SELECT take.key_hash, take.token, prev.owner, prev.lapsed \
+     FROM take LEFT JOIN prev ON prev.key_hash = take.key_hash";
+
+/// The leaser's loop: takes whatever first tries at leases are queued in one transaction,
+/// then answers each (a key asked for twice at once is taken for one of them). Runs until
+/// the store is dropped.
+pub(crate) async fn leaser(
+    shared: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<TakeRequest>,
+) {
+    let lease_s = shared.config.lease.as_secs_f64();
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        batch.sort_by(|a, b| a.hash.cmp(&b.hash));
+        let mut unique: Vec<TakeRequest> = Vec::with_capacity(batch.len());
+        let mut again = Vec::new();
+        for request in batch {
+            match unique.last() {
+                Some(last) if last.hash == request.hash => again.push(request),
+                _ => unique.push(request),
+            }
+        }
+        for request in again {
+            let _ = request.reply.send(Ok(None));
+        }
+        let taken = async {
+            let failed = shared.failed();
+            let mut client = shared.client().await?;
+            let tx = client.transaction().await.map_err(|e| failed.db(e))?;
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(|e| failed.db(e))?;
+            let hashes: Vec<&[u8]> = unique.iter().map(|r| r.hash.as_slice()).collect();
+            let keys: Vec<&[u8]> = unique.iter().map(|r| r.key.as_bytes()).collect();
+            let statement = tx
+                .prepare_cached(TAKE_MANY_SQL)
+                .await
+                .map_err(|e| failed.db(e))?;
+            let rows = tx
+                .query(&statement, &[&hashes, &keys, &shared.worker, &lease_s])
+                .await
+                .map_err(|e| failed.db(e))?;
+            tx.commit().await.map_err(|e| failed.db(e))?;
+            let mut taken = std::collections::HashMap::with_capacity(rows.len());
+            for row in rows {
+                let taken_one = Taken {
+                    token: row.get(1),
+                    owner: row.get(2),
+                    lapsed: row.get(3),
+                };
+                taken.insert(row.get::<_, Vec<u8>>(0), taken_one);
+            }
+            Ok::<_, DuraflowError>(taken)
+        };
+        match taken.await {
+            Ok(mut taken) => {
+                for request in unique {
+                    let _ = request.reply.send(Ok(taken.remove(&request.hash)));
+                }
+            }
+            Err(error) => {
+                for request in unique {
+                    let again = DuraflowError::Database {
+                        url: shared.url.clone(),
+                        source: error.to_string().into(),
+                    };
+                    let _ = request.reply.send(Err(again));
+                }
+            }
+        }
     }
 }
 

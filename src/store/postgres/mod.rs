@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     next_run: AtomicU64,
     /// To the committer.
     pub(crate) queue: mpsc::UnboundedSender<Job>,
+    /// To the leaser.
+    pub(crate) takes: mpsc::UnboundedSender<leases::TakeRequest>,
     /// The leases this store holds: key → its token and digest.
     pub(crate) held: Mutex<HashMap<String, Held>>,
     /// Woken on every notification of the store's channel (a commit or a release).
@@ -445,6 +447,7 @@ async fn start(
     drop(client);
     let channel = format!("duraflow_{:08x}", crc32fast::hash(config.schema.as_bytes()));
     let (queue, jobs) = mpsc::unbounded_channel();
+    let (takes, requests) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         pool,
         url,
@@ -452,6 +455,7 @@ async fn start(
         worker,
         next_run: AtomicU64::new(0),
         queue,
+        takes,
         held: Mutex::new(HashMap::new()),
         notify: Arc::new(Notify::new()),
         channel,
@@ -462,6 +466,7 @@ async fn start(
     leases::start_listener(&shared, pg).await?;
     tokio::spawn(writer::committer(Arc::clone(&shared), jobs));
     tokio::spawn(leases::heartbeat(Arc::clone(&shared)));
+    tokio::spawn(leases::leaser(Arc::clone(&shared), requests));
     Ok(shared)
 }
 
