@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     next_run: AtomicU64,
     /// To the committer.
     pub(crate) queue: mpsc::UnboundedSender<Job>,
+    /// To the reader.
+    pub(crate) reads: mpsc::UnboundedSender<ReadRequest>,
     /// To the leaser.
     pub(crate) takes: mpsc::UnboundedSender<leases::TakeRequest>,
     /// The leases this store holds: key → its token and digest.
@@ -448,6 +450,7 @@ async fn start(
     let channel = format!("duraflow_{:08x}", crc32fast::hash(config.schema.as_bytes()));
     let (queue, jobs) = mpsc::unbounded_channel();
     let (takes, requests) = mpsc::unbounded_channel();
+    let (reads, read_requests) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         pool,
         url,
@@ -456,6 +459,7 @@ async fn start(
         next_run: AtomicU64::new(0),
         queue,
         takes,
+        reads,
         held: Mutex::new(HashMap::new()),
         notify: Arc::new(Notify::new()),
         channel,
@@ -467,27 +471,92 @@ async fn start(
     tokio::spawn(writer::committer(Arc::clone(&shared), jobs));
     tokio::spawn(leases::heartbeat(Arc::clone(&shared)));
     tokio::spawn(leases::leaser(Arc::clone(&shared), requests));
+    tokio::spawn(reader(Arc::clone(&shared), read_requests));
     Ok(shared)
 }
 
+/// A read for the reader: the value of the key whose digest is `hash`.
+pub(crate) struct ReadRequest {
+    hash: Vec<u8>,
+    reply: oneshot::Sender<Result<Option<Vec<u8>>, DuraflowError>>,
+}
+
+/// The reader's loop: reads whatever reads are queued (up to 256, and a few at once) in one
+/// query each, then answers them. Runs until the store is dropped.
+async fn reader(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<ReadRequest>) {
+    /// Batches read at once, each on a connection of its own.
+    const AT_ONCE: usize = 4;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    while let Some(first) = requests.recv().await {
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let read = async {
+                let client = shared.client().await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT key_hash, value FROM outputs WHERE key_hash = ANY($1::bytea[])",
+                    )
+                    .await
+                    .map_err(|e| shared.failed().db(e))?;
+                let hashes: Vec<&[u8]> = batch.iter().map(|r| r.hash.as_slice()).collect();
+                let rows = client
+                    .query(&statement, &[&hashes])
+                    .await
+                    .map_err(|e| shared.failed().db(e))?;
+                let mut found = HashMap::with_capacity(rows.len());
+                for row in rows {
+                    found.insert(row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1));
+                }
+                Ok::<_, DuraflowError>(found)
+            };
+            match read.await {
+                Ok(found) => {
+                    for request in batch {
+                        let _ = request.reply.send(Ok(found.get(&request.hash).cloned()));
+                    }
+                }
+                Err(error) => {
+                    for request in batch {
+                        let again = shared.failed().db(error.to_string());
+                        let _ = request.reply.send(Err(again));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
 impl Storage for PgStore {
+    /// Reads made at the same time share one query.
     fn read<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
         if let Err(error) = validate_key(key) {
             return ready(Err(error));
         }
-        let shared = Arc::clone(&self.shared);
-        let hash = digest(key);
-        self.shared.spawn(key, async move {
-            let client = shared.client().await?;
-            let statement = client
-                .prepare_cached("SELECT value FROM outputs WHERE key_hash = $1")
-                .await
-                .map_err(|e| shared.failed().db(e))?;
-            let row = client
-                .query_opt(&statement, &[&hash])
-                .await
-                .map_err(|e| shared.failed().db(e))?;
-            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
+        let (reply, answer) = oneshot::channel();
+        let request = ReadRequest {
+            hash: digest(key),
+            reply,
+        };
+        let key = key.to_owned();
+        if self.shared.reads.send(request).is_err() {
+            return ready(Err(DuraflowError::RuntimeShutdown { key }));
+        }
+        Box::pin(async move {
+            match answer.await {
+                Ok(result) => result,
+                Err(_) => Err(DuraflowError::RuntimeShutdown { key }),
+            }
         })
     }
 

@@ -248,11 +248,21 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
     };
     let mut client = shared.client().await.map_err(Refused::Connection)?;
     let transaction = client.transaction().await.map_err(refused)?;
-    let (record, commit, leased) = (
-        RECORD_SQL.as_str(),
-        COMMIT_SQL.as_str(),
-        LEASED_COMMIT_SQL.as_str(),
-    );
+    // Prepared before any statement is sent (each once per connection): the statements
+    // then reach the server in the order of the batch, the order they were queued in (a
+    // record before the commit that follows it).
+    let prepare = |sql: &'static str| {
+        let transaction = &transaction;
+        async move { transaction.prepare_cached(sql).await }
+    };
+    let begin_st = prepare(BEGIN_SQL).await.map_err(refused)?;
+    let record_st = prepare(RECORD_SQL.as_str()).await.map_err(refused)?;
+    let write_st = prepare(WRITE_SQL).await.map_err(refused)?;
+    let commit_st = prepare(COMMIT_SQL.as_str()).await.map_err(refused)?;
+    let leased_st = prepare(LEASED_COMMIT_SQL.as_str()).await.map_err(refused)?;
+    let finish_st = prepare(FINISH_SQL).await.map_err(refused)?;
+    let (begin_st, record_st, write_st) = (&begin_st, &record_st, &write_st);
+    let (commit_st, leased_st, finish_st) = (&commit_st, &leased_st, &finish_st);
     let rows: Vec<Option<AttemptRow>> = batch
         .iter()
         .map(|job| match job {
@@ -279,14 +289,14 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 _,
             ) => {
                 let version = env!("CARGO_PKG_VERSION");
-                let statement = tx.prepare_cached(BEGIN_SQL).await?;
+                let statement = begin_st;
                 let params: [&(dyn ToSql + Sync); 4] = [id, worker, started_ms, &version];
-                tx.execute(&statement, &params).await?;
+                tx.execute(statement, &params).await?;
                 Ok(Applied::Done)
             }
             (Job::Record(_), Some(row)) => {
-                let statement = tx.prepare_cached(record).await?;
-                tx.execute(&statement, &row.params()).await?;
+                let statement = record_st;
+                tx.execute(statement, &row.params()).await?;
                 Ok(Applied::Done)
             }
             (
@@ -299,10 +309,10 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 },
                 None,
             ) => {
-                let statement = tx.prepare_cached(WRITE_SQL).await?;
+                let statement = write_st;
                 let key = key.as_bytes();
                 let params: [&(dyn ToSql + Sync); 3] = [hash, &key, value];
-                tx.execute(&statement, &params).await?;
+                tx.execute(statement, &params).await?;
                 Ok(Applied::Done)
             }
             (
@@ -311,10 +321,10 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 },
                 Some(row),
             ) => {
-                let statement = tx.prepare_cached(commit).await?;
+                let statement = commit_st;
                 let mut params = row.params();
                 params.push(value as &(dyn ToSql + Sync));
-                tx.execute(&statement, &params).await?;
+                tx.execute(statement, &params).await?;
                 Ok(Applied::Done)
             }
             (
@@ -325,11 +335,11 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 },
                 Some(row),
             ) => {
-                let statement = tx.prepare_cached(leased).await?;
+                let statement = leased_st;
                 let mut params = row.params();
                 let more: [&(dyn ToSql + Sync); 4] = [value, token, &worker, &channel];
                 params.extend(more);
-                let answer = tx.query_one(&statement, &params).await?;
+                let answer = tx.query_one(statement, &params).await?;
                 let (written, now): (i64, Option<i64>) = (answer.get(0), answer.get(1));
                 Ok(if written > 0 {
                     Applied::Done
@@ -338,7 +348,7 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 })
             }
             (Job::Finish { run, .. }, _) => {
-                let statement = tx.prepare_cached(FINISH_SQL).await?;
+                let statement = finish_st;
                 let id = run.id as i64;
                 let worker = id >> super::RUN_BITS;
                 let started = run.started_ms as i64;
@@ -356,7 +366,7 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                     &counts[2],
                     &run.version,
                 ];
-                tx.execute(&statement, &params).await?;
+                tx.execute(statement, &params).await?;
                 Ok(Applied::Done)
             }
             // Not reached: every commit with an attempt has its row, and only those.
