@@ -161,7 +161,9 @@ fn redact_setting(text: &str) -> String {
         if !before_ok || !trimmed.starts_with('=') {
             continue;
         }
-        let value_start = search + (rest.len() - trimmed.len()) + 1;
+        let eq = search + (rest.len() - trimmed.len()) + 1;
+        let spaces = text[eq..].len() - text[eq..].trim_start().len();
+        let value_start = eq + spaces;
         let after_eq = &text[value_start..];
         let value_len = if let Some(quoted) = after_eq.strip_prefix('\'') {
             quoted.find('\'').map_or(after_eq.len(), |end| end + 2)
