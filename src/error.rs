@@ -166,6 +166,20 @@ pub enum DuraflowError {
         newer: u64,
     },
 
+    /// The database at `url` could not be used: the URL does not parse, the server cannot be
+    /// reached (or not within the connect timeout), it refused the credentials, or the
+    /// connection was lost or a statement failed mid-run. `url` is the connection URL with
+    /// its password replaced by `***`; no message of this error shows the password. An
+    /// output whose commit failed so is unchanged in the database.
+    #[error("database error at {url}: {source}")]
+    Database {
+        /// The connection URL, password redacted.
+        url: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+
     /// Store work for `key` was abandoned because the thread doing it went away (the
     /// process is shutting down).
     #[error("store work for key {key:?} was abandoned: the process is shutting down")]

@@ -43,4 +43,6 @@ pub use store::{
     open_existing, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig, SledStore,
     Storage, StoreFuture, Stored, Value,
 };
+#[cfg(feature = "postgres")]
+pub use store::{PgConfig, PgStore};
 pub use task::{Deps, DurableTask};

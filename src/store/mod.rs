@@ -6,10 +6,14 @@
 mod file;
 mod memory;
 mod open;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sled;
 pub(crate) mod value;
 
 pub use self::open::open_existing;
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PgConfig, PgStore};
 pub use self::sled::{Durability, SledConfig, SledStore};
 pub use file::FileStore;
 pub use memory::MemoryStore;

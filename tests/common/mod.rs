@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::Duration;

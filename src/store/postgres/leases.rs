@@ -1,0 +1,487 @@
+//! Leases: which process runs a task. A key's row in `leases` holds its fencing token (how
+//! many leases the key has had), the worker holding it, until when, and whether its output
+//! was committed under it (`done`, with `expires_at` infinity). A released lease has
+//! `expires_at` minus infinity. The committer notifies the schema's channel when a leased
+//! output is committed, and so does a release; processes waiting for a key listen to it.
+
+use std::future::Future;
+use std::panic::resume_unwind;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::{FutureExt, StreamExt};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::{digest, Held, Shared};
+use crate::record::now_ms;
+use crate::{validate_key, DuraflowError, Lease, StoreFuture};
+
+/// Takes the lease on `key` if it is free, expired or done (`$5`: a done lease too), as
+/// the key's next token. Answers the token taken (or NULL), the previous owner, and whether
+/// the previous lease was live-or-expired rather than released or done.
+const TAKE_SQL: &str =
+    "WITH prev AS (SELECT owner, NOT done AND expires_at <> '-infinity' AS lapsed \
+         FROM leases WHERE key_hash = $1), \
+     take AS (INSERT INTO leases AS l (key_hash, key, token, owner, expires_at, done) \
+         VALUES ($1, $2, 1, $3, now() + $4::float8 * interval '1 second', false) \
+         ON CONFLICT (key_hash) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, \
+             expires_at = EXCLUDED.expires_at, done = false \
+         WHERE l.expires_at < now() OR ($5::boolean AND l.done) \
+         RETURNING token) \
+     SELECT (SELECT token FROM take), (SELECT owner FROM prev), (SELECT lapsed FROM prev)";
+
+/// A key's lease: committed under, and whether it lapsed (expired or released).
+const STATE_SQL: &str = "SELECT done, expires_at < now() FROM leases WHERE key_hash = $1";
+
+/// The attempts a dead worker left `Running` at a key it held.
+const INTERRUPT_SQL: &str = "UPDATE attempts SET outcome = 'interrupted', finished_ms = $3 \
+     WHERE key_hash = $1 AND outcome = 'running' AND (run >> 24) = $2";
+
+const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity' \
+         WHERE key_hash = $1 AND token = $2 AND owner = $3 AND NOT done RETURNING 1) \
+     SELECT pg_notify($4, encode($1, 'hex')) FROM r";
+
+/// [`RunLog::lease`](crate::RunLog::lease): see [`PgStore`](super::PgStore). The work runs
+/// on the store's runtime; a lease taken for a caller that stopped waiting is released.
+pub(crate) fn lease(shared: &Arc<Shared>, key: &str) -> StoreFuture<'static, Lease> {
+    if let Err(error) = validate_key(key) {
+        return Box::pin(std::future::ready(Err(error)));
+    }
+    let (to, answer) = oneshot::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let work = {
+        let (shared, key, cancel) = (Arc::clone(shared), key.to_owned(), Arc::clone(&cancel));
+        async move {
+            let taken = std::panic::AssertUnwindSafe(acquire(&shared, &key, &cancel))
+                .catch_unwind()
+                .await;
+            let held = matches!(taken, Ok(Ok(Lease::Held)));
+            if to.send(taken).is_err() && held {
+                release(&shared, &key);
+            }
+        }
+    };
+    shared.handle.spawn(work);
+    Box::pin(Leasing {
+        answer,
+        shared: Arc::clone(shared),
+        key: key.to_owned(),
+        cancel,
+        done: false,
+    })
+}
+
+type Answer = Result<Result<Lease, DuraflowError>, Box<dyn std::any::Any + Send>>;
+
+/// The caller's side of a lease being taken: dropped before it answered, it stops the wait
+/// and gives up a lease that was taken meanwhile.
+struct Leasing {
+    answer: oneshot::Receiver<Answer>,
+    shared: Arc<Shared>,
+    key: String,
+    cancel: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl Future for Leasing {
+    type Output = Result<Lease, DuraflowError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = match self.answer.poll_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(answer) => answer,
+        };
+        self.done = true;
+        Poll::Ready(match answer {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => resume_unwind(panic),
+            Err(_) => Err(DuraflowError::RuntimeShutdown {
+                key: self.key.clone(),
+            }),
+        })
+    }
+}
+
+impl Drop for Leasing {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Ok(Some(Ok(Ok(Lease::Held)))) = self.answer.try_recv() {
+            release(&self.shared, &self.key);
+        }
+    }
+}
+
+/// Takes the lease on `key`, waiting while another live worker holds it.
+async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Lease, DuraflowError> {
+    let failed = shared.failed();
+    let hash = digest(key);
+    let key_bytes = key.as_bytes();
+    let lease_s = shared.config.lease.as_secs_f64();
+    let mut first = true;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Ok(Lease::Stored);
+        }
+        // Armed before looking, so that a notification after the look is not missed.
+        let notified = shared.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let taken = if first {
+            // With the other leases this store is taking now, in one statement; alone if
+            // that failed.
+            match take_batched(shared, key, &hash).await {
+                Ok(taken) => taken,
+                Err(_) => take_one(shared, &hash, key_bytes, lease_s, true).await?,
+            }
+        } else {
+            let client = shared.client().await?;
+            let state = client
+                .prepare_cached(STATE_SQL)
+                .await
+                .map_err(|e| failed.db(e))?;
+            let row = client
+                .query_opt(&state, &[&hash])
+                .await
+                .map_err(|e| failed.db(e))?;
+            drop(client);
+            let take = match row {
+                Some(row) if row.get::<_, bool>(0) => return Ok(Lease::Stored),
+                Some(row) => row.get::<_, bool>(1),
+                None => true,
+            };
+            match take {
+                true => take_one(shared, &hash, key_bytes, lease_s, false).await?,
+                false => None,
+            }
+        };
+        if let Some(Taken {
+            token,
+            owner,
+            lapsed,
+        }) = taken
+        {
+            let held = Held {
+                token,
+                hash: hash.clone(),
+            };
+            shared.held().insert(key.to_owned(), held);
+            // A lease that expired under another worker: that worker is presumed dead, and
+            // its attempt at the key with it.
+            if let (Some(owner), Some(true)) = (owner, lapsed) {
+                if owner != shared.worker {
+                    let now = now_ms() as i64;
+                    let interrupted = async {
+                        let client = shared.client().await?;
+                        client
+                            .execute(INTERRUPT_SQL, &[&hash, &owner, &now])
+                            .await
+                            .map_err(|e| failed.db(e))
+                    };
+                    if let Err(error) = interrupted.await {
+                        tracing::warn!(key, %error, "the dead worker's attempt not marked");
+                    }
+                }
+            }
+            return Ok(Lease::Held);
+        }
+        first = false;
+        let _ = tokio::time::timeout(shared.config.poll(), notified).await;
+    }
+}
+
+/// A lease just taken: its token, and the previous lease's owner and whether it lapsed
+/// (expired while live, rather than released or done).
+pub(crate) struct Taken {
+    token: i64,
+    owner: Option<i64>,
+    lapsed: Option<bool>,
+}
+
+/// A request to the leaser: take the lease on `key` if it is free, expired or done.
+pub(crate) struct TakeRequest {
+    key: String,
+    hash: Vec<u8>,
+    reply: oneshot::Sender<Result<Option<Taken>, DuraflowError>>,
+}
+
+/// Takes the lease on `key` (`hash`) alone, as [`TAKE_SQL`] does.
+async fn take_one(
+    shared: &Shared,
+    hash: &Vec<u8>,
+    key: &[u8],
+    lease_s: f64,
+    or_done: bool,
+) -> Result<Option<Taken>, DuraflowError> {
+    let failed = shared.failed();
+    let mut client = shared.client().await?;
+    let tx = client.transaction().await.map_err(|e| failed.db(e))?;
+    // A lease lost with a crash of the server is only taken again (commits check the owner
+    // as well as the token); the commit that follows syncs the log anyway.
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(|e| failed.db(e))?;
+    let statement = tx
+        .prepare_cached(TAKE_SQL)
+        .await
+        .map_err(|e| failed.db(e))?;
+    let row = tx
+        .query_one(
+            &statement,
+            &[hash, &key, &shared.worker, &lease_s, &or_done],
+        )
+        .await
+        .map_err(|e| failed.db(e))?;
+    tx.commit().await.map_err(|e| failed.db(e))?;
+    Ok(row.get::<_, Option<i64>>(0).map(|token| Taken {
+        token,
+        owner: row.get(1),
+        lapsed: row.get(2),
+    }))
+}
+
+/// Asks the leaser to take the lease on `key` with the others being taken now.
+async fn take_batched(
+    shared: &Shared,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<Taken>, DuraflowError> {
+    let (reply, answer) = oneshot::channel();
+    let request = TakeRequest {
+        key: key.to_owned(),
+        hash: hash.to_vec(),
+        reply,
+    };
+    let shutdown = || DuraflowError::RuntimeShutdown {
+        key: key.to_owned(),
+    };
+    shared.takes.send(request).map_err(|_| shutdown())?;
+    answer.await.map_err(|_| shutdown())?
+}
+
+/// Takes many free, expired or done leases in one statement, keys in digest order (the
+/// order every worker locks them in, so that two batches do not deadlock).
+const TAKE_MANY_SQL: &str =
+    "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bytea[]) AS t(h, k)), \
+     prev AS (SELECT key_hash, owner, NOT done AND expires_at <> '-infinity' AS lapsed \
+         FROM leases WHERE key_hash IN (SELECT h FROM t)), \
+     take AS (INSERT INTO leases AS l (key_hash, key, token, owner, expires_at, done) \
+         SELECT h, k, 1, $3, now() + $4::float8 * interval '1 second', false FROM t ORDER BY h \
+         ON CONFLICT (key_hash) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, \
+             expires_at = EXCLUDED.expires_at, done = false \
+         WHERE l.expires_at < now() OR l.done \
+         RETURNING key_hash, token) \
+     SELECT take.key_hash, take.token, prev.owner, prev.lapsed \
+     FROM take LEFT JOIN prev ON prev.key_hash = take.key_hash";
+
+/// The leaser's loop: takes whatever first tries at leases are queued in one transaction,
+/// then answers each (a key asked for twice at once is taken for one of them). Runs until
+/// the store is dropped.
+pub(crate) async fn leaser(
+    shared: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<TakeRequest>,
+) {
+    let lease_s = shared.config.lease.as_secs_f64();
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        batch.sort_by(|a, b| a.hash.cmp(&b.hash));
+        let mut unique: Vec<TakeRequest> = Vec::with_capacity(batch.len());
+        let mut again = Vec::new();
+        for request in batch {
+            match unique.last() {
+                Some(last) if last.hash == request.hash => again.push(request),
+                _ => unique.push(request),
+            }
+        }
+        for request in again {
+            let _ = request.reply.send(Ok(None));
+        }
+        let taken = async {
+            let failed = shared.failed();
+            let mut client = shared.client().await?;
+            let tx = client.transaction().await.map_err(|e| failed.db(e))?;
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(|e| failed.db(e))?;
+            let hashes: Vec<&[u8]> = unique.iter().map(|r| r.hash.as_slice()).collect();
+            let keys: Vec<&[u8]> = unique.iter().map(|r| r.key.as_bytes()).collect();
+            let statement = tx
+                .prepare_cached(TAKE_MANY_SQL)
+                .await
+                .map_err(|e| failed.db(e))?;
+            let rows = tx
+                .query(&statement, &[&hashes, &keys, &shared.worker, &lease_s])
+                .await
+                .map_err(|e| failed.db(e))?;
+            tx.commit().await.map_err(|e| failed.db(e))?;
+            let mut taken = std::collections::HashMap::with_capacity(rows.len());
+            for row in rows {
+                let taken_one = Taken {
+                    token: row.get(1),
+                    owner: row.get(2),
+                    lapsed: row.get(3),
+                };
+                taken.insert(row.get::<_, Vec<u8>>(0), taken_one);
+            }
+            Ok::<_, DuraflowError>(taken)
+        };
+        match taken.await {
+            Ok(mut taken) => {
+                for request in unique {
+                    let _ = request.reply.send(Ok(taken.remove(&request.hash)));
+                }
+            }
+            Err(error) => {
+                for request in unique {
+                    let again = DuraflowError::Database {
+                        url: shared.url.clone(),
+                        source: error.to_string().into(),
+                    };
+                    let _ = request.reply.send(Err(again));
+                }
+            }
+        }
+    }
+}
+
+/// [`RunLog::release`](crate::RunLog::release): stops extending the lease and, in the
+/// background, ends it (if it is still this store's) and notifies the waiting processes.
+pub(crate) fn release(shared: &Arc<Shared>, key: &str) {
+    let Some(held) = shared.held().remove(key) else {
+        return;
+    };
+    let task = Arc::clone(shared);
+    let key = key.to_owned();
+    shared.handle.spawn(async move {
+        let released = async {
+            let client = task.client().await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&held.hash, &held.token, &task.worker, &task.channel];
+            client
+                .query(RELEASE_SQL, &params)
+                .await
+                .map_err(|e| task.failed().db(e))
+        };
+        if let Err(error) = released.await {
+            tracing::warn!(key, %error, "lease not released; it expires");
+        }
+    });
+}
+
+/// Extends, every third of a lease, this worker's liveness and the leases it holds.
+pub(crate) async fn heartbeat(shared: Arc<Shared>) {
+    let every = shared.config.heartbeat();
+    let lease_s = shared.config.lease.as_secs_f64();
+    loop {
+        tokio::time::sleep(every).await;
+        if shared.heartbeats_stopped.load(Ordering::SeqCst) {
+            continue;
+        }
+        let hashes: Vec<Vec<u8>> = shared.held().values().map(|h| h.hash.clone()).collect();
+        let beat = async {
+            let client = shared.client().await?;
+            let failed = shared.failed();
+            client
+                .execute(
+                    "UPDATE workers SET expires_at = now() + $2::float8 * interval '1 second' \
+                     WHERE id = $1",
+                    &[&shared.worker, &lease_s],
+                )
+                .await
+                .map_err(|e| failed.db(e))?;
+            if !hashes.is_empty() {
+                client
+                    .execute(
+                        "UPDATE leases SET expires_at = now() + $3::float8 * interval '1 second' \
+                         WHERE owner = $1 AND key_hash = ANY($2) AND NOT done \
+                         AND expires_at > now()",
+                        &[&shared.worker, &hashes, &lease_s],
+                    )
+                    .await
+                    .map_err(|e| failed.db(e))?;
+            }
+            Ok::<(), DuraflowError>(())
+        };
+        if let Err(error) = beat.await {
+            tracing::warn!(%error, "heartbeat failed; leases expire unless the next one lands");
+        }
+    }
+}
+
+/// Connects the listener: a connection of its own that LISTENs on the store's channel and
+/// wakes the waiting leases on each notification. Reconnects (every second) when it is
+/// lost, waking them too.
+///
+/// # Errors
+/// A database error of the first connection.
+pub(crate) async fn start_listener(
+    shared: &Arc<Shared>,
+    pg: tokio_postgres::Config,
+) -> Result<(), DuraflowError> {
+    let failed = shared.failed();
+    let first = listen(&pg, &shared.channel, &shared.notify)
+        .await
+        .map_err(|e| failed.db(e))?;
+    let (notify, channel) = (Arc::clone(&shared.notify), shared.channel.clone());
+    tokio::spawn(async move {
+        let mut listening = Some(first);
+        loop {
+            if let Some(connection) = listening.take() {
+                let _ = connection.await;
+            }
+            notify.notify_waiters();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            listening = listen(&pg, &channel, &notify).await.ok();
+        }
+    });
+    Ok(())
+}
+
+/// One listening connection: resolves once `LISTEN` took effect, to a handle that ends when
+/// the connection does.
+async fn listen(
+    pg: &tokio_postgres::Config,
+    channel: &str,
+    notify: &Arc<tokio::sync::Notify>,
+) -> Result<tokio::task::JoinHandle<()>, tokio_postgres::Error> {
+    let (client, mut connection) = pg.connect(NoTls).await?;
+    let wake = Arc::clone(notify);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let mut stopped = stopped.fuse();
+        loop {
+            futures::select! {
+                message = messages.next().fuse() => match message {
+                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_waiters(),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                _ = stopped => break,
+            }
+        }
+    });
+    let listened = client.batch_execute(&format!("LISTEN {channel}")).await;
+    if let Err(error) = listened {
+        let _ = stop.send(());
+        return Err(error);
+    }
+    // The client lives as long as the connection is driven (dropping it would close it).
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        let _stop = stop;
+        let _ = driver.await;
+    }))
+}
