@@ -6,7 +6,6 @@
 //! `Interrupted`, and so are that worker's `Running` attempts. That is written when it is
 //! found: at connect and before every query of the history.
 
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::{digest, Shared};
@@ -17,17 +16,17 @@ use crate::DuraflowError;
 
 /// An attempt record as the attempts table's columns.
 pub(crate) struct AttemptRow {
-    run: i64,
-    hash: Vec<u8>,
-    attempt: i32,
-    key: Vec<u8>,
-    started_ms: i64,
-    finished_ms: Option<i64>,
-    outcome: &'static str,
-    error: Option<String>,
-    duration_us: Option<i64>,
-    output_size: Option<i64>,
-    reason: Option<String>,
+    pub(crate) run: i64,
+    pub(crate) hash: Vec<u8>,
+    pub(crate) attempt: i32,
+    pub(crate) key: Vec<u8>,
+    pub(crate) started_ms: i64,
+    pub(crate) finished_ms: Option<i64>,
+    pub(crate) outcome: &'static str,
+    pub(crate) error: Option<String>,
+    pub(crate) duration_us: Option<i64>,
+    pub(crate) output_size: Option<i64>,
+    pub(crate) reason: Option<String>,
 }
 
 impl AttemptRow {
@@ -55,23 +54,6 @@ impl AttemptRow {
             output_size: size.map(|s| s as i64),
             reason: attempt.reason.clone(),
         }
-    }
-
-    /// The row's values, as `$1`..`$11` of the attempts statements.
-    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        vec![
-            &self.run,
-            &self.hash,
-            &self.attempt,
-            &self.key,
-            &self.started_ms,
-            &self.finished_ms,
-            &self.outcome,
-            &self.error,
-            &self.duration_us,
-            &self.output_size,
-            &self.reason,
-        ]
     }
 }
 

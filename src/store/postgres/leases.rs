@@ -4,11 +4,12 @@
 //! `expires_at` minus infinity. The committer notifies the schema's channel when a leased
 //! output is committed, and so does a release; processes waiting for a key listen to it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ use super::{digest, Held, Shared};
 use crate::record::now_ms;
 use crate::{validate_key, DuraflowError, Lease, StoreFuture};
 
-/// Takes the lease on `key` if it is free, expired or done (`$5`: a done lease too), as
-/// the key's next token. Answers the token taken (or NULL), the previous owner, and whether
+/// Takes the lease on `key` if it is free or expired, or done under token `$5` (NULL: not
+/// a done one), as the key's next token. Answers the token taken (or NULL), the previous owner, and whether
 /// the previous lease was live-or-expired rather than released or done.
 const TAKE_SQL: &str =
     "WITH prev AS (SELECT owner, NOT done AND expires_at <> '-infinity' AS lapsed \
@@ -30,12 +31,12 @@ const TAKE_SQL: &str =
          VALUES ($1, $2, 1, $3, now() + $4::float8 * interval '1 second', false) \
          ON CONFLICT (key_hash) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, \
              expires_at = EXCLUDED.expires_at, done = false \
-         WHERE l.expires_at < now() OR ($5::boolean AND l.done) \
+         WHERE l.expires_at < now() OR (l.done AND l.token = $5::bigint) \
          RETURNING token) \
      SELECT (SELECT token FROM take), (SELECT owner FROM prev), (SELECT lapsed FROM prev)";
 
-/// A key's lease: committed under, and whether it lapsed (expired or released).
-const STATE_SQL: &str = "SELECT done, expires_at < now() FROM leases WHERE key_hash = $1";
+/// A key's lease: committed under, whether it lapsed (expired or released), its token.
+const STATE_SQL: &str = "SELECT done, expires_at < now(), token FROM leases WHERE key_hash = $1";
 
 /// The attempts a dead worker left `Running` at a key it held.
 const INTERRUPT_SQL: &str = "UPDATE attempts SET outcome = 'interrupted', finished_ms = $3 \
@@ -43,7 +44,7 @@ const INTERRUPT_SQL: &str = "UPDATE attempts SET outcome = 'interrupted', finish
 
 const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity' \
          WHERE key_hash = $1 AND token = $2 AND owner = $3 AND NOT done RETURNING 1) \
-     SELECT pg_notify($4, encode($1, 'hex')) FROM r";
+     SELECT pg_notify($4, 'r:' || encode($1, 'hex')) FROM r";
 
 /// [`RunLog::lease`](crate::RunLog::lease): see [`PgStore`](super::PgStore). The work runs
 /// on the store's runtime; a lease taken for a caller that stopped waiting is released.
@@ -119,9 +120,31 @@ impl Drop for Leasing {
 }
 
 /// Takes the lease on `key`, waiting while another live worker holds it.
+///
+/// A done lease (the key's output committed under it) is `Stored`, since the caller may
+/// have checked the store before that commit; only a caller told so, which checked again
+/// and still asks, takes over that same lease (say, a keyed output made from other
+/// inputs). So no output committed after a caller's check is ever run again by it.
 async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Lease, DuraflowError> {
-    let failed = shared.failed();
     let hash = digest(key);
+    // The done lease this store answered `Stored` for last time, which the caller saw.
+    let seen = shared.seen_done().remove(key);
+    let waiter = shared.notify.of(&hash);
+    let leased = acquire_waking(shared, key, &hash, seen, &waiter, cancel).await;
+    shared.notify.forget(&hash, waiter);
+    leased
+}
+
+/// [`acquire`], woken by `waker` when the key's lease is committed or released.
+async fn acquire_waking(
+    shared: &Shared,
+    key: &str,
+    hash: &Vec<u8>,
+    seen: Option<i64>,
+    waiter: &Waiter,
+    cancel: &AtomicBool,
+) -> Result<Lease, DuraflowError> {
+    let failed = shared.failed();
     let key_bytes = key.as_bytes();
     let lease_s = shared.config.lease.as_secs_f64();
     let mut first = true;
@@ -129,16 +152,33 @@ async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Leas
         if cancel.load(Ordering::SeqCst) {
             return Ok(Lease::Stored);
         }
+        // A notification that the key's output was committed: no need to look.
+        if let Some(token) = waiter.committed() {
+            if seen != Some(token) {
+                shared.seen_done().insert(key.to_owned(), token);
+                return Ok(Lease::Stored);
+            }
+        }
         // Armed before looking, so that a notification after the look is not missed.
-        let notified = shared.notify.notified();
+        let notified = waiter.notify.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
-        let taken = if first {
+        let mut look_now = false;
+        let taken = if first && seen.is_none() {
             // With the other leases this store is taking now, in one statement; alone if
-            // that failed.
-            match take_batched(shared, key, &hash).await {
-                Ok(taken) => taken,
-                Err(_) => take_one(shared, &hash, key_bytes, lease_s, true).await?,
+            // that failed (and then a look at the lease at once: it may be done).
+            match take_batched(shared, key, hash).await {
+                Ok(Tried {
+                    done: Some(token), ..
+                }) => {
+                    shared.seen_done().insert(key.to_owned(), token);
+                    return Ok(Lease::Stored);
+                }
+                Ok(Tried { taken, .. }) => taken,
+                Err(_) => {
+                    look_now = true;
+                    take_one(shared, hash, key_bytes, lease_s, None).await?
+                }
             }
         } else {
             let client = shared.client().await?;
@@ -147,17 +187,24 @@ async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Leas
                 .await
                 .map_err(|e| failed.db(e))?;
             let row = client
-                .query_opt(&state, &[&hash])
+                .query_opt(&state, &[hash])
                 .await
                 .map_err(|e| failed.db(e))?;
             drop(client);
-            let take = match row {
-                Some(row) if row.get::<_, bool>(0) => return Ok(Lease::Stored),
-                Some(row) => row.get::<_, bool>(1),
-                None => true,
+            let (take, done) = match row {
+                Some(row) if row.get::<_, bool>(0) => {
+                    let token: i64 = row.get(2);
+                    if seen != Some(token) {
+                        shared.seen_done().insert(key.to_owned(), token);
+                        return Ok(Lease::Stored);
+                    }
+                    (true, Some(token))
+                }
+                Some(row) => (row.get::<_, bool>(1), None),
+                None => (true, None),
             };
             match take {
-                true => take_one(shared, &hash, key_bytes, lease_s, false).await?,
+                true => take_one(shared, hash, key_bytes, lease_s, done).await?,
                 false => None,
             }
         };
@@ -192,7 +239,85 @@ async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Leas
             return Ok(Lease::Held);
         }
         first = false;
+        if look_now {
+            continue;
+        }
         let _ = tokio::time::timeout(shared.config.poll(), notified).await;
+    }
+}
+
+/// The leases this store waits for, by key digest: each woken by a notification naming its
+/// key, and all of them when the listener reconnects (it may have missed some).
+#[derive(Default)]
+pub(crate) struct Waiters(Mutex<HashMap<Vec<u8>, Arc<Waiter>>>);
+
+/// What a wait for one key is woken by.
+#[derive(Default)]
+pub(crate) struct Waiter {
+    notify: tokio::sync::Notify,
+    /// The token of the lease the key's output was committed under, once a notification
+    /// said so.
+    committed: Mutex<Option<i64>>,
+}
+
+impl Waiter {
+    fn committed(&self) -> Option<i64> {
+        *self
+            .committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Waiters {
+    fn map(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Waiter>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The waiter of the key of digest `hash`.
+    fn of(&self, hash: &[u8]) -> Arc<Waiter> {
+        Arc::clone(self.map().entry(hash.to_vec()).or_default())
+    }
+
+    /// Forgets `waiter`, that of `hash`, unless another wait holds it too.
+    fn forget(&self, hash: &[u8], waiter: Arc<Waiter>) {
+        let mut map = self.map();
+        // The map's and this one.
+        if Arc::strong_count(&waiter) <= 2 {
+            map.remove(hash);
+        }
+    }
+
+    /// Wakes the waits a notification names: `d<token>:<hex digest>` when a key's output
+    /// was committed under lease `token`, `r:<hex digest>` when its lease was released.
+    fn wake(&self, payload: &str) {
+        let Some((what, hex)) = payload.split_once(':') else {
+            return;
+        };
+        let hash: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect();
+        let Some(waiter) = hash.and_then(|hash| self.map().get(&hash).cloned()) else {
+            return;
+        };
+        if let Some(token) = what.strip_prefix('d').and_then(|t| t.parse().ok()) {
+            *waiter
+                .committed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(token);
+        }
+        waiter.notify.notify_waiters();
+    }
+
+    /// Wakes every wait.
+    fn wake_all(&self) {
+        for waiter in self.map().values() {
+            waiter.notify.notify_waiters();
+        }
     }
 }
 
@@ -204,11 +329,19 @@ pub(crate) struct Taken {
     lapsed: Option<bool>,
 }
 
-/// A request to the leaser: take the lease on `key` if it is free, expired or done.
+/// What the leaser found at a key: the lease taken, or (not taken) the token of the done
+/// lease that stays there, if the key's output was committed under it.
+#[derive(Default)]
+pub(crate) struct Tried {
+    taken: Option<Taken>,
+    done: Option<i64>,
+}
+
+/// A request to the leaser: take the lease on `key` if it is free or expired.
 pub(crate) struct TakeRequest {
     key: String,
     hash: Vec<u8>,
-    reply: oneshot::Sender<Result<Option<Taken>, DuraflowError>>,
+    reply: oneshot::Sender<Result<Tried, DuraflowError>>,
 }
 
 /// Takes the lease on `key` (`hash`) alone, as [`TAKE_SQL`] does.
@@ -217,7 +350,7 @@ async fn take_one(
     hash: &Vec<u8>,
     key: &[u8],
     lease_s: f64,
-    or_done: bool,
+    done_token: Option<i64>,
 ) -> Result<Option<Taken>, DuraflowError> {
     let failed = shared.failed();
     let mut client = shared.client().await?;
@@ -234,7 +367,7 @@ async fn take_one(
     let row = tx
         .query_one(
             &statement,
-            &[hash, &key, &shared.worker, &lease_s, &or_done],
+            &[hash, &key, &shared.worker, &lease_s, &done_token],
         )
         .await
         .map_err(|e| failed.db(e))?;
@@ -247,11 +380,7 @@ async fn take_one(
 }
 
 /// Asks the leaser to take the lease on `key` with the others being taken now.
-async fn take_batched(
-    shared: &Shared,
-    key: &str,
-    hash: &[u8],
-) -> Result<Option<Taken>, DuraflowError> {
+async fn take_batched(shared: &Shared, key: &str, hash: &[u8]) -> Result<Tried, DuraflowError> {
     let (reply, answer) = oneshot::channel();
     let request = TakeRequest {
         key: key.to_owned(),
@@ -265,20 +394,20 @@ async fn take_batched(
     answer.await.map_err(|_| shutdown())?
 }
 
-/// Takes many free, expired or done leases in one statement, keys in digest order (the
-/// order every worker locks them in, so that two batches do not deadlock).
+/// Takes many free or expired leases in one statement, keys in digest order (the order
+/// every worker locks them in, so that two batches do not deadlock).
 const TAKE_MANY_SQL: &str =
     "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bytea[]) AS t(h, k)), \
-     prev AS (SELECT key_hash, owner, NOT done AND expires_at <> '-infinity' AS lapsed \
-         FROM leases WHERE key_hash IN (SELECT h FROM t)), \
+     prev AS (SELECT key_hash, owner, NOT done AND expires_at <> '-infinity' AS lapsed, \
+         done, token FROM leases WHERE key_hash IN (SELECT h FROM t)), \
      take AS (INSERT INTO leases AS l (key_hash, key, token, owner, expires_at, done) \
          SELECT h, k, 1, $3, now() + $4::float8 * interval '1 second', false FROM t ORDER BY h \
          ON CONFLICT (key_hash) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, \
              expires_at = EXCLUDED.expires_at, done = false \
-         WHERE l.expires_at < now() OR l.done \
+         WHERE l.expires_at < now() \
          RETURNING key_hash, token) \
-     SELECT take.key_hash, take.token, prev.owner, prev.lapsed \
-     FROM take LEFT JOIN prev ON prev.key_hash = take.key_hash";
+     SELECT t.h, take.token, prev.owner, prev.lapsed, prev.done, prev.token \
+     FROM t LEFT JOIN take ON take.key_hash = t.h LEFT JOIN prev ON prev.key_hash = t.h";
 
 /// The leaser's loop: takes whatever first tries at leases are queued in one transaction,
 /// then answers each (a key asked for twice at once is taken for one of them). Runs until
@@ -306,7 +435,7 @@ pub(crate) async fn leaser(
             }
         }
         for request in again {
-            let _ = request.reply.send(Ok(None));
+            let _ = request.reply.send(Ok(Tried::default()));
         }
         let taken = async {
             let failed = shared.failed();
@@ -328,19 +457,28 @@ pub(crate) async fn leaser(
             tx.commit().await.map_err(|e| failed.db(e))?;
             let mut taken = std::collections::HashMap::with_capacity(rows.len());
             for row in rows {
-                let taken_one = Taken {
-                    token: row.get(1),
-                    owner: row.get(2),
-                    lapsed: row.get(3),
+                let token: Option<i64> = row.get(1);
+                let done: Option<bool> = row.get(4);
+                let tried = Tried {
+                    taken: token.map(|token| Taken {
+                        token,
+                        owner: row.get(2),
+                        lapsed: row.get(3),
+                    }),
+                    done: match (token, done) {
+                        (None, Some(true)) => row.get(5),
+                        _ => None,
+                    },
                 };
-                taken.insert(row.get::<_, Vec<u8>>(0), taken_one);
+                taken.insert(row.get::<_, Vec<u8>>(0), tried);
             }
             Ok::<_, DuraflowError>(taken)
         };
         match taken.await {
             Ok(mut taken) => {
                 for request in unique {
-                    let _ = request.reply.send(Ok(taken.remove(&request.hash)));
+                    let tried = taken.remove(&request.hash).unwrap_or_default();
+                    let _ = request.reply.send(Ok(tried));
                 }
             }
             Err(error) => {
@@ -421,8 +559,8 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
 }
 
 /// Connects the listener: a connection of its own that LISTENs on the store's channel and
-/// wakes the waiting leases on each notification. Reconnects (every second) when it is
-/// lost, waking them too.
+/// wakes the waits for the key each notification names. Reconnects (every second) when it
+/// is lost, waking every wait (notifications may have been missed meanwhile).
 ///
 /// # Errors
 /// A database error of the first connection.
@@ -441,7 +579,7 @@ pub(crate) async fn start_listener(
             if let Some(connection) = listening.take() {
                 let _ = connection.await;
             }
-            notify.notify_waiters();
+            notify.wake_all();
             tokio::time::sleep(Duration::from_secs(1)).await;
             listening = listen(&pg, &channel, &notify).await.ok();
         }
@@ -454,7 +592,7 @@ pub(crate) async fn start_listener(
 async fn listen(
     pg: &tokio_postgres::Config,
     channel: &str,
-    notify: &Arc<tokio::sync::Notify>,
+    notify: &Arc<Waiters>,
 ) -> Result<tokio::task::JoinHandle<()>, tokio_postgres::Error> {
     let (client, mut connection) = pg.connect(NoTls).await?;
     let wake = Arc::clone(notify);
@@ -465,7 +603,7 @@ async fn listen(
         loop {
             futures::select! {
                 message = messages.next().fuse() => match message {
-                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_waiters(),
+                    Some(Ok(AsyncMessage::Notification(note))) => wake.wake(note.payload()),
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break,
                 },

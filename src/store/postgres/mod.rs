@@ -30,7 +30,7 @@ use futures::channel::oneshot;
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
 use self::config::{redact, valid_schema};
@@ -121,8 +121,13 @@ pub(crate) struct Shared {
     pub(crate) takes: mpsc::UnboundedSender<leases::TakeRequest>,
     /// The leases this store holds: key → its token and digest.
     pub(crate) held: Mutex<HashMap<String, Held>>,
+    /// Keys whose lease was found done (their output committed) by this store's last
+    /// `lease` of them, with that lease's token: a caller that checked the store after
+    /// that answer and asks again may take over exactly that lease (its stored output
+    /// did not do for it), never a newer one.
+    pub(crate) seen_done: Mutex<HashMap<String, i64>>,
     /// Woken on every notification of the store's channel (a commit or a release).
-    pub(crate) notify: Arc<Notify>,
+    pub(crate) notify: Arc<leases::Waiters>,
     /// The NOTIFY channel of the store's schema.
     pub(crate) channel: String,
     pub(crate) handle: Handle,
@@ -149,6 +154,12 @@ impl Shared {
 
     pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn seen_done(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.seen_done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `work` on the store's runtime; the future answers wherever it is awaited. A
@@ -461,7 +472,8 @@ async fn start(
         takes,
         reads,
         held: Mutex::new(HashMap::new()),
-        notify: Arc::new(Notify::new()),
+        seen_done: Mutex::new(HashMap::new()),
+        notify: Arc::default(),
         channel,
         handle,
         heartbeats_stopped: AtomicBool::new(false),

@@ -6,7 +6,6 @@
 use std::sync::{Arc, LazyLock};
 
 use futures::channel::oneshot;
-use futures::future::join_all;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 
@@ -65,51 +64,61 @@ enum Applied {
 
 const ATTEMPT_COLUMNS: &str =
     "run, key_hash, attempt, key, started_ms, finished_ms, outcome, error, duration_us, output_size, reason";
-const ATTEMPT_VALUES: &str = "$1::bigint, $2::bytea, $3::integer, $4::bytea, $5::bigint, \
-     $6::bigint, $7::text, $8::text, $9::bigint, $10::bigint, $11::text";
 const ATTEMPT_UPDATE: &str = "key = EXCLUDED.key, started_ms = EXCLUDED.started_ms, \
      finished_ms = EXCLUDED.finished_ms, outcome = EXCLUDED.outcome, error = EXCLUDED.error, \
      duration_us = EXCLUDED.duration_us, output_size = EXCLUDED.output_size, \
      reason = EXCLUDED.reason";
 
-static RECORD_SQL: LazyLock<String> = LazyLock::new(|| {
+/// The attempt records of a batch (the last of each attempt), in one statement.
+static RECORDS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "INSERT INTO attempts AS a ({ATTEMPT_COLUMNS}) VALUES ({ATTEMPT_VALUES}) \
+        "INSERT INTO attempts AS a ({ATTEMPT_COLUMNS}) SELECT * FROM {ATTEMPT_ARRAYS} \
          ON CONFLICT (run, key_hash, attempt) DO UPDATE SET {ATTEMPT_UPDATE} \
          WHERE a.outcome <> 'interrupted'"
     )
 });
 
+/// The attempt columns as arrays `$1`..`$11`, unnested.
+const ATTEMPT_ARRAYS: &str = "unnest($1::bigint[], $2::bytea[], $3::integer[], $4::bytea[], \
+     $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], \
+     $11::text[]) AS r(run, key_hash, attempt, key, started_ms, finished_ms, outcome, error, \
+     duration_us, output_size, reason)";
+
+/// A plain write or commit (no lease): the value, and its attempt if any.
 static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH o AS (INSERT INTO outputs (key_hash, key, value) VALUES ($2, $4, $12) \
+        "WITH o AS (INSERT INTO outputs (key_hash, key, value) \
+             SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[]) \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value) \
-         INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES ({ATTEMPT_VALUES}) \
+         INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT * FROM {ATTEMPT_ARRAYS} \
          ON CONFLICT (run, key_hash, attempt) DO UPDATE SET {ATTEMPT_UPDATE}"
     )
 });
 
-/// The commit of a leased key: everything only if the lease's token is still ours; the
-/// lease is then done (`expires_at` infinity), and waiting processes are notified. Answers
-/// whether it was written and the key's token.
+/// The commits of leased keys, in one statement: each key's output and attempt only if its
+/// lease's token (`$15`) is still ours (owner `$16`); its lease is then done (`expires_at`
+/// infinity), and waiting processes are notified (channel `$17`). Answers, per key, whether
+/// it was written and the key's token.
 static LEASED_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH l AS (UPDATE leases SET done = true, expires_at = 'infinity' \
-             WHERE key_hash = $2 AND token = $13 AND owner = $14 RETURNING token), \
+        "WITH u AS (SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[], \
+             $15::bigint[]) AS u(h, k, v, t)), \
+         l AS (UPDATE leases SET done = true, expires_at = 'infinity' FROM u \
+             WHERE leases.key_hash = u.h AND leases.token = u.t AND leases.owner = $16 \
+             RETURNING leases.key_hash, leases.token), \
          o AS (INSERT INTO outputs (key_hash, key, value) \
-             SELECT $2::bytea, $4::bytea, $12::bytea WHERE EXISTS (SELECT 1 FROM l) \
+             SELECT u.h, u.k, u.v FROM u JOIN l ON l.key_hash = u.h \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value), \
-         a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {ATTEMPT_VALUES} \
-             WHERE EXISTS (SELECT 1 FROM l) \
+         a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT r.* FROM {ATTEMPT_ARRAYS} \
+             JOIN l ON l.key_hash = r.key_hash \
              ON CONFLICT (run, key_hash, attempt) DO UPDATE SET {ATTEMPT_UPDATE}), \
-         n AS (SELECT pg_notify($15, encode($2::bytea, 'hex')) FROM l) \
-         SELECT (SELECT count(*) FROM l), (SELECT token FROM leases WHERE key_hash = $2), \
-             (SELECT count(*) FROM n)"
+         n AS MATERIALIZED \
+             (SELECT pg_notify($17, 'd' || token || ':' || encode(key_hash, 'hex')) FROM l) \
+         SELECT u.h, l.key_hash IS NOT NULL, now.token, (SELECT count(*) FROM n) \
+         FROM u LEFT JOIN l ON l.key_hash = u.h LEFT JOIN leases now ON now.key_hash = u.h"
     )
 });
 
-const WRITE_SQL: &str = "INSERT INTO outputs (key_hash, key, value) VALUES ($1, $2, $3) \
-     ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value";
 const BEGIN_SQL: &str = "INSERT INTO runs (id, worker, started_ms, status, version) \
      VALUES ($1, $2, $3, 'running', $4) ON CONFLICT (id) DO NOTHING";
 const FINISH_SQL: &str = "INSERT INTO runs AS r \
@@ -120,12 +129,30 @@ const FINISH_SQL: &str = "INSERT INTO runs AS r \
      failed = EXCLUDED.failed, version = EXCLUDED.version";
 
 /// The committer's loop: runs until the store is dropped.
+///
+/// A batch ends before a job that writes a key another job of the batch writes the other
+/// way (with a lease or without): [`apply`] writes each way in one statement, so such
+/// writes must be in batches of their own to keep their order.
 pub(crate) async fn committer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    while let Some(first) = jobs.recv().await {
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
         let mut bytes = first.size();
+        let mut ways = std::collections::HashMap::new();
+        let _ = crosses(&mut ways, &first);
         let mut batch = vec![first];
         while batch.len() < MAX_JOBS && bytes < MAX_BYTES {
             match jobs.try_recv() {
+                Ok(job) if crosses(&mut ways, &job) => {
+                    carried = Some(job);
+                    break;
+                }
                 Ok(job) => {
                     bytes += job.size();
                     batch.push(job);
@@ -154,6 +181,18 @@ pub(crate) async fn committer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedRece
                 answer(&shared, batch, results);
             }
         }
+    }
+}
+
+/// Notes how `job` writes its key (leased or not) in `ways`; whether a job before it wrote
+/// the key the other way.
+fn crosses(ways: &mut std::collections::HashMap<Vec<u8>, bool>, job: &Job) -> bool {
+    match job {
+        Job::Commit { hash, token, .. } => {
+            let leased = token.is_some();
+            *ways.entry(hash.clone()).or_insert(leased) != leased
+        }
+        _ => false,
     }
 }
 
@@ -236,7 +275,11 @@ fn with_key(error: DuraflowError, key: &str) -> DuraflowError {
     error.into_persist(key)
 }
 
-/// Writes `batch` in one transaction; answers how each job went once it committed.
+/// Writes `batch` in one transaction, one statement per kind of job, in the order that
+/// keeps the queue's order where it matters: runs begun, attempt records (the last of each
+/// attempt), plain writes and commits, leased commits, finished runs. (A batch never holds
+/// a plain write and a leased commit of one key: see [`committer`].) Answers how each job
+/// went once the transaction committed.
 async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> {
     let failed = shared.failed();
     let refused = |e: tokio_postgres::Error| {
@@ -246,138 +289,213 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
             Refused::Connection(failed.db(e))
         }
     };
+    // The rows of each statement.
+    let mut records: Vec<AttemptRow> = Vec::new();
+    let mut plain = Columns::default();
+    let mut plain_attempts: Vec<AttemptRow> = Vec::new();
+    let mut leased = Columns::default();
+    let mut leased_attempts: Vec<AttemptRow> = Vec::new();
+    let mut latest = std::collections::HashMap::new();
+    for job in batch {
+        match job {
+            Job::Record(attempt) => {
+                let row = AttemptRow::new(attempt, None);
+                let at = (row.run, row.hash.clone(), row.attempt);
+                match latest.get(&at) {
+                    Some(&i) => records[i] = row,
+                    None => {
+                        latest.insert(at, records.len());
+                        records.push(row);
+                    }
+                }
+            }
+            Job::Commit {
+                key,
+                hash,
+                value,
+                attempt,
+                token,
+                ..
+            } => {
+                let (columns, attempts) = match token {
+                    Some(_) => (&mut leased, &mut leased_attempts),
+                    None => (&mut plain, &mut plain_attempts),
+                };
+                columns.push(hash, key, value, *token);
+                if let Some(attempt) = attempt {
+                    attempts.push(AttemptRow::new(attempt, Some(value.len())));
+                }
+            }
+            Job::Begin { .. } | Job::Finish { .. } => {}
+        }
+    }
     let mut client = shared.client().await.map_err(Refused::Connection)?;
-    let transaction = client.transaction().await.map_err(refused)?;
-    // Prepared before any statement is sent (each once per connection): the statements
-    // then reach the server in the order of the batch, the order they were queued in (a
-    // record before the commit that follows it).
-    let prepare = |sql: &'static str| {
-        let transaction = &transaction;
-        async move { transaction.prepare_cached(sql).await }
-    };
-    let begin_st = prepare(BEGIN_SQL).await.map_err(refused)?;
-    let record_st = prepare(RECORD_SQL.as_str()).await.map_err(refused)?;
-    let write_st = prepare(WRITE_SQL).await.map_err(refused)?;
-    let commit_st = prepare(COMMIT_SQL.as_str()).await.map_err(refused)?;
-    let leased_st = prepare(LEASED_COMMIT_SQL.as_str()).await.map_err(refused)?;
-    let finish_st = prepare(FINISH_SQL).await.map_err(refused)?;
-    let (begin_st, record_st, write_st) = (&begin_st, &record_st, &write_st);
-    let (commit_st, leased_st, finish_st) = (&commit_st, &leased_st, &finish_st);
-    let rows: Vec<Option<AttemptRow>> = batch
+    let tx = client.transaction().await.map_err(refused)?;
+    // Records alone need not wait for the log's sync: the next commit or finished run of
+    // this store syncs the log past them before it answers.
+    let answers = batch
+        .iter()
+        .any(|job| matches!(job, Job::Commit { .. } | Job::Finish { .. }));
+    if !answers {
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await
+            .map_err(refused)?;
+    }
+    for job in batch {
+        if let Job::Begin {
+            id,
+            worker,
+            started_ms,
+        } = job
+        {
+            let version = env!("CARGO_PKG_VERSION");
+            let params: [&(dyn ToSql + Sync); 4] = [id, worker, started_ms, &version];
+            let statement = tx.prepare_cached(BEGIN_SQL).await.map_err(refused)?;
+            tx.execute(&statement, &params).await.map_err(refused)?;
+        }
+    }
+    if !records.is_empty() {
+        let columns = AttemptColumns::of(&records);
+        let statement = tx.prepare_cached(&RECORDS_SQL).await.map_err(refused)?;
+        tx.execute(&statement, &columns.params())
+            .await
+            .map_err(refused)?;
+    }
+    if !plain.hashes.is_empty() {
+        let columns = AttemptColumns::of(&plain_attempts);
+        let mut params = columns.params();
+        params.extend(plain.params());
+        let statement = tx.prepare_cached(&COMMIT_SQL).await.map_err(refused)?;
+        tx.execute(&statement, &params).await.map_err(refused)?;
+    }
+    let mut outcomes = std::collections::HashMap::new();
+    if !leased.hashes.is_empty() {
+        let columns = AttemptColumns::of(&leased_attempts);
+        let mut params = columns.params();
+        params.extend(leased.params());
+        params.push(&leased.tokens);
+        params.push(&shared.worker);
+        params.push(&shared.channel);
+        let statement = tx
+            .prepare_cached(&LEASED_COMMIT_SQL)
+            .await
+            .map_err(refused)?;
+        let rows = tx.query(&statement, &params).await.map_err(refused)?;
+        for row in rows {
+            let (hash, written, now): (Vec<u8>, bool, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            let applied = match written {
+                true => Applied::Done,
+                false => Applied::Fenced(now.unwrap_or(0)),
+            };
+            outcomes.insert(hash, applied);
+        }
+    }
+    for job in batch {
+        if let Job::Finish { run, .. } = job {
+            let id = run.id as i64;
+            let worker = id >> super::RUN_BITS;
+            let started = run.started_ms as i64;
+            let finished = run.finished_ms.map(|ms| ms as i64);
+            let status = super::history::status_text(run.status);
+            let counts = [run.executed as i64, run.cached as i64, run.failed as i64];
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &id,
+                &worker,
+                &started,
+                &finished,
+                &status,
+                &counts[0],
+                &counts[1],
+                &counts[2],
+                &run.version,
+            ];
+            let statement = tx.prepare_cached(FINISH_SQL).await.map_err(refused)?;
+            tx.execute(&statement, &params).await.map_err(refused)?;
+        }
+    }
+    tx.commit().await.map_err(refused)?;
+    Ok(batch
         .iter()
         .map(|job| match job {
-            Job::Record(attempt) => Some(AttemptRow::new(attempt, None)),
             Job::Commit {
-                attempt: Some(attempt),
-                value,
+                hash,
+                token: Some(_),
                 ..
-            } => Some(AttemptRow::new(attempt, Some(value.len()))),
-            _ => None,
+            } => outcomes.remove(hash).unwrap_or(Applied::Fenced(0)),
+            _ => Applied::Done,
         })
-        .collect();
-    let worker = shared.worker;
-    let channel = shared.channel.as_str();
-    let tx = &transaction;
-    let work = batch.iter().zip(&rows).map(|(job, row)| async move {
-        match (job, row) {
-            (
-                Job::Begin {
-                    id,
-                    worker,
-                    started_ms,
-                },
-                _,
-            ) => {
-                let version = env!("CARGO_PKG_VERSION");
-                let statement = begin_st;
-                let params: [&(dyn ToSql + Sync); 4] = [id, worker, started_ms, &version];
-                tx.execute(statement, &params).await?;
-                Ok(Applied::Done)
-            }
-            (Job::Record(_), Some(row)) => {
-                let statement = record_st;
-                tx.execute(statement, &row.params()).await?;
-                Ok(Applied::Done)
-            }
-            (
-                Job::Commit {
-                    hash,
-                    key,
-                    value,
-                    token: None,
-                    ..
-                },
-                None,
-            ) => {
-                let statement = write_st;
-                let key = key.as_bytes();
-                let params: [&(dyn ToSql + Sync); 3] = [hash, &key, value];
-                tx.execute(statement, &params).await?;
-                Ok(Applied::Done)
-            }
-            (
-                Job::Commit {
-                    value, token: None, ..
-                },
-                Some(row),
-            ) => {
-                let statement = commit_st;
-                let mut params = row.params();
-                params.push(value as &(dyn ToSql + Sync));
-                tx.execute(statement, &params).await?;
-                Ok(Applied::Done)
-            }
-            (
-                Job::Commit {
-                    value,
-                    token: Some(token),
-                    ..
-                },
-                Some(row),
-            ) => {
-                let statement = leased_st;
-                let mut params = row.params();
-                let more: [&(dyn ToSql + Sync); 4] = [value, token, &worker, &channel];
-                params.extend(more);
-                let answer = tx.query_one(statement, &params).await?;
-                let (written, now): (i64, Option<i64>) = (answer.get(0), answer.get(1));
-                Ok(if written > 0 {
-                    Applied::Done
-                } else {
-                    Applied::Fenced(now.unwrap_or(0))
-                })
-            }
-            (Job::Finish { run, .. }, _) => {
-                let statement = finish_st;
-                let id = run.id as i64;
-                let worker = id >> super::RUN_BITS;
-                let started = run.started_ms as i64;
-                let finished = run.finished_ms.map(|ms| ms as i64);
-                let status = super::history::status_text(run.status);
-                let counts = [run.executed as i64, run.cached as i64, run.failed as i64];
-                let params: [&(dyn ToSql + Sync); 9] = [
-                    &id,
-                    &worker,
-                    &started,
-                    &finished,
-                    &status,
-                    &counts[0],
-                    &counts[1],
-                    &counts[2],
-                    &run.version,
-                ];
-                tx.execute(statement, &params).await?;
-                Ok(Applied::Done)
-            }
-            // Not reached: every commit with an attempt has its row, and only those.
-            (Job::Record(_) | Job::Commit { .. }, _) => Ok(Applied::Done),
-        }
-    });
-    let results: Vec<Result<Applied, tokio_postgres::Error>> = join_all(work).await;
-    let mut applied = Vec::with_capacity(results.len());
-    for result in results {
-        applied.push(result.map_err(refused)?);
+        .collect())
+}
+
+/// The output columns of a statement's commits, as arrays.
+#[derive(Default)]
+struct Columns<'a> {
+    hashes: Vec<&'a [u8]>,
+    keys: Vec<&'a [u8]>,
+    values: Vec<&'a [u8]>,
+    tokens: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, hash: &'a [u8], key: &'a str, value: &'a [u8], token: Option<i64>) {
+        self.hashes.push(hash);
+        self.keys.push(key.as_bytes());
+        self.values.push(value);
+        self.tokens.push(token.unwrap_or(0));
     }
-    transaction.commit().await.map_err(refused)?;
-    Ok(applied)
+
+    /// `$12`..`$14` of the commit statements.
+    fn params(&self) -> [&(dyn ToSql + Sync); 3] {
+        [&self.hashes, &self.keys, &self.values]
+    }
+}
+
+/// Attempt rows as the arrays `$1`..`$11` of [`ATTEMPT_ARRAYS`].
+struct AttemptColumns<'a> {
+    run: Vec<i64>,
+    hash: Vec<&'a [u8]>,
+    attempt: Vec<i32>,
+    key: Vec<&'a [u8]>,
+    started_ms: Vec<i64>,
+    finished_ms: Vec<Option<i64>>,
+    outcome: Vec<&'a str>,
+    error: Vec<Option<&'a str>>,
+    duration_us: Vec<Option<i64>>,
+    output_size: Vec<Option<i64>>,
+    reason: Vec<Option<&'a str>>,
+}
+
+impl<'a> AttemptColumns<'a> {
+    fn of(rows: &'a [AttemptRow]) -> AttemptColumns<'a> {
+        AttemptColumns {
+            run: rows.iter().map(|r| r.run).collect(),
+            hash: rows.iter().map(|r| r.hash.as_slice()).collect(),
+            attempt: rows.iter().map(|r| r.attempt).collect(),
+            key: rows.iter().map(|r| r.key.as_slice()).collect(),
+            started_ms: rows.iter().map(|r| r.started_ms).collect(),
+            finished_ms: rows.iter().map(|r| r.finished_ms).collect(),
+            outcome: rows.iter().map(|r| r.outcome).collect(),
+            error: rows.iter().map(|r| r.error.as_deref()).collect(),
+            duration_us: rows.iter().map(|r| r.duration_us).collect(),
+            output_size: rows.iter().map(|r| r.output_size).collect(),
+            reason: rows.iter().map(|r| r.reason.as_deref()).collect(),
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.run,
+            &self.hash,
+            &self.attempt,
+            &self.key,
+            &self.started_ms,
+            &self.finished_ms,
+            &self.outcome,
+            &self.error,
+            &self.duration_us,
+            &self.output_size,
+            &self.reason,
+        ]
+    }
 }
