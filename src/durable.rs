@@ -141,8 +141,9 @@ where
     }
     let task_type = slot.keyed.as_ref().map_or("", |spec| spec.task_type);
     let mut number = 1;
-    // A keyed task's key, and why it runs: found on the first attempt.
-    let mut key: Option<Key> = None;
+    // A keyed task's key (boxed: every task's future carries only a pointer), and why it
+    // runs: found on the first attempt.
+    let mut key: Option<Box<Key>> = None;
     let mut reason: Option<String> = None;
     // The key's lease, while this process holds it: given up when the task ends without a
     // committed output, or its future is dropped.
@@ -179,7 +180,7 @@ where
                         let outcome = Outcome::Done(K::from_stored(loaded.value));
                         return Step::Final(outcome, Ending::Cached);
                     }
-                    Check::Run(keyed) => key = keyed,
+                    Check::Run(keyed) => key = keyed.map(Box::new),
                     // Parameters that cannot be serialised, or an unreadable output in a
                     // store that has stopped (nothing can be stored): the task does not run.
                     Check::Fail(error) => {
@@ -201,7 +202,7 @@ where
                     // 3. The persist; with the attempt's success, where attempts are recorded.
                     None => {
                         let version = slot.code_version(run.code_version());
-                        let keyed = key.as_ref().map(|key| (key, task_type, version));
+                        let keyed = key.as_deref().map(|key| (key, task_type, version));
                         let persisting = run.persist::<_, K>(id, output, keyed, &attempt);
                         let (output, persisted) = persisting.await;
                         return match persisted.map_err(|e| e.into_persist(id)) {
