@@ -111,7 +111,7 @@ fn a_key_directory_replaced_by_a_link_is_corrupt_and_nothing_goes_through_it() {
 }
 
 #[test]
-fn a_link_or_a_directory_where_the_value_file_should_be_is_corrupt() {
+fn a_link_a_directory_or_a_fifo_where_the_value_file_should_be_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let (store, elsewhere) = store_and_elsewhere(dir.path());
     let value = store.value_path("k").unwrap();
@@ -130,6 +130,16 @@ fn a_link_or_a_directory_where_the_value_file_should_be_is_corrupt() {
     std::fs::create_dir(&value).unwrap();
     assert_corrupt_at(wait(store.read("k")), &value, "read a directory");
     assert_corrupt_at(wait(store.write("k", b"new".to_vec())), &value, "write");
+    assert_corrupt_at(wait(store.keys()), &value, "keys");
+
+    // A FIFO: reading it neither waits for a writer nor reads from one.
+    std::fs::remove_dir(&value).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&value)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    assert_corrupt_at(wait(store.read("k")), &value, "read a FIFO");
     assert_corrupt_at(wait(store.keys()), &value, "keys");
 }
 
