@@ -40,8 +40,8 @@ pub use retry::RetryPolicy;
 pub use run::{ProgressFn, RunStats};
 pub use runlog::{Lease, RunLog};
 pub use store::{
-    open_existing, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig, SledStore,
-    Storage, StoreFuture, Stored, Value,
+    open_existing, redacted, unblock, Durability, Encoder, FileStore, MemoryStore, SledConfig,
+    SledStore, Storage, StoreFuture, Stored, Value,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PgConfig, PgStore};

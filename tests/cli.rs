@@ -1287,3 +1287,96 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A `postgres://` URL (with `#SCHEMA`) is a store: its runs, attempts and values are
+/// listed as a sled store's are; a schema that is not there is `NotAStore` and is not
+/// created; no message shows the password.
+#[cfg(feature = "postgres")]
+#[test]
+fn a_postgres_url_is_a_store_and_no_message_shows_its_password() {
+    use duraflow_rs::{PgConfig, PgStore};
+    let Some(url) = common::pg::pg_url("a_postgres_url_is_a_store") else {
+        return;
+    };
+    let password = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.rsplit_once('@'))
+        .and_then(|(user, _)| user.split_once(':'))
+        .map(|(_, password)| password.to_owned())
+        .expect("the test server's URL has a password");
+    let schema = common::pg::fresh_schema("cli");
+    let rt = common::multi_thread_rt();
+    rt.block_on(async {
+        let config = PgConfig::default().schema(schema.as_str());
+        let store = PgStore::connect_with(&url, config).await.unwrap();
+        let dag = DagRunner::new();
+        let d = DurableDag::new(&dag, Arc::new(Context::new(store)));
+        d.add(
+            "fetch/orders",
+            Fetch {
+                name: "orders",
+                rows: 1200,
+                ms: 0,
+            },
+        );
+        dag.run(|f| {
+            tokio::spawn(f);
+        })
+        .await
+        .unwrap();
+    });
+    let location = format!("{url}#{schema}");
+    let ran = duraflow(["runs", &location]);
+    let out = ran.ok();
+    let runs: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(runs.len(), 1, "{out}");
+    assert_eq!(runs[0][3..], ["succeeded", "1", "0", "0"], "{out}");
+    let shown = duraflow(["show", &location]);
+    assert_eq!(
+        row(shown.ok(), "fetch/orders")[1],
+        "executed",
+        "{}",
+        shown.stdout
+    );
+    let value = duraflow(["get", &location, "fetch/orders", "--json"]);
+    let value: serde_json::Value = serde_json::from_str(value.ok()).unwrap();
+    assert_eq!(value, serde_json::json!({"name": "orders", "rows": 1200}));
+
+    let absent = format!("{url}#no_such_schema_{}", std::process::id());
+    let ran = duraflow(["runs", &absent]);
+    ran.fails_with("is not a duraflow store: no duraflow schema is there");
+    assert!(ran.stderr.contains(":***@"), "{}", ran.stderr);
+    let wrong = url.replacen(&format!(":{password}@"), ":not-the-password@", 1);
+    let ran = duraflow(["runs", &format!("{wrong}#{schema}")]);
+    ran.fails_with("password authentication failed");
+    for ran in [&ran, &duraflow(["runs", &absent])] {
+        assert!(!ran.stderr.contains(&password), "{}", ran.stderr);
+        assert!(!ran.stderr.contains("not-the-password"), "{}", ran.stderr);
+    }
+    // The absent schema was not created.
+    let created = rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                &[&absent.rsplit_once('#').unwrap().1],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    });
+    assert_eq!(created, 0, "the absent schema was not created");
+}

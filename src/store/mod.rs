@@ -4,6 +4,7 @@
 //! The envelope (type name, checksum) is put around values before they reach a store.
 
 mod file;
+pub(crate) mod location;
 mod memory;
 mod open;
 #[cfg(feature = "postgres")]
@@ -11,6 +12,7 @@ mod postgres;
 mod sled;
 pub(crate) mod value;
 
+pub use self::location::redacted;
 pub use self::open::open_existing;
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PgConfig, PgStore};

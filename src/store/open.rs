@@ -8,17 +8,26 @@ use std::sync::Arc;
 use super::unblock;
 use crate::{DuraflowError, FileStore, SledStore, Storage};
 
-/// Opens the store at `location` (a directory), whichever kind it is, without creating
-/// anything: the `duraflow` command-line tool opens every store through this. A directory
-/// with SledStore's marker or sled's files is a [`SledStore`]; one with a FileStore manifest
-/// or key directories is a [`FileStore`] (a duraflow-rs 1.x directory is refused rather
-/// than upgraded). The blocking open runs inside [`unblock`].
+/// Opens the store at `location`, whichever kind it is, without creating anything: the
+/// `duraflow` command-line tool opens every store through this. A directory with
+/// SledStore's marker or sled's files is a [`SledStore`]; one with a FileStore manifest or
+/// key directories is a [`FileStore`] (a duraflow-rs 1.x directory is refused rather than
+/// upgraded). A `postgres://` or `postgresql://` URL is a `PgStore` (feature `postgres`),
+/// in the schema `#SCHEMA` at the URL's end names (by default `duraflow`), which must
+/// exist. The blocking open runs inside [`unblock`].
 ///
 /// # Errors
-/// [`DuraflowError::NotAStore`] naming the path when nothing is there, or something that
-/// is neither kind of store; any error of the store's own open
-/// ([`DuraflowError::StoreLocked`] while a pipeline has it open, say).
+/// [`DuraflowError::NotAStore`] naming the path (or the URL, password redacted) when
+/// nothing is there, or something that is neither kind of store; any error of the store's
+/// own open ([`DuraflowError::StoreLocked`] while a pipeline has a directory open, say);
+/// [`DuraflowError::Unsupported`] for a URL when the crate was built without `postgres`.
 pub async fn open_existing(location: &str) -> Result<Arc<dyn Storage>, DuraflowError> {
+    if ["postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| location.starts_with(scheme))
+    {
+        return open_postgres(location).await;
+    }
     let path = PathBuf::from(location);
     unblock(move || {
         Ok(match detect(&path)? {
@@ -27,6 +36,23 @@ pub async fn open_existing(location: &str) -> Result<Arc<dyn Storage>, DuraflowE
         })
     })
     .await
+}
+
+/// The `PgStore` at `location`, a URL with an optional `#SCHEMA` at its end.
+#[cfg(feature = "postgres")]
+async fn open_postgres(location: &str) -> Result<Arc<dyn Storage>, DuraflowError> {
+    let (url, schema) = location.rsplit_once('#').unwrap_or((location, "duraflow"));
+    let config = crate::PgConfig::default().schema(schema).existing_only();
+    Ok(Arc::new(crate::PgStore::connect_with(url, config).await?))
+}
+
+/// Without feature `postgres`, a URL is not a store this build can open.
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_: &str) -> Result<Arc<dyn Storage>, DuraflowError> {
+    Err(DuraflowError::Unsupported {
+        store: "postgres",
+        operation: "open (this build has no `postgres` feature)",
+    })
 }
 
 /// The kinds of store a directory can hold.

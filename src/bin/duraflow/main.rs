@@ -18,15 +18,16 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
 use duraflow_rs::{DuraflowError, RunDetails, RunHistory, RunId, RunStatus, Stored};
 
-use open::{wait, Store};
+use open::{shown, wait, Store};
 use text::Align;
 
 /// Look into a duraflow-rs store: runs, task attempts, stored values; invalidate outputs,
 /// drop old run records, write an HTML report of a run.
 ///
-/// STORE is a sled store (a directory made by `SledStore::open`) or a FileStore directory;
-/// the kind is detected. Run records (runs, show, gc, report) exist in stores that keep a
-/// run history (sled stores).
+/// STORE is a sled store (a directory made by `SledStore::open`) or a FileStore directory,
+/// the kind detected, or a `postgres://` URL with `#SCHEMA` at its end for a schema other
+/// than `duraflow` (when built with feature `postgres`). Run records (runs, show, gc,
+/// report) exist in stores that keep a run history (sled and PostgreSQL stores).
 /// Exit status: 0 success, 1 error (one line on stderr), 2 usage error.
 #[derive(Parser)]
 #[command(name = "duraflow", version)]
@@ -185,7 +186,7 @@ fn runs(path: &Path, out: &mut dyn Write) -> Result<(), Failure> {
     let history = store.history(path)?;
     let runs = wait(history.runs())?;
     if runs.is_empty() {
-        writeln!(out, "no runs recorded in {}", path.display())?;
+        writeln!(out, "no runs recorded in {}", shown(path))?;
         return Ok(());
     }
     let mut rows = Vec::with_capacity(runs.len());
@@ -246,16 +247,13 @@ fn find_run(
 ) -> Result<RunDetails, Failure> {
     let runs = wait(history.runs())?;
     let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-        return Err(Failure::new(format!(
-            "no runs recorded in {}",
-            path.display()
-        )));
+        return Err(Failure::new(format!("no runs recorded in {}", shown(path))));
     };
     let id = id.unwrap_or(last.id);
     wait(history.run(id))?.ok_or_else(|| {
         Failure::new(format!(
             "no run {id} in {} ({})",
-            path.display(),
+            shown(path),
             if runs.len() == 1 {
                 format!("its only run is {}", first.id)
             } else {

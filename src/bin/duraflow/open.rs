@@ -7,6 +7,11 @@ use duraflow_rs::{Context, DuraflowError, RunHistory, Storage};
 
 use crate::Failure;
 
+/// How messages show the store at `path`: as given, but a URL's password as `***`.
+pub fn shown(path: &Path) -> String {
+    duraflow_rs::redacted(&path.to_string_lossy())
+}
+
 /// An open store, whichever kind it is.
 pub struct Store {
     storage: Arc<dyn Storage>,
@@ -16,17 +21,14 @@ impl Store {
     /// Opens the store at `path` with [`duraflow_rs::open_existing`]: nothing is created.
     pub fn open(path: &Path) -> Result<Store, Failure> {
         let Some(location) = path.to_str() else {
-            return Err(Failure::new(format!(
-                "{} is not a UTF-8 path",
-                path.display()
-            )));
+            return Err(Failure::new(format!("{} is not a UTF-8 path", shown(path))));
         };
         match futures::executor::block_on(duraflow_rs::open_existing(location)) {
             Ok(storage) => Ok(Store { storage }),
             Err(DuraflowError::StoreLocked { .. }) => Err(Failure::new(format!(
                 "store at {} is locked: a pipeline (or another duraflow command) has it open; \
                  try again once it has finished",
-                path.display()
+                shown(path)
             ))),
             Err(other) => Err(Failure::from(other)),
         }
@@ -49,7 +51,7 @@ impl Store {
             Failure::new(format!(
                 "{} is a {} store, which keeps no run records; its outputs can be read with \
                  `duraflow get` and removed with `duraflow rm`",
-                path.display(),
+                shown(path),
                 self.storage.kind()
             ))
         })

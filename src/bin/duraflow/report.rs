@@ -110,7 +110,7 @@ pub fn html(store: &Path, d: &RunDetails) -> String {
 <ul class="counts">"##,
         title = esc(&title),
         id = run.id,
-        store = esc(&store.display().to_string()),
+        store = esc(&crate::open::shown(store)),
         started = text::utc(run.started_ms),
         took = esc(&format!(
             "{}{}",

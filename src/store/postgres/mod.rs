@@ -4,7 +4,7 @@
 //! The store's work runs on a small tokio runtime of its own (2 threads), whatever executor
 //! awaits its futures: a DAG under another runtime, or `Context::get` waiting on the calling
 //! thread, works as it does with the other stores. Its pieces:
-//! - `config`: [`PgConfig`], and the URL as messages show it (password redacted);
+//! - `config`: [`PgConfig`];
 //! - `schema`: the tables, created and upgraded by the SQL steps of `migrations/postgres/`;
 //! - `writer`: the committer, which writes whatever commits and records are queued in one
 //!   transaction (group commit) and answers each;
@@ -33,10 +33,11 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
-use self::config::{redact, valid_schema};
+use self::config::valid_schema;
 use self::writer::Job;
 use super::{ready, unblock};
 use crate::record::{AttemptRecord, GcStats, RunDetails, RunId, RunRecord};
+use crate::store::location::redacted;
 use crate::{
     validate_key, BoxError, DuraflowError, Lease, RunHistory, RunLog, Storage, StoreFuture, Value,
 };
@@ -259,7 +260,7 @@ impl PgStore {
     /// [`DuraflowError::UnsupportedFormat`] when the schema was made by a newer duraflow-rs
     /// (nothing in it is changed).
     pub async fn connect_with(url: &str, config: PgConfig) -> Result<PgStore, DuraflowError> {
-        let shown = redact(url);
+        let shown = redacted(url);
         let failed = Failed(&shown);
         if !valid_schema(&config.schema) {
             return Err(failed.db(format!(
@@ -446,7 +447,7 @@ async fn start(
         .build()
         .map_err(|e| failed.db(e))?;
     let mut client = pool.get().await.map_err(|e| failed.db(e))?;
-    schema::migrate(&mut client, &config.schema, &url).await?;
+    schema::migrate(&mut client, &config.schema, &url, !config.existing).await?;
     let lease_s = config.lease.as_secs_f64();
     let worker: i64 = client
         .query_one(

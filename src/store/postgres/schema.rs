@@ -14,15 +14,17 @@ const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/postgres/0001_ta
 pub(crate) const VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Brings `schema` to [`VERSION`] in one transaction: creates the schema and the version
-/// table if absent and applies the missing steps. A schema of a newer version is left as it
-/// was (the transaction is rolled back).
+/// table if absent (when `create`) and applies the missing steps. A schema of a newer
+/// version is left as it was (the transaction is rolled back).
 ///
 /// # Errors
-/// [`DuraflowError::UnsupportedFormat`] for a newer schema; a database error otherwise.
+/// [`DuraflowError::UnsupportedFormat`] for a newer schema; [`DuraflowError::NotAStore`]
+/// for an absent one, unless `create`; a database error otherwise.
 pub(crate) async fn migrate(
     client: &mut Client,
     schema: &str,
     url: &str,
+    create: bool,
 ) -> Result<(), DuraflowError> {
     let failed = Failed(url);
     let tx = client.transaction().await.map_err(|e| failed.db(e))?;
@@ -51,6 +53,13 @@ pub(crate) async fn migrate(
     } else {
         0
     };
+    if !exists && !create {
+        let _ = tx.rollback().await;
+        return Err(DuraflowError::NotAStore {
+            path: format!("{url} (schema {schema})").into(),
+            reason: "no duraflow schema is there".to_owned(),
+        });
+    }
     if found > VERSION {
         // Nothing was written; the rollback releases the lock.
         let _ = tx.rollback().await;
