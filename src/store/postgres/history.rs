@@ -8,7 +8,7 @@
 
 use tokio_postgres::Row;
 
-use super::{digest, Shared};
+use super::{col, digest, Shared};
 use crate::record::{
     now_ms, AttemptOutcome, AttemptRecord, GcStats, RunDetails, RunId, RunRecord, RunStatus,
 };
@@ -81,8 +81,8 @@ const ATTEMPT_COLUMNS: &str =
     "run, key, attempt, started_ms, finished_ms, outcome, error, duration_us, output_size, reason";
 
 fn run_of(row: &Row) -> Result<RunRecord, DuraflowError> {
-    let id = row.get::<_, i64>(0) as u64;
-    let status = match row.get::<_, &str>(3) {
+    let id = col::<i64>(row, 0)? as u64;
+    let status = match col::<&str>(row, 3)? {
         "running" => RunStatus::Running,
         "succeeded" => RunStatus::Succeeded,
         "failed" => RunStatus::Failed,
@@ -97,24 +97,24 @@ fn run_of(row: &Row) -> Result<RunRecord, DuraflowError> {
     };
     Ok(RunRecord {
         id,
-        started_ms: row.get::<_, i64>(1) as u64,
-        finished_ms: row.get::<_, Option<i64>>(2).map(|ms| ms as u64),
+        started_ms: col::<i64>(row, 1)? as u64,
+        finished_ms: col::<Option<i64>>(row, 2)?.map(|ms| ms as u64),
         status,
-        executed: row.get::<_, i64>(4) as u64,
-        cached: row.get::<_, i64>(5) as u64,
-        failed: row.get::<_, i64>(6) as u64,
-        version: row.get(7),
+        executed: col::<i64>(row, 4)? as u64,
+        cached: col::<i64>(row, 5)? as u64,
+        failed: col::<i64>(row, 6)? as u64,
+        version: col(row, 7)?,
     })
 }
 
 fn attempt_of(row: &Row) -> Result<AttemptRecord, DuraflowError> {
-    let key = key_of(row.get(1))?;
-    let outcome = match row.get::<_, &str>(5) {
+    let key = key_of(col(row, 1)?)?;
+    let outcome = match col::<&str>(row, 5)? {
         "running" => AttemptOutcome::Running,
         "succeeded" => AttemptOutcome::Succeeded,
         "cached" => AttemptOutcome::Cached,
         "failed" => AttemptOutcome::Failed {
-            error: row.get::<_, Option<String>>(6).unwrap_or_default(),
+            error: col::<Option<String>>(row, 6)?.unwrap_or_default(),
         },
         "interrupted" => AttemptOutcome::Interrupted,
         other => {
@@ -126,15 +126,15 @@ fn attempt_of(row: &Row) -> Result<AttemptRecord, DuraflowError> {
         }
     };
     Ok(AttemptRecord {
-        run: row.get::<_, i64>(0) as u64,
+        run: col::<i64>(row, 0)? as u64,
         key,
-        attempt: row.get::<_, i32>(2) as u32,
-        started_ms: row.get::<_, i64>(3) as u64,
-        finished_ms: row.get::<_, Option<i64>>(4).map(|ms| ms as u64),
+        attempt: col::<i32>(row, 2)? as u32,
+        started_ms: col::<i64>(row, 3)? as u64,
+        finished_ms: col::<Option<i64>>(row, 4)?.map(|ms| ms as u64),
         outcome,
-        duration_us: row.get::<_, Option<i64>>(7).map(|us| us as u64),
-        output_size: row.get::<_, Option<i64>>(8).map(|s| s as u64),
-        reason: row.get(9),
+        duration_us: col::<Option<i64>>(row, 7)?.map(|us| us as u64),
+        output_size: col::<Option<i64>>(row, 8)?.map(|s| s as u64),
+        reason: col(row, 9)?,
     })
 }
 
@@ -244,13 +244,13 @@ pub(crate) async fn gc(shared: &Shared, keep_runs: usize) -> Result<GcStats, Dur
         )
         .await
         .map_err(|e| shared.failed().db(e))?;
-    let removed: Vec<i64> = row.get(0);
-    let attempts = row.get::<_, i64>(1) as u64;
+    let removed: Vec<i64> = col(&row, 0)?;
+    let attempts = col::<i64>(&row, 1)? as u64;
     Ok(GcStats {
         runs_removed: removed.into_iter().map(|id| id as u64).collect(),
         attempts_removed: attempts,
-        records_removed: attempts + row.get::<_, Vec<i64>>(0).len() as u64,
-        bytes_reclaimed: row.get::<_, i64>(2) as u64,
+        records_removed: attempts + col::<Vec<i64>>(&row, 0)?.len() as u64,
+        bytes_reclaimed: col::<i64>(&row, 2)? as u64,
         output_files_removed: 0,
     })
 }

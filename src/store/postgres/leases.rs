@@ -17,7 +17,7 @@ use futures::channel::oneshot;
 use futures::{FutureExt, StreamExt};
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{digest, Held, Shared};
+use super::{col, digest, Held, Shared};
 use crate::record::now_ms;
 use crate::{validate_key, DuraflowError, Lease, StoreFuture};
 
@@ -192,15 +192,15 @@ async fn acquire_waking(
                 .map_err(|e| failed.db(e))?;
             drop(client);
             let (take, done) = match row {
-                Some(row) if row.get::<_, bool>(0) => {
-                    let token: i64 = row.get(2);
+                Some(row) if col::<bool>(&row, 0)? => {
+                    let token: i64 = col(&row, 2)?;
                     if seen != Some(token) {
                         shared.seen_done().insert(key.to_owned(), token);
                         return Ok(Lease::Stored);
                     }
                     (true, Some(token))
                 }
-                Some(row) => (row.get::<_, bool>(1), None),
+                Some(row) => (col::<bool>(&row, 1)?, None),
                 None => (true, None),
             };
             match take {
@@ -372,10 +372,11 @@ async fn take_one(
         .await
         .map_err(|e| failed.db(e))?;
     tx.commit().await.map_err(|e| failed.db(e))?;
-    Ok(row.get::<_, Option<i64>>(0).map(|token| Taken {
+    let (owner, lapsed) = (col(&row, 1)?, col(&row, 2)?);
+    Ok(col::<Option<i64>>(&row, 0)?.map(|token| Taken {
         token,
-        owner: row.get(1),
-        lapsed: row.get(2),
+        owner,
+        lapsed,
     }))
 }
 
@@ -457,20 +458,23 @@ pub(crate) async fn leaser(
             tx.commit().await.map_err(|e| failed.db(e))?;
             let mut taken = std::collections::HashMap::with_capacity(rows.len());
             for row in rows {
-                let token: Option<i64> = row.get(1);
-                let done: Option<bool> = row.get(4);
+                let token: Option<i64> = col(&row, 1)?;
+                let done: Option<bool> = col(&row, 4)?;
                 let tried = Tried {
-                    taken: token.map(|token| Taken {
-                        token,
-                        owner: row.get(2),
-                        lapsed: row.get(3),
-                    }),
+                    taken: match token {
+                        Some(token) => Some(Taken {
+                            token,
+                            owner: col(&row, 2)?,
+                            lapsed: col(&row, 3)?,
+                        }),
+                        None => None,
+                    },
                     done: match (token, done) {
-                        (None, Some(true)) => row.get(5),
+                        (None, Some(true)) => col(&row, 5)?,
                         _ => None,
                     },
                 };
-                taken.insert(row.get::<_, Vec<u8>>(0), tried);
+                taken.insert(col::<Vec<u8>>(&row, 0)?, tried);
             }
             Ok::<_, DuraflowError>(taken)
         };

@@ -220,6 +220,19 @@ impl Failed<'_> {
 }
 
 /// The digest a key is found by.
+/// Column `i` of `row`, a row of this store's own tables: a column of another type than
+/// the schema's migrations made (a schema altered by hand) is `Corrupt`, not a panic.
+pub(crate) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, DuraflowError> {
+    row.try_get(i).map_err(|e| DuraflowError::Corrupt {
+        key: String::new(),
+        path: None,
+        reason: format!("column {i} of a row of the store's tables: {e}"),
+    })
+}
+
 pub(crate) fn digest(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
 }
@@ -456,8 +469,8 @@ async fn start(
             &[&lease_s],
         )
         .await
-        .map_err(|e| failed.db(e))?
-        .get(0);
+        .map_err(|e| failed.db(e))
+        .and_then(|row| col(&row, 0))?;
     drop(client);
     let channel = format!("duraflow_{:08x}", crc32fast::hash(config.schema.as_bytes()));
     let (queue, jobs) = mpsc::unbounded_channel();
@@ -528,7 +541,7 @@ async fn reader(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<ReadR
                     .map_err(|e| shared.failed().db(e))?;
                 let mut found = HashMap::with_capacity(rows.len());
                 for row in rows {
-                    found.insert(row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1));
+                    found.insert(col::<Vec<u8>>(&row, 0)?, col::<Vec<u8>>(&row, 1)?);
                 }
                 Ok::<_, DuraflowError>(found)
             };
@@ -609,7 +622,7 @@ impl Storage for PgStore {
                 .await
                 .map_err(|e| shared.failed().db(e))?;
             rows.into_iter()
-                .map(|row| history::key_of(row.get::<_, Vec<u8>>(0)))
+                .map(|row| history::key_of(col::<Vec<u8>>(&row, 0)?))
                 .collect()
         })
     }

@@ -4,7 +4,7 @@
 
 use tokio_postgres::Client;
 
-use super::Failed;
+use super::{col, Failed};
 use crate::DuraflowError;
 
 /// The migration steps, in order: step `n` (1-based) brings the schema to version `n`.
@@ -39,8 +39,8 @@ pub(crate) async fn migrate(
             &[&schema],
         )
         .await
-        .map_err(|e| failed.db(e))?
-        .get(0);
+        .map_err(|e| failed.db(e))
+        .and_then(|row| col(&row, 0))?;
     let found: u32 = if exists {
         let row = tx
             .query_one(
@@ -49,7 +49,7 @@ pub(crate) async fn migrate(
             )
             .await
             .map_err(|e| failed.db(e))?;
-        u32::try_from(row.get::<_, i32>(0)).unwrap_or(0)
+        u32::try_from(col::<i32>(&row, 0)?).unwrap_or(0)
     } else {
         0
     };

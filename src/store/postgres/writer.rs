@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 
 use super::history::AttemptRow;
-use super::Shared;
+use super::{col, Shared};
 use crate::record::{AttemptRecord, RunRecord};
 use crate::DuraflowError;
 
@@ -382,8 +382,9 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
             .map_err(refused)?;
         let rows = tx.query(&statement, &params).await.map_err(refused)?;
         for row in rows {
-            let (hash, written, now): (Vec<u8>, bool, Option<i64>) =
-                (row.get(0), row.get(1), row.get(2));
+            let hash: Vec<u8> = col(&row, 0).map_err(Refused::Statement)?;
+            let written: bool = col(&row, 1).map_err(Refused::Statement)?;
+            let now: Option<i64> = col(&row, 2).map_err(Refused::Statement)?;
             let applied = match written {
                 true => Applied::Done,
                 false => Applied::Fenced(now.unwrap_or(0)),
