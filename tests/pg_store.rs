@@ -428,3 +428,68 @@ async fn a_dag_over_pgstore_persists_and_resumes() {
     }
     assert!(ids[1] > ids[0], "{ids:?}");
 }
+
+/// The server's count of deadlocks in the test database.
+async fn deadlocks(client: &tokio_postgres::Client) -> i64 {
+    let sql = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()";
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A wide DAG of `n` independent tasks over `store`.
+async fn wide(store: Arc<PgStore>, n: u64) -> RunStats {
+    let dag = DagRunner::new();
+    let d = DurableDag::new(&dag, Arc::new(Context::new(store)));
+    for i in 0..n {
+        d.add(&format!("wide/{i}"), Val(i));
+    }
+    dag.run(|f| {
+        tokio::spawn(f);
+    })
+    .await
+    .unwrap();
+    d.stats()
+}
+
+/// Two stores that take and commit the leases of the same 2,000 keys at once, in batches,
+/// never deadlock on the server (a deadlock stalls both batches for `deadlock_timeout`,
+/// then fails one): the server's deadlock count is the same after twelve such runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_taking_and_committing_the_same_keys_never_deadlock() {
+    let Some(url) = pg_url("two_workers_never_deadlock") else {
+        return;
+    };
+    const N: u64 = 2_000;
+    let client = raw(&url).await;
+    let before = deadlocks(&client).await;
+    // The stores' connections carry this name, so that the test can wait until they end.
+    let app = format!("duraflow_deadlock_{}", std::process::id());
+    let named = format!(
+        "{url}{}application_name={app}",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    for _ in 0..12 {
+        let schema = fresh_schema("deadlock");
+        let a = connect(&named, &schema, Duration::from_secs(10)).await;
+        let b = connect(&named, &schema, Duration::from_secs(10)).await;
+        let (x, y) = futures::join!(wide(a, N), wide(b, N));
+        assert_eq!(x.executed + y.executed, N as usize, "{x:?} {y:?}");
+    }
+    // A server process counts its deadlocks for certain once it exits, and the stores'
+    // processes exit once the stores (dropped above) have closed their connections.
+    let gone = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query_one(gone, &[&app])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stores' connections stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(deadlocks(&client).await, before, "see the server's log");
+}

@@ -3,6 +3,10 @@
 //! was committed under it (`done`, with `expires_at` infinity). A released lease has
 //! `expires_at` minus infinity. The committer notifies the schema's channel when a leased
 //! output is committed, and so does a release; processes waiting for a key listen to it.
+//!
+//! A statement that locks several lease rows (a batch of takes, a batch's leased commits, a
+//! heartbeat) locks them in digest order, as a batch's outputs are written: so the
+//! statements of several processes wait for one another but never deadlock.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -522,6 +526,14 @@ pub(crate) fn release(shared: &Arc<Shared>, key: &str) {
     });
 }
 
+/// Extends the live leases of owner `$1` among keys `$2` by `$3` seconds, locking them in
+/// digest order.
+const EXTEND_SQL: &str = "WITH lk AS MATERIALIZED (SELECT key_hash FROM leases \
+         WHERE owner = $1 AND key_hash = ANY($2) AND NOT done AND expires_at > now() \
+         ORDER BY key_hash FOR UPDATE) \
+     UPDATE leases SET expires_at = now() + $3::float8 * interval '1 second' FROM lk \
+     WHERE leases.key_hash = lk.key_hash AND owner = $1 AND NOT done AND expires_at > now()";
+
 /// Extends, every third of a lease, this worker's liveness and the leases it holds.
 pub(crate) async fn heartbeat(shared: Arc<Shared>) {
     let every = shared.config.heartbeat();
@@ -545,12 +557,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
                 .map_err(|e| failed.db(e))?;
             if !hashes.is_empty() {
                 client
-                    .execute(
-                        "UPDATE leases SET expires_at = now() + $3::float8 * interval '1 second' \
-                         WHERE owner = $1 AND key_hash = ANY($2) AND NOT done \
-                         AND expires_at > now()",
-                        &[&shared.worker, &hashes, &lease_s],
-                    )
+                    .execute(EXTEND_SQL, &[&shared.worker, &hashes, &lease_s])
                     .await
                     .map_err(|e| failed.db(e))?;
             }

@@ -88,7 +88,7 @@ const ATTEMPT_ARRAYS: &str = "unnest($1::bigint[], $2::bytea[], $3::integer[], $
 static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH o AS (INSERT INTO outputs (key_hash, key, value) \
-             SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[]) \
+             SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[]) ORDER BY 1 \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value) \
          INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT * FROM {ATTEMPT_ARRAYS} \
          ON CONFLICT (run, key_hash, attempt) DO UPDATE SET {ATTEMPT_UPDATE}"
@@ -103,11 +103,13 @@ static LEASED_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH u AS (SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[], \
              $15::bigint[]) AS u(h, k, v, t)), \
-         l AS (UPDATE leases SET done = true, expires_at = 'infinity' FROM u \
-             WHERE leases.key_hash = u.h AND leases.token = u.t AND leases.owner = $16 \
-             RETURNING leases.key_hash, leases.token), \
+         lk AS MATERIALIZED (SELECT key_hash FROM leases WHERE key_hash IN (SELECT h FROM u) \
+             ORDER BY key_hash FOR UPDATE), \
+         l AS (UPDATE leases SET done = true, expires_at = 'infinity' FROM u, lk \
+             WHERE leases.key_hash = u.h AND lk.key_hash = u.h AND leases.token = u.t \
+             AND leases.owner = $16 RETURNING leases.key_hash, leases.token), \
          o AS (INSERT INTO outputs (key_hash, key, value) \
-             SELECT u.h, u.k, u.v FROM u JOIN l ON l.key_hash = u.h \
+             SELECT u.h, u.k, u.v FROM u JOIN l ON l.key_hash = u.h ORDER BY u.h \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value), \
          a AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT r.* FROM {ATTEMPT_ARRAYS} \
              JOIN l ON l.key_hash = r.key_hash \
