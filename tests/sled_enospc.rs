@@ -1,5 +1,7 @@
 //! Promise: when the disk is full, persisting a task's output is `DuraflowError::Persist`
-//! naming its key (with the disk's error, `StorageFull`, as its source); a new process reads
+//! naming its key (with the disk's error, `StorageFull`, as its source; when sled's own
+//! periodic flush met the full disk first, a DAG task's cache check fails before it runs, with
+//! `Io` naming the store's directory and the same source); a new process reads
 //! back every acknowledged value once the disk has room (for the failed write's key, its
 //! previous value, or the value that failed if sled had written it before the disk refused
 //! the rest); the failed store itself never returns the value that failed; once sled has
@@ -77,10 +79,13 @@ fn report(line: &str) {
     out.flush().expect("enospc_child: flush report");
 }
 
-/// Checks `e` is `Persist` for `key`, caused by a full disk.
-fn assert_disk_full(e: &DuraflowError, key: &str) {
+/// Checks `e` is `Persist` for `key`, caused by a full disk; for a DAG task's output (`task`),
+/// `Io` at the store's path `store` is right too: sled's own periodic flush met the full
+/// disk first, and the task's cache check, a read, reported it before the task ran.
+fn assert_disk_full(e: &DuraflowError, key: &str, task: bool, store: &Path) {
     match e {
         DuraflowError::Persist { key: k, .. } => assert_eq!(k, key, "{e}"),
+        DuraflowError::Io { path, .. } if task => assert_eq!(path, store, "{e}"),
         other => panic!("expected Persist for {key:?}, got {other:?}"),
     }
     let mut source = e.source();
@@ -103,7 +108,8 @@ fn enospc_child() {
         return;
     };
     let size: usize = common::env_number(SIZE_ENV);
-    let store = Arc::new(SledStore::open(Path::new(&dir).join("store")).expect("open the store"));
+    let path = Path::new(&dir).join("store");
+    let store = Arc::new(SledStore::open(&path).expect("open the store"));
     let ctx = Arc::new(Context {
         db: store.clone(),
         completed_count: Arc::new(AtomicUsize::new(0)),
@@ -157,7 +163,7 @@ fn enospc_child() {
         started.elapsed()
     ));
     report(&format!("attempted {key} {version}"));
-    assert_disk_full(&error, &key);
+    assert_disk_full(&error, &key, key.starts_with("new"), &path);
     // This store never returns the value that failed: a read answers the previous value,
     // or an I/O error where sled cannot read the page after its failed write.
     let previous = model
