@@ -155,6 +155,8 @@ where
             // 1. The cache check, on the first attempt: a usable stored output is the output
             // (for a keyed task, one made from the same things).
             if number == 1 {
+                // The lease whose stored output this task was last answered with.
+                let mut seen = None;
                 let (check, why) = loop {
                     let (check, why) = run.check::<Tk, K::Stored>(&slot).await;
                     if !matches!(check, Check::Run(_)) {
@@ -163,12 +165,12 @@ where
                     // Where processes share the store, one of them runs the task: this one
                     // once it holds the key's lease, or none when another stored the output
                     // meanwhile (found by checking again).
-                    match run.lease(id).await {
+                    match run.lease(id, seen).await {
                         Ok(Lease::Held) => {
                             leased = Some(Leased(&run, id));
                             break (check, why);
                         }
-                        Ok(Lease::Stored) => continue,
+                        Ok(Lease::Stored { done }) => seen = Some(done),
                         Err(error) => break (Check::Fail(error), why),
                     }
                 };
@@ -205,6 +207,13 @@ where
                         let keyed = key.as_deref().map(|key| (key, task_type, version));
                         let persisting = run.persist::<_, K>(id, output, keyed, &attempt);
                         let (output, persisted) = persisting.await;
+                        // An answered commit (written, or fenced) ended the lease: nothing
+                        // is left to give up, and the key may be leased again meanwhile.
+                        if matches!(&persisted, Ok(()) | Err(DuraflowError::Fenced { .. })) {
+                            if let Some(lease) = leased.take() {
+                                lease.ended();
+                            }
+                        }
                         return match persisted.map_err(|e| e.into_persist(id)) {
                             Ok(()) => {
                                 if let Ok(value) = K::stored(&output) {
@@ -278,9 +287,15 @@ where
     }
 }
 
-/// This process's lease on a task's key: given up when dropped (after a commit, which ends
-/// the lease, there is nothing left to give up).
+/// This process's lease on a task's key: given up when dropped, unless a commit ended it.
 struct Leased<'a>(&'a RunState, &'a str);
+
+impl Leased<'_> {
+    /// A commit ended the lease: nothing to give up.
+    fn ended(self) {
+        std::mem::forget(self);
+    }
+}
 
 impl Drop for Leased<'_> {
     fn drop(&mut self) {

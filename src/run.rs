@@ -279,14 +279,15 @@ impl RunState {
     }
 
     /// Where processes share the store ([`RunLog::lease`]): this process's lease on task
-    /// `id`, or [`Lease::Stored`] when another process stored its output meanwhile.
+    /// `id`, or [`Lease::Stored`] when another process stored its output meanwhile (`seen`:
+    /// the last such answer's `done`, if the caller checked again and still runs the task).
     /// `Held` at once for a store without a run log.
     ///
     /// # Errors
     /// The store's.
-    pub(crate) async fn lease(&self, id: &str) -> Result<Lease, DuraflowError> {
+    pub(crate) async fn lease(&self, id: &str, seen: Option<u64>) -> Result<Lease, DuraflowError> {
         match self.log() {
-            Some((log, _)) => log.lease(id).await,
+            Some((log, _)) => log.lease(id, seen).await,
             None => Ok(Lease::Held),
         }
     }

@@ -57,12 +57,19 @@ pub trait RunLog: Send + Sync {
     /// [`commit`](RunLog::commit) or [`release`](RunLog::release), and fences a commit whose
     /// lease passed to another process ([`DuraflowError::Fenced`]).
     ///
+    /// `seen` is `None` on a task's first call. A caller answered `Stored { done }` that
+    /// checked the store again and must still run the task (say, a keyed output made from
+    /// other inputs) calls again with `Some(done)`: the store then takes over the lease
+    /// that output was stored under, rather than answer `Stored` for it again. So a caller
+    /// never runs a task whose output was stored after its check, and never waits forever
+    /// on an output it cannot use.
+    ///
     /// By default (a store one process has open at a time), `Held` at once.
     ///
     /// # Errors
     /// Any backend error; the task then fails without running.
-    fn lease<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Lease> {
-        let _ = key;
+    fn lease<'a>(&'a self, key: &'a str, seen: Option<u64>) -> StoreFuture<'a, Lease> {
+        let _ = (key, seen);
         Box::pin(std::future::ready(Ok(Lease::Held)))
     }
 
@@ -80,6 +87,10 @@ pub trait RunLog: Send + Sync {
 pub enum Lease {
     /// This process holds the key's lease: the task runs here.
     Held,
-    /// Another process stored the key's output while this one waited for it.
-    Stored,
+    /// Another process stored the key's output while this one waited for it, under the
+    /// lease `done` names (a number the store chooses, passed back as `seen`).
+    Stored {
+        /// The lease the output was stored under.
+        done: u64,
+    },
 }

@@ -1,12 +1,15 @@
 //! Promise: where processes share a store (`RunLog::lease`), a task runs only in the process
 //! that holds its key's lease. A task whose output another process stored while this one
-//! waited is not run here: its stored output is its output. A task that ends without a
-//! committed output gives its lease up; a committed one does not need to. A store that cannot
+//! waited is not run here: its stored output is its output, unless it cannot use it (a keyed
+//! task's output made from other inputs): it then asks again, naming the lease that output
+//! was stored under, and runs. A task that ends without a committed output gives its lease
+//! up; a committed one's commit ended it, and it is not given up again. A store that cannot
 //! take the lease fails the task without running it.
 //!
 //! The store here is a `MemoryStore` with a run log whose `lease` plays the other process:
 //! for the keys it is told to, it stores an output itself, as another worker would have
-//! while this one waited, and answers `Lease::Stored`.
+//! while this one waited, and answers `Lease::Stored { done: 1 }`; asked again with
+//! `seen: Some(1)` (the caller could not use that output), it answers `Held`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +30,8 @@ struct Shared {
     /// Keys whose lease cannot be taken (the store fails).
     failing: HashSet<String>,
     leased: Mutex<Vec<String>>,
+    /// The `seen` of every `lease` call, by key.
+    seen: Mutex<Vec<(String, Option<u64>)>>,
     released: Mutex<Vec<String>>,
     committed: Mutex<Vec<String>>,
 }
@@ -65,8 +70,9 @@ impl RunLog for Shared {
     fn finish_run(&self, _run: RunRecord) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
-    fn lease<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Lease> {
+    fn lease<'a>(&'a self, key: &'a str, seen: Option<u64>) -> StoreFuture<'a, Lease> {
         self.leased.lock().unwrap().push(key.to_owned());
+        self.seen.lock().unwrap().push((key.to_owned(), seen));
         Box::pin(async move {
             if self.failing.contains(key) {
                 return Err(DuraflowError::Unsupported {
@@ -74,7 +80,7 @@ impl RunLog for Shared {
                     operation: "lease",
                 });
             }
-            if !self.stored_elsewhere.contains(key) {
+            if !self.stored_elsewhere.contains(key) || seen == Some(1) {
                 return Ok(Lease::Held);
             }
             // The other process's output, as it would have stored it.
@@ -82,11 +88,27 @@ impl RunLog for Shared {
             theirs.save(key, &1000u64).expect("encode");
             let bytes = theirs.db.read(key).await?.expect("just saved");
             self.values.write(key, bytes).await?;
-            Ok(Lease::Stored)
+            Ok(Lease::Stored { done: 1 })
         })
     }
     fn release(&self, key: &str) {
         self.released.lock().unwrap().push(key.to_owned());
+    }
+}
+
+/// A keyed task that counts its runs.
+#[derive(Clone, serde::Serialize)]
+struct KeyedCount {
+    value: u64,
+    #[serde(skip)]
+    runs: Arc<AtomicUsize>,
+}
+
+#[task]
+impl KeyedCount {
+    async fn run(&self) -> u64 {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.value
     }
 }
 
@@ -173,9 +195,8 @@ async fn a_task_that_ends_without_a_committed_output_gives_its_lease_up() {
         .await;
     assert_eq!(sorted(&store.leased), ["boom", "fine"]);
     assert_eq!(sorted(&store.committed), ["fine"]);
-    // Every lease taken is given up once the task is over (a committed key's release is a
-    // no-op for the store); the failed one is given up without a commit.
-    assert!(store.released.lock().unwrap().contains(&"boom".to_owned()));
+    // The failed task's lease is given up; the committed one's commit ended it.
+    assert_eq!(sorted(&store.released), ["boom"]);
     assert_eq!(ctx.get::<u64>("boom"), None);
 }
 
@@ -200,4 +221,36 @@ async fn a_lease_the_store_cannot_take_fails_the_task_without_running_it() {
     assert!(dag.get(durable).is_err());
     assert_eq!(d.stats().failed, 1);
     assert!(store.committed.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_stored_elsewhere_that_a_keyed_task_cannot_use_is_run_here_under_that_lease() {
+    let store = Arc::new(Shared {
+        stored_elsewhere: ["stale".to_owned()].into(),
+        ..Shared::default()
+    });
+    let ctx = Arc::new(Context::new(Arc::clone(&store)));
+    let dag = DagRunner::new();
+    let d = DurableDag::new(&dag, Arc::clone(&ctx));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let task = KeyedCount {
+        value: 7,
+        runs: Arc::clone(&runs),
+    };
+    let stale: TaskHandle<u64> = d.add_keyed("stale", task).into();
+    dag.run(|f| {
+        tokio::spawn(f);
+    })
+    .await
+    .unwrap();
+    // The other process's output has no fingerprint: the task asks again, naming the lease
+    // it was answered with, and runs here.
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(dag.get(stale).unwrap(), 7);
+    let seen = store.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [("stale".to_owned(), None), ("stale".to_owned(), Some(1))]
+    );
+    assert_eq!(sorted(&store.committed), ["stale"]);
 }

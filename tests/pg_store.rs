@@ -129,6 +129,53 @@ async fn lease_held_by_a_live_worker_makes_the_other_wait_for_its_output() {
     assert_eq!(decode(stored), 7);
 }
 
+/// Two callers in one process need one key: the second waits for the first, which is alive,
+/// even once the first's lease lapsed (its heartbeats stopped), and finds its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_held_in_this_process_is_not_taken_over_by_a_caller_here() {
+    let Some(url) = pg_url("a_lapsed_lease_held_in_this_process") else {
+        return;
+    };
+    let schema = fresh_schema("same_process");
+    let lease = Duration::from_millis(400);
+    let store = connect(&url, &schema, lease).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = Gated::new(1, &runs);
+    let gate = Arc::clone(&first.gate);
+    let one = tokio::spawn(run_one(Arc::clone(&store), "same/k", first));
+    until_runs(&runs, 1).await;
+    store.stop_heartbeats();
+    let client = raw(&url).await;
+    let lapsed = format!("SELECT expires_at < now() FROM \"{schema}\".leases WHERE key = $1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client
+        .query_one(&lapsed, &[&b"same/k".as_slice()])
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        assert!(Instant::now() < deadline, "the lease never lapsed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The second caller's task is open: it would finish at once if it ran.
+    let second = Gated::new(2, &runs);
+    second.gate.store(true, Ordering::SeqCst);
+    let two = tokio::spawn(run_one(Arc::clone(&store), "same/k", second));
+    // A window of several of its looks (a quarter of the lease each) to take the lease over.
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the second caller ran the task"
+    );
+    assert!(!two.is_finished(), "the second caller did not wait");
+    gate.store(true, Ordering::SeqCst);
+    let (one, two) = (one.await.unwrap(), two.await.unwrap());
+    assert_eq!((one.executed, one.failed), (1, 0), "{one:?}");
+    assert_eq!((two.executed, two.cached), (0, 1), "{two:?}");
+    assert_eq!(decode(store.read("same/k").await.unwrap().unwrap()), 1);
+}
+
 /// A holds `key` and stalls (its heartbeats stop); B takes the key over after the lease.
 /// Returns both stores, A's open gate, and A's pending run.
 async fn reclaimed(

@@ -42,9 +42,14 @@ const TAKE_SQL: &str =
 /// A key's lease: committed under, whether it lapsed (expired or released), its token.
 const STATE_SQL: &str = "SELECT done, expires_at < now(), token FROM leases WHERE key_hash = $1";
 
-/// The attempts a dead worker left `Running` at a key it held.
-const INTERRUPT_SQL: &str = "UPDATE attempts SET outcome = 'interrupted', finished_ms = $3 \
-     WHERE key_hash = $1 AND outcome = 'running' AND (run >> 24) = $2";
+/// The attempts a dead worker left `Running` at a key it held (one it writes meanwhile, as
+/// a worker presumed dead too soon does, is skipped rather than waited for).
+const INTERRUPT_SQL: &str = "WITH at AS MATERIALIZED (SELECT run, attempt FROM attempts \
+         WHERE key_hash = $1 AND outcome = 'running' AND (run >> 24) = $2 \
+         FOR UPDATE SKIP LOCKED) \
+     UPDATE attempts SET outcome = 'interrupted', finished_ms = $3 FROM at \
+     WHERE attempts.key_hash = $1 AND attempts.run = at.run AND attempts.attempt = at.attempt \
+         AND attempts.outcome = 'running'";
 
 const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity' \
          WHERE key_hash = $1 AND token = $2 AND owner = $3 AND NOT done RETURNING 1) \
@@ -52,7 +57,11 @@ const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity'
 
 /// [`RunLog::lease`](crate::RunLog::lease): see [`PgStore`](super::PgStore). The work runs
 /// on the store's runtime; a lease taken for a caller that stopped waiting is released.
-pub(crate) fn lease(shared: &Arc<Shared>, key: &str) -> StoreFuture<'static, Lease> {
+pub(crate) fn lease(
+    shared: &Arc<Shared>,
+    key: &str,
+    seen: Option<u64>,
+) -> StoreFuture<'static, Lease> {
     if let Err(error) = validate_key(key) {
         return Box::pin(std::future::ready(Err(error)));
     }
@@ -61,7 +70,8 @@ pub(crate) fn lease(shared: &Arc<Shared>, key: &str) -> StoreFuture<'static, Lea
     let work = {
         let (shared, key, cancel) = (Arc::clone(shared), key.to_owned(), Arc::clone(&cancel));
         async move {
-            let taken = std::panic::AssertUnwindSafe(acquire(&shared, &key, &cancel))
+            let seen = seen.map(|token| token as i64);
+            let taken = std::panic::AssertUnwindSafe(acquire(&shared, &key, seen, &cancel))
                 .catch_unwind()
                 .await;
             let held = matches!(taken, Ok(Ok(Lease::Held)));
@@ -123,16 +133,21 @@ impl Drop for Leasing {
     }
 }
 
-/// Takes the lease on `key`, waiting while another live worker holds it.
+/// Takes the lease on `key`, waiting while another live worker, or another caller in this
+/// process, holds it.
 ///
 /// A done lease (the key's output committed under it) is `Stored`, since the caller may
 /// have checked the store before that commit; only a caller told so, which checked again
-/// and still asks, takes over that same lease (say, a keyed output made from other
-/// inputs). So no output committed after a caller's check is ever run again by it.
-async fn acquire(shared: &Shared, key: &str, cancel: &AtomicBool) -> Result<Lease, DuraflowError> {
+/// and still asks (`seen`: that lease's token), takes over that same lease (say, a keyed
+/// output made from other inputs). So no output committed after a caller's check is ever
+/// run again by it.
+async fn acquire(
+    shared: &Shared,
+    key: &str,
+    seen: Option<i64>,
+    cancel: &AtomicBool,
+) -> Result<Lease, DuraflowError> {
     let hash = digest(key);
-    // The done lease this store answered `Stored` for last time, which the caller saw.
-    let seen = shared.seen_done().remove(key);
     let waiter = shared.notify.of(&hash);
     let leased = acquire_waking(shared, key, &hash, seen, &waiter, cancel).await;
     shared.notify.forget(&hash, waiter);
@@ -154,13 +169,13 @@ async fn acquire_waking(
     let mut first = true;
     loop {
         if cancel.load(Ordering::SeqCst) {
-            return Ok(Lease::Stored);
+            // Nobody waits for the answer.
+            return Ok(stored(0));
         }
         // A notification that the key's output was committed: no need to look.
         if let Some(token) = waiter.committed() {
             if seen != Some(token) {
-                shared.seen_done().insert(key.to_owned(), token);
-                return Ok(Lease::Stored);
+                return Ok(stored(token));
             }
         }
         // Armed before looking, so that a notification after the look is not missed.
@@ -168,16 +183,17 @@ async fn acquire_waking(
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         let mut look_now = false;
-        let taken = if first && seen.is_none() {
+        let taken = if shared.held().contains_key(key) {
+            // Another caller in this process holds the lease: it is alive, so wait for its
+            // commit or release, whatever the lease's expiry says.
+            None
+        } else if first && seen.is_none() {
             // With the other leases this store is taking now, in one statement; alone if
             // that failed (and then a look at the lease at once: it may be done).
             match take_batched(shared, key, hash).await {
                 Ok(Tried {
                     done: Some(token), ..
-                }) => {
-                    shared.seen_done().insert(key.to_owned(), token);
-                    return Ok(Lease::Stored);
-                }
+                }) => return Ok(stored(token)),
                 Ok(Tried { taken, .. }) => taken,
                 Err(_) => {
                     look_now = true;
@@ -199,8 +215,7 @@ async fn acquire_waking(
                 Some(row) if col::<bool>(&row, 0)? => {
                     let token: i64 = col(&row, 2)?;
                     if seen != Some(token) {
-                        shared.seen_done().insert(key.to_owned(), token);
-                        return Ok(Lease::Stored);
+                        return Ok(stored(token));
                     }
                     (true, Some(token))
                 }
@@ -248,6 +263,11 @@ async fn acquire_waking(
         }
         let _ = tokio::time::timeout(shared.config.poll(), notified).await;
     }
+}
+
+/// `Stored` under the lease of `token`.
+fn stored(token: i64) -> Lease {
+    Lease::Stored { done: token as u64 }
 }
 
 /// The leases this store waits for, by key digest: each woken by a notification naming its

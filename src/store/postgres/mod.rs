@@ -72,8 +72,12 @@ const RUN_BITS: u32 = 24;
 ///   ([`Lease::Stored`]) or the lease. A lease not extended for its whole duration (its
 ///   holder died or stalled) is taken over as the key's next attempt, and the old holder's
 ///   `Running` attempts at the key are marked `Interrupted`; a commit under a lease that
-///   passed on writes nothing and is [`DuraflowError::Fenced`]. A commit or write of a key
-///   this process holds no lease on just writes.
+///   passed on writes nothing and is [`DuraflowError::Fenced`], as is a second commit under
+///   one lease. Callers in one process that need one key take turns: a lease this store
+///   holds is never taken over by it, however late its heartbeats. Statements that lock
+///   several rows lock them in key-digest order, so processes wait for one another but
+///   never deadlock. A commit or write of a key this process holds no lease on just
+///   writes.
 /// - **Run ids**: at connect the store takes a worker number `w` from a sequence; its runs
 ///   get ids `(w << 24) | n` for `n = 1, 2, …`: unique across processes, increasing within
 ///   one store and from one connect to the next. [`begin_run`](RunLog::begin_run) answers at
@@ -122,11 +126,6 @@ pub(crate) struct Shared {
     pub(crate) takes: mpsc::UnboundedSender<leases::TakeRequest>,
     /// The leases this store holds: key → its token and digest.
     pub(crate) held: Mutex<HashMap<String, Held>>,
-    /// Keys whose lease was found done (their output committed) by this store's last
-    /// `lease` of them, with that lease's token: a caller that checked the store after
-    /// that answer and asks again may take over exactly that lease (its stored output
-    /// did not do for it), never a newer one.
-    pub(crate) seen_done: Mutex<HashMap<String, i64>>,
     /// Woken on every notification of the store's channel (a commit or a release).
     pub(crate) notify: Arc<leases::Waiters>,
     /// The NOTIFY channel of the store's schema.
@@ -155,12 +154,6 @@ impl Shared {
 
     pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn seen_done(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
-        self.seen_done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `work` on the store's runtime; the future answers wherever it is awaited. A
@@ -277,7 +270,7 @@ impl PgStore {
         let failed = Failed(&shown);
         if !valid_schema(&config.schema) {
             return Err(failed.db(format!(
-                "invalid schema name {:?}: ASCII letters, digits and `_`, 1 to 63 bytes, \
+                "invalid schema name {:?}: lowercase ASCII letters, digits and `_`, 1 to 63 bytes, \
                  not starting with a digit",
                 config.schema
             )));
@@ -486,7 +479,6 @@ async fn start(
         takes,
         reads,
         held: Mutex::new(HashMap::new()),
-        seen_done: Mutex::new(HashMap::new()),
         notify: Arc::default(),
         channel,
         handle,
@@ -706,8 +698,8 @@ impl RunLog for PgStore {
         })
     }
 
-    fn lease<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Lease> {
-        leases::lease(&self.shared, key)
+    fn lease<'a>(&'a self, key: &'a str, seen: Option<u64>) -> StoreFuture<'a, Lease> {
+        leases::lease(&self.shared, key, seen)
     }
 
     fn release(&self, key: &str) {
