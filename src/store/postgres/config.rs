@@ -68,8 +68,9 @@ impl PgConfig {
     }
 
     /// The PostgreSQL schema the store's tables live in, created if absent: stores with
-    /// different schemas in one database are independent. ASCII letters, digits and `_`,
-    /// 1 to 63 bytes, not starting with a digit; another name makes
+    /// different schemas in one database are independent. Lowercase ASCII letters, digits
+    /// and `_`, 1 to 63 bytes, not starting with a digit (so that the name means the same
+    /// quoted and unquoted); another name makes
     /// [`PgStore::connect_with`](super::PgStore::connect_with) fail.
     pub fn schema(mut self, schema: impl Into<String>) -> PgConfig {
         self.schema = schema.into();
@@ -128,7 +129,7 @@ pub(crate) fn valid_schema(schema: &str) -> bool {
         && !bytes[0].is_ascii_digit()
         && bytes
             .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
 }
 
 #[cfg(test)]
@@ -142,6 +143,7 @@ mod tests {
         assert!(!valid_schema(""));
         assert!(!valid_schema("1a"));
         assert!(!valid_schema("a-b"));
+        assert!(!valid_schema("Pipeline"));
         assert!(!valid_schema("a\"b"));
         assert!(!valid_schema(&"a".repeat(64)));
     }

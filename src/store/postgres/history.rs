@@ -139,6 +139,8 @@ fn attempt_of(row: &Row) -> Result<AttemptRecord, DuraflowError> {
 }
 
 /// Marks the `Running` runs and attempts of workers whose liveness expired `Interrupted`.
+/// A row being written meanwhile (its worker was presumed dead too soon) is skipped, not
+/// waited for: the next reap sees it, and no lock of the writer's is waited on.
 ///
 /// # Errors
 /// A database error.
@@ -149,10 +151,17 @@ pub(crate) async fn reap(shared: &Shared) -> Result<(), DuraflowError> {
     let statement = client
         .prepare_cached(
             "WITH dead AS (SELECT id FROM workers WHERE expires_at < now()), \
-             r AS (UPDATE runs SET status = 'interrupted', finished_ms = $1 \
-                 WHERE status = 'running' AND worker IN (SELECT id FROM dead)) \
-             UPDATE attempts SET outcome = 'interrupted', finished_ms = $1 \
-             WHERE outcome = 'running' AND (run >> 24) IN (SELECT id FROM dead)",
+             rs AS MATERIALIZED (SELECT id FROM runs \
+                 WHERE status = 'running' AND worker IN (SELECT id FROM dead) \
+                 FOR UPDATE SKIP LOCKED), \
+             r AS (UPDATE runs SET status = 'interrupted', finished_ms = $1 FROM rs \
+                 WHERE runs.id = rs.id AND runs.status = 'running'), \
+             at AS MATERIALIZED (SELECT run, key_hash, attempt FROM attempts \
+                 WHERE outcome = 'running' AND (run >> 24) IN (SELECT id FROM dead) \
+                 FOR UPDATE SKIP LOCKED) \
+             UPDATE attempts SET outcome = 'interrupted', finished_ms = $1 FROM at \
+             WHERE (attempts.run, attempts.key_hash, attempts.attempt) \
+                 = (at.run, at.key_hash, at.attempt) AND attempts.outcome = 'running'",
         )
         .await
         .map_err(|e| failed.db(e))?;

@@ -96,18 +96,21 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The commits of leased keys, in one statement: each key's output and attempt only if its
-/// lease's token (`$15`) is still ours (owner `$16`); its lease is then done (`expires_at`
-/// infinity), and waiting processes are notified (channel `$17`). Answers, per key, whether
-/// it was written and the key's token.
+/// lease's token (`$15`) is still ours (owner `$16`) and not done already; its lease is then
+/// done (`expires_at` infinity), and waiting processes are notified (channel `$17`). Lease
+/// rows are locked first, in digest order. Answers, per key, whether it was written and the
+/// key's token.
 static LEASED_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH u AS (SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::bytea[], \
              $15::bigint[]) AS u(h, k, v, t)), \
-         lk AS MATERIALIZED (SELECT key_hash FROM leases WHERE key_hash IN (SELECT h FROM u) \
+         lk AS MATERIALIZED (SELECT key_hash, token FROM leases \
+             WHERE key_hash IN (SELECT h FROM u) \
              ORDER BY key_hash FOR UPDATE), \
          l AS (UPDATE leases SET done = true, expires_at = 'infinity' FROM u, lk \
              WHERE leases.key_hash = u.h AND lk.key_hash = u.h AND leases.token = u.t \
-             AND leases.owner = $16 RETURNING leases.key_hash, leases.token), \
+             AND leases.owner = $16 AND NOT leases.done \
+             RETURNING leases.key_hash, leases.token), \
          o AS (INSERT INTO outputs (key_hash, key, value) \
              SELECT u.h, u.k, u.v FROM u JOIN l ON l.key_hash = u.h ORDER BY u.h \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value), \
@@ -117,7 +120,7 @@ static LEASED_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
          n AS MATERIALIZED \
              (SELECT pg_notify($17, 'd' || token || ':' || encode(key_hash, 'hex')) FROM l) \
          SELECT u.h, l.key_hash IS NOT NULL, now.token, (SELECT count(*) FROM n) \
-         FROM u LEFT JOIN l ON l.key_hash = u.h LEFT JOIN leases now ON now.key_hash = u.h"
+         FROM u LEFT JOIN l ON l.key_hash = u.h LEFT JOIN lk now ON now.key_hash = u.h"
     )
 });
 
@@ -132,9 +135,10 @@ const FINISH_SQL: &str = "INSERT INTO runs AS r \
 
 /// The committer's loop: runs until the store is dropped.
 ///
-/// A batch ends before a job that writes a key another job of the batch writes the other
-/// way (with a lease or without): [`apply`] writes each way in one statement, so such
-/// writes must be in batches of their own to keep their order.
+/// A batch's commits are all leased or all plain: [`apply`] writes each way in one
+/// statement, which keeps the queue's order of writes of one key only within a batch of
+/// one way, and locks its rows in digest order, which keeps two processes' batches from
+/// deadlocking only if no transaction locks outputs before leases.
 pub(crate) async fn committer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let mut carried: Option<Job> = None;
     loop {
@@ -146,12 +150,12 @@ pub(crate) async fn committer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedRece
             },
         };
         let mut bytes = first.size();
-        let mut ways = std::collections::HashMap::new();
-        let _ = crosses(&mut ways, &first);
+        let mut way = None;
+        let _ = crosses(&mut way, &first);
         let mut batch = vec![first];
         while batch.len() < MAX_JOBS && bytes < MAX_BYTES {
             match jobs.try_recv() {
-                Ok(job) if crosses(&mut ways, &job) => {
+                Ok(job) if crosses(&mut way, &job) => {
                     carried = Some(job);
                     break;
                 }
@@ -186,14 +190,11 @@ pub(crate) async fn committer(shared: Arc<Shared>, mut jobs: mpsc::UnboundedRece
     }
 }
 
-/// Notes how `job` writes its key (leased or not) in `ways`; whether a job before it wrote
-/// the key the other way.
-fn crosses(ways: &mut std::collections::HashMap<Vec<u8>, bool>, job: &Job) -> bool {
+/// Notes in `way` how the batch's commits write (leased or not); whether `job` writes the
+/// other way.
+fn crosses(way: &mut Option<bool>, job: &Job) -> bool {
     match job {
-        Job::Commit { hash, token, .. } => {
-            let leased = token.is_some();
-            *ways.entry(hash.clone()).or_insert(leased) != leased
-        }
+        Job::Commit { token, .. } => *way.get_or_insert(token.is_some()) != token.is_some(),
         _ => false,
     }
 }
@@ -280,7 +281,7 @@ fn with_key(error: DuraflowError, key: &str) -> DuraflowError {
 /// Writes `batch` in one transaction, one statement per kind of job, in the order that
 /// keeps the queue's order where it matters: runs begun, attempt records (the last of each
 /// attempt), plain writes and commits, leased commits, finished runs. (A batch never holds
-/// a plain write and a leased commit of one key: see [`committer`].) Answers how each job
+/// both plain writes and leased commits: see [`committer`].) Answers how each job
 /// went once the transaction committed.
 async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> {
     let failed = shared.failed();
