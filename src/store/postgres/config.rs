@@ -52,7 +52,8 @@ impl PgConfig {
     pub const DEFAULT_MAX_VALUE_SIZE: usize = DEFAULT_MAX_VALUE_SIZE;
 
     /// How many connections the store keeps at most for reads, history queries and leases
-    /// (at least 1). The store has two more of its own: its committer's and its listener's.
+    /// (at least 1). The store has three more of its own: its committer's, its heartbeat's
+    /// and its listener's.
     pub fn pool_size(mut self, connections: usize) -> PgConfig {
         self.pool_size = connections.max(1);
         self

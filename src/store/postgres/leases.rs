@@ -565,7 +565,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
         }
         let hashes: Vec<Vec<u8>> = shared.held().values().map(|h| h.hash.clone()).collect();
         let beat = async {
-            let client = shared.client().await?;
+            let client = shared.own_client().await?;
             let failed = shared.failed();
             client
                 .execute(

@@ -111,7 +111,11 @@ impl std::fmt::Debug for PgStore {
 
 /// What the store's methods and background tasks share.
 pub(crate) struct Shared {
+    /// Connections for reads, history queries and leases.
     pub(crate) pool: Pool,
+    /// Two connections, one for the committer and one for the heartbeat (each uses one at
+    /// a time), so that neither waits behind the pool's work.
+    pub(crate) own: Pool,
     /// The URL, password redacted.
     pub(crate) url: String,
     pub(crate) config: PgConfig,
@@ -146,6 +150,11 @@ impl Shared {
     /// A pooled connection.
     pub(crate) async fn client(&self) -> Result<Object, DuraflowError> {
         self.pool.get().await.map_err(|e| self.failed().db(e))
+    }
+
+    /// The committer's or the heartbeat's connection.
+    pub(crate) async fn own_client(&self) -> Result<Object, DuraflowError> {
+        self.own.get().await.map_err(|e| self.failed().db(e))
     }
 
     pub(crate) fn failed(&self) -> Failed<'_> {
@@ -444,14 +453,18 @@ async fn start(
 ) -> Result<Arc<Shared>, DuraflowError> {
     let failed = Failed(&url);
     let timeout = Some(config.connect_timeout);
-    let pool = Pool::builder(Manager::new(pg.clone(), NoTls))
-        .max_size(config.pool_size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(timeout)
-        .create_timeout(timeout)
-        .recycle_timeout(timeout)
-        .build()
-        .map_err(|e| failed.db(e))?;
+    let pool_of = |size| {
+        Pool::builder(Manager::new(pg.clone(), NoTls))
+            .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| failed.db(e))
+    };
+    let pool = pool_of(config.pool_size)?;
+    let own = pool_of(2)?;
     let mut client = pool.get().await.map_err(|e| failed.db(e))?;
     schema::migrate(&mut client, &config.schema, &url, !config.existing).await?;
     let lease_s = config.lease.as_secs_f64();
@@ -471,6 +484,7 @@ async fn start(
     let (reads, read_requests) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         pool,
+        own,
         url,
         config,
         worker,

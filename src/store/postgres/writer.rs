@@ -332,7 +332,7 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
             Job::Begin { .. } | Job::Finish { .. } => {}
         }
     }
-    let mut client = shared.client().await.map_err(Refused::Connection)?;
+    let mut client = shared.own_client().await.map_err(Refused::Connection)?;
     let tx = client.transaction().await.map_err(refused)?;
     // Records alone need not wait for the log's sync: the next commit or finished run of
     // this store syncs the log past them before it answers.
