@@ -146,7 +146,7 @@ where
     let mut key: Option<Box<Key>> = None;
     let mut reason: Option<String> = None;
     // The key's lease, while this process holds it: given up when the task ends without a
-    // committed output, or its future is dropped.
+    // commit that was answered (written or fenced), or its future is dropped.
     let mut leased: Option<Leased<'_>> = None;
     loop {
         let span = run.spans.task(id, number);

@@ -152,17 +152,20 @@ pub enum DuraflowError {
         attempts: u32,
     },
 
-    /// The output of `key` was not stored: this process's lease on the key was taken over by
-    /// another process (this one was presumed dead), so a newer attempt owns the key. The
-    /// stored output and records are the newer attempt's.
+    /// The output of `key` was not stored: this attempt's lease on the key was taken over by
+    /// another process (this one was presumed dead), so a newer attempt owns the key, or an
+    /// output was committed under that lease already. The stored output and records are
+    /// the owner's.
     #[error(
-        "the output of {} was not stored: its lease passed to attempt {newer} of another process",
+        "the output of {} was not stored: its lease is no longer this attempt's (lease {newer} \
+         holds the key)",
         key_preview(key)
     )]
     Fenced {
         /// The task's key.
         key: String,
-        /// The fencing token (the key's attempt number in the store) that owns the key now.
+        /// The fencing token (the number of the key's lease in the store) that holds the key
+        /// now.
         newer: u64,
     },
 

@@ -279,7 +279,7 @@ impl RunState {
     }
 
     /// Where processes share the store ([`RunLog::lease`]): this process's lease on task
-    /// `id`, or [`Lease::Stored`] when another process stored its output meanwhile (`seen`:
+    /// `id`, or [`Lease::Stored`] when its output was stored since the check (`seen`:
     /// the last such answer's `done`, if the caller checked again and still runs the task).
     /// `Held` at once for a store without a run log.
     ///

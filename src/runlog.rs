@@ -50,8 +50,9 @@ pub trait RunLog: Send + Sync {
 
     /// Called before task `key` runs, once its cache check found no usable output: where
     /// several processes share the store, takes this process's lease on the key, so that one
-    /// process at a time runs the task. While another live process holds the lease, waits:
-    /// [`Lease::Stored`] when that process stored the output meanwhile (the caller checks
+    /// process at a time runs the task. While another live process (or another caller in
+    /// this one) holds the lease, waits:
+    /// [`Lease::Stored`] when the output was stored since the caller's check (the caller checks
     /// the store again), [`Lease::Held`] once this process holds the lease (the other one
     /// gave it up or was presumed dead). The store keeps a held lease alive until the key's
     /// [`commit`](RunLog::commit) or [`release`](RunLog::release), and fences a commit whose
@@ -87,8 +88,9 @@ pub trait RunLog: Send + Sync {
 pub enum Lease {
     /// This process holds the key's lease: the task runs here.
     Held,
-    /// Another process stored the key's output while this one waited for it, under the
-    /// lease `done` names (a number the store chooses, passed back as `seen`).
+    /// The key's output was stored since the caller's check (by another process, or another
+    /// caller in this one), under the lease `done` names (a number the store chooses, passed
+    /// back as `seen`): the caller checks the store again.
     Stored {
         /// The lease the output was stored under.
         done: u64,

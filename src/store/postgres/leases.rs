@@ -21,6 +21,7 @@ use futures::channel::oneshot;
 use futures::{FutureExt, StreamExt};
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use super::writer::Job;
 use super::{col, digest, Held, Shared};
 use crate::record::now_ms;
 use crate::{validate_key, DuraflowError, Lease, StoreFuture};
@@ -51,7 +52,9 @@ const INTERRUPT_SQL: &str = "WITH at AS MATERIALIZED (SELECT run, attempt FROM a
      WHERE attempts.key_hash = $1 AND attempts.run = at.run AND attempts.attempt = at.attempt \
          AND attempts.outcome = 'running'";
 
-const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity' \
+/// Ends lease `$2` of key `$1` if owner `$3` still holds it and it is not done, and
+/// notifies channel `$4`.
+pub(crate) const RELEASE_SQL: &str = "WITH r AS (UPDATE leases SET expires_at = '-infinity' \
          WHERE key_hash = $1 AND token = $2 AND owner = $3 AND NOT done RETURNING 1) \
      SELECT pg_notify($4, 'r:' || encode($1, 'hex')) FROM r";
 
@@ -127,6 +130,9 @@ impl Drop for Leasing {
             return;
         }
         self.cancel.store(true, Ordering::SeqCst);
+        // Closed first: an answer sent from now on fails to send (its sender then gives the
+        // lease up), and one sent before is here.
+        self.answer.close();
         if let Ok(Some(Ok(Ok(Lease::Held)))) = self.answer.try_recv() {
             release(&self.shared, &self.key);
         }
@@ -233,11 +239,6 @@ async fn acquire_waking(
             lapsed,
         }) = taken
         {
-            let held = Held {
-                token,
-                hash: hash.clone(),
-            };
-            shared.held().insert(key.to_owned(), held);
             // A lease that expired under another worker: that worker is presumed dead, and
             // its attempt at the key with it.
             if let (Some(owner), Some(true)) = (owner, lapsed) {
@@ -255,6 +256,11 @@ async fn acquire_waking(
                     }
                 }
             }
+            let held = Held {
+                token,
+                hash: hash.clone(),
+            };
+            shared.held().insert(key.to_owned(), held);
             return Ok(Lease::Held);
         }
         first = false;
@@ -335,6 +341,13 @@ impl Waiters {
                 .unwrap_or_else(PoisonError::into_inner) = Some(token);
         }
         waiter.notify.notify_waiters();
+    }
+
+    /// Wakes the waits for the key of digest `hash` (to look again).
+    pub(crate) fn wake_key(&self, hash: &[u8]) {
+        if let Some(waiter) = self.map().get(hash) {
+            waiter.notify.notify_waiters();
+        }
     }
 
     /// Wakes every wait.
@@ -459,9 +472,6 @@ pub(crate) async fn leaser(
                 _ => unique.push(request),
             }
         }
-        for request in again {
-            let _ = request.reply.send(Ok(Tried::default()));
-        }
         let taken = async {
             let failed = shared.failed();
             let mut client = shared.client().await?;
@@ -504,12 +514,20 @@ pub(crate) async fn leaser(
         };
         match taken.await {
             Ok(mut taken) => {
+                // A key asked for twice: the second is not taken, but learns of a done lease.
+                for request in again {
+                    let done = taken.get(&request.hash).and_then(|tried| tried.done);
+                    let _ = request.reply.send(Ok(Tried { taken: None, done }));
+                }
                 for request in unique {
                     let tried = taken.remove(&request.hash).unwrap_or_default();
                     let _ = request.reply.send(Ok(tried));
                 }
             }
             Err(error) => {
+                for request in again {
+                    let _ = request.reply.send(Ok(Tried::default()));
+                }
                 for request in unique {
                     let again = DuraflowError::Database {
                         url: shared.url.clone(),
@@ -522,28 +540,23 @@ pub(crate) async fn leaser(
     }
 }
 
-/// [`RunLog::release`](crate::RunLog::release): stops extending the lease and, in the
-/// background, ends it (if it is still this store's) and notifies the waiting processes.
+/// [`RunLog::release`](crate::RunLog::release): stops extending the lease and queues its
+/// end behind any commit of the key already queued (so a commit in flight lands first, and
+/// the release then changes nothing), which notifies the waiting processes. Callers in this
+/// process waiting for the key look again at once.
 pub(crate) fn release(shared: &Arc<Shared>, key: &str) {
     let Some(held) = shared.held().remove(key) else {
         return;
     };
-    let task = Arc::clone(shared);
-    let key = key.to_owned();
-    shared.handle.spawn(async move {
-        let released = async {
-            let client = task.client().await?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                [&held.hash, &held.token, &task.worker, &task.channel];
-            client
-                .query(RELEASE_SQL, &params)
-                .await
-                .map_err(|e| task.failed().db(e))
-        };
-        if let Err(error) = released.await {
-            tracing::warn!(key, %error, "lease not released; it expires");
-        }
-    });
+    shared.notify.wake_key(&held.hash);
+    let job = Job::Release {
+        key: key.to_owned(),
+        hash: held.hash,
+        token: held.token,
+    };
+    if shared.queue(job, key).is_err() {
+        tracing::warn!(key, "lease not released (the store is closing); it expires");
+    }
 }
 
 /// Extends the live leases of owner `$1` among keys `$2` by `$3` seconds, locking them in

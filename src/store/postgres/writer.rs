@@ -44,6 +44,12 @@ pub(crate) enum Job {
         run: RunRecord,
         reply: oneshot::Sender<Result<(), DuraflowError>>,
     },
+    /// The end of this store's lease `token` on `key`, unless it is done.
+    Release {
+        key: String,
+        hash: Vec<u8>,
+        token: i64,
+    },
 }
 
 impl Job {
@@ -234,7 +240,11 @@ fn answer(shared: &Shared, batch: Vec<Job>, results: Vec<Result<Applied, Duraflo
     for (job, result) in batch.into_iter().zip(results) {
         match job {
             Job::Commit {
-                key, token, reply, ..
+                key,
+                hash,
+                token,
+                reply,
+                ..
             } => {
                 let result = match result {
                     Ok(Applied::Done) => Ok(()),
@@ -248,6 +258,10 @@ fn answer(shared: &Shared, batch: Vec<Job>, results: Vec<Result<Applied, Duraflo
                     let mut held = shared.held();
                     if held.get(&key).is_some_and(|h| h.token == token) {
                         held.remove(&key);
+                        drop(held);
+                        // Callers here waiting for the key look again (a fenced commit
+                        // notifies no one).
+                        shared.notify.wake_key(&hash);
                     }
                 }
                 let _ = reply.send(result);
@@ -265,6 +279,11 @@ fn answer(shared: &Shared, batch: Vec<Job>, results: Vec<Result<Applied, Duraflo
                     tracing::warn!(key = attempt.key, %error, "attempt not recorded");
                 }
             }
+            Job::Release { key, .. } => {
+                if let Err(error) = result {
+                    tracing::warn!(key, %error, "lease not released; it expires");
+                }
+            }
         }
     }
 }
@@ -280,7 +299,8 @@ fn with_key(error: DuraflowError, key: &str) -> DuraflowError {
 
 /// Writes `batch` in one transaction, one statement per kind of job, in the order that
 /// keeps the queue's order where it matters: runs begun, attempt records (the last of each
-/// attempt), plain writes and commits, leased commits, finished runs. (A batch never holds
+/// attempt), plain writes and commits, leased commits, releases (one statement each: a
+/// lease committed before its release stays done), finished runs. (A batch never holds
 /// both plain writes and leased commits: see [`committer`].) Answers how each job
 /// went once the transaction committed.
 async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> {
@@ -329,7 +349,7 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                     attempts.push(AttemptRow::new(attempt, Some(value.len())));
                 }
             }
-            Job::Begin { .. } | Job::Finish { .. } => {}
+            Job::Begin { .. } | Job::Finish { .. } | Job::Release { .. } => {}
         }
     }
     let mut client = shared.own_client().await.map_err(Refused::Connection)?;
@@ -393,6 +413,16 @@ async fn apply(shared: &Shared, batch: &[Job]) -> Result<Vec<Applied>, Refused> 
                 false => Applied::Fenced(now.unwrap_or(0)),
             };
             outcomes.insert(hash, applied);
+        }
+    }
+    for job in batch {
+        if let Job::Release { hash, token, .. } = job {
+            let params: [&(dyn ToSql + Sync); 4] = [hash, token, &shared.worker, &shared.channel];
+            let statement = tx
+                .prepare_cached(super::leases::RELEASE_SQL)
+                .await
+                .map_err(refused)?;
+            tx.query(&statement, &params).await.map_err(refused)?;
         }
     }
     for job in batch {
