@@ -153,12 +153,10 @@ pub enum DuraflowError {
     },
 
     /// The output of `key` was not stored: this attempt's lease on the key was taken over by
-    /// another process (this one was presumed dead), so a newer attempt owns the key, or an
-    /// output was committed under that lease already. The stored output and records are
-    /// the owner's.
+    /// another process (this one was presumed dead), so a newer attempt owns the key. The
+    /// stored output and records are the newer attempt's.
     #[error(
-        "the output of {} was not stored: its lease is no longer this attempt's (lease {newer} \
-         holds the key)",
+        "the output of {} was not stored: its lease passed to lease {newer} of another process",
         key_preview(key)
     )]
     Fenced {

@@ -72,8 +72,7 @@ const RUN_BITS: u32 = 24;
 ///   ([`Lease::Stored`]) or the lease. A lease not extended for its whole duration (its
 ///   holder died or stalled) is taken over as the key's next attempt, and the old holder's
 ///   `Running` attempts at the key are marked `Interrupted`; a commit under a lease that
-///   passed on writes nothing and is [`DuraflowError::Fenced`], as is a second commit under
-///   one lease. Callers in one process that need one key take turns: a lease this store
+///   passed on writes nothing and is [`DuraflowError::Fenced`]. Callers in one process that need one key take turns: a lease this store
 ///   holds is never taken over by it, however late its heartbeats. Statements that lock
 ///   several rows lock them in key-digest order, so processes wait for one another but
 ///   never deadlock. A commit or write of a key this process holds no lease on just

@@ -102,7 +102,7 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The commits of leased keys, in one statement: each key's output and attempt only if its
-/// lease's token (`$15`) is still ours (owner `$16`) and not done already; its lease is then
+/// lease's token (`$15`) is still ours (owner `$16`); its lease is then
 /// done (`expires_at` infinity), and waiting processes are notified (channel `$17`). Lease
 /// rows are locked first, in digest order. Answers, per key, whether it was written and the
 /// key's token.
@@ -115,8 +115,7 @@ static LEASED_COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
              ORDER BY key_hash FOR UPDATE), \
          l AS (UPDATE leases SET done = true, expires_at = 'infinity' FROM u, lk \
              WHERE leases.key_hash = u.h AND lk.key_hash = u.h AND leases.token = u.t \
-             AND leases.owner = $16 AND NOT leases.done \
-             RETURNING leases.key_hash, leases.token), \
+             AND leases.owner = $16 RETURNING leases.key_hash, leases.token), \
          o AS (INSERT INTO outputs (key_hash, key, value) \
              SELECT u.h, u.k, u.v FROM u JOIN l ON l.key_hash = u.h ORDER BY u.h \
              ON CONFLICT (key_hash) DO UPDATE SET key = EXCLUDED.key, value = EXCLUDED.value), \
